@@ -3,7 +3,8 @@
 This is the oracle: compiled kernels are checked against it. It reads the full-width weights and uses only the
 first `heads` query heads (q_proj rows, o_proj columns) and the first `neurons` FFN neurons (gate/up rows,
 down_proj columns) of each layer; KV heads always stay whole. Width (0, 0) skips the layer's two blocks.
-Weights use Hugging Face tensor names; optional biases are used when present.
+Weights use Hugging Face tensor names; optional biases are used when present. It computes in the weights' dtype:
+fp32 as served, or fp64 to get the exact function that fp32 evaluations approximate.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def _rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _rope(cfg: ModelConfig, positions: torch.Tensor):
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+def _rope(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (T, hd) computed in `dtype` (fp32 as the compiled kernels and transformers do; fp64 for truth)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=dtype) / cfg.head_dim))
+    freqs = positions.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
-    return emb.cos().float(), emb.sin().float()
+    return emb.cos(), emb.sin()
 
 
 def _apply_rope(x, cos, sin):
@@ -82,9 +84,8 @@ def hidden_states(params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Wid
     widths = full_widths(cfg) if widths is None else widths
     if len(widths) != cfg.num_layers:
         raise ValueError(f"widths has {len(widths)} layers, model has {cfg.num_layers}")
-    T = input_ids.shape[1]
-    cos, sin = _rope(cfg, torch.arange(T))
     x = F.embedding(input_ids, params["model.embed_tokens.weight"])  # (B, T, hidden)
+    cos, sin = _rope(cfg, torch.arange(input_ids.shape[1]), x.dtype)
     for i, (heads, neurons) in enumerate(widths):
         p = f"model.layers.{i}."
         if heads:

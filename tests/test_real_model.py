@@ -1,0 +1,72 @@
+"""End to end on the real SmolLM2-135M-Instruct (packaged GGUF, dequantised to fp32).
+
+fp32 is noisy at the 1e-4 level on this model: fp32 evaluations that sum in different orders (transformers, our
+oracle, the reordered model) each sit ~4e-5..1.1e-4 from the fp64 result (measured on PROMPTS), so two of them can
+differ by up to about twice that. So the function identity is proven in fp64 (to 1e-9, far inside 1e-4), and fp32 is
+held to that noise bound.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from elastilm.compile import artifact, corpus, reference
+from elastilm.compile.config import ModelConfig
+from elastilm.compile.elastify import ElastifyOptions, elastify
+from elastilm.compile.ingest import resolve
+from elastilm.compile.levels import layer_widths
+from elastilm.compile.quality import perplexity
+
+pytestmark = pytest.mark.real
+
+PROMPTS = [
+    "The capital of France is",
+    "Question: Which gas do plants absorb from the air?\nAnswer:",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "<|im_start|>user\nOpen the calendar app and add a meeting at 3pm.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2")
+    elastify("smollm2-135m", out, ElastifyOptions(calib_samples=4), progress=False)
+    _, path = resolve("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return artifact.load(out), hf
+
+
+@torch.no_grad()
+def test_reordered_real_model_is_the_same_function(smollm2):
+    model, hf = smollm2
+    assert model.config.kv_head_map == "interleaved" and len(model.anchors) == 6
+    original = {k: v.detach().double() for k, v in hf.state_dict().items()}
+    original_cfg = ModelConfig.from_hf(hf.config)
+    reordered64 = {k: v.double() for k, v in model.params.items()}
+    for prompt in PROMPTS:
+        ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        truth = reference.logits(original, original_cfg, ids)  # original weights, fp64, original head order
+        hf32 = hf(input_ids=ids, use_cache=False).logits
+        reordered = reference.logits(reordered64, model.config, ids, model.widths(1.0))
+        reordered32 = reference.logits(model.params, model.config, ids, model.widths(1.0))
+        assert truth.abs().max() > 5  # real logits, not a degenerate output
+        print(
+            f"{prompt[:24]!r}: reordered vs original (fp64) {(reordered - truth).abs().max():.1e}; vs fp64 truth: "
+            f"reordered fp32 {(reordered32 - truth).abs().max():.1e}, transformers fp32 {(hf32 - truth).abs().max():.1e}; "
+            f"reordered fp32 vs transformers fp32 {(reordered32 - hf32).abs().max():.1e}"
+        )
+        assert (reordered - truth).abs().max() <= 1e-9  # the same function, up to fp64 rounding
+        assert (hf32 - truth).abs().max() <= 1.5e-4  # transformers agrees with our fp64 truth: an independent check
+        assert (reordered32 - hf32).abs().max() <= 2.5e-4  # two fp32 evaluations: the sum of their rounding noise
+
+
+def test_reordering_beats_original_order_on_heldout_text(smollm2):
+    model, hf = smollm2
+    original = {k: v.detach() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    original_cfg = ModelConfig.from_hf(hf.config)
+    windows = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), 4, 128)
+    for fraction in (0.5, 0.8):
+        lv = model.level(fraction)
+        reordered = perplexity(model.params, model.config, windows, model.widths(fraction))
+        unordered = perplexity(original, original_cfg, windows, layer_widths(original_cfg, model.anchors, lv))
+        assert reordered < unordered, (fraction, reordered, unordered)
