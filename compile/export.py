@@ -1,0 +1,169 @@
+"""The elastic model in TVM Relax: one module, symbolic active widths, explicit KV cache.
+
+Non-anchor layers run at `heads` active query heads and `nb * block` active FFN neurons, both symbolic, so one
+compiled library serves every level; anchor layers always run full width. Parameters are the full-width
+reordered weights under Hugging Face names. Each layer has its own K and V cache buffer, (max_len, n_kv*hd),
+written in place; KV heads are never elastic, so the cache layout is the same at every level.
+
+Methods (batch 1): `prefill` for T new tokens after `past` cached ones, `decode` for one token. Both return the
+logits of the last token only (the LM head over all T positions would be wasted work) and the caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import te
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op, spec
+
+from elastilm.compile.config import ModelConfig
+from elastilm.elastic_ops import prefix
+from elastilm.elastic_ops.cache import kv_append
+
+
+@dataclass(frozen=True)
+class ExportShape:
+    """What the compiled library is specialised on, besides the model config."""
+
+    anchors: tuple[int, ...]
+    neuron_block: int  # FFN width granularity of non-anchor layers
+    max_len: int  # context window = KV cache rows
+    biases: frozenset[str] = frozenset()  # per-layer parameter suffixes that have a bias, e.g. "self_attn.q_proj"
+
+
+class _Linear(nn.Module):
+    def __init__(self, rows: int, cols: int, bias: bool):
+        self.weight = nn.Parameter((rows, cols), "float32")
+        self.bias = nn.Parameter((rows,), "float32") if bias else None
+
+
+class _Norm(nn.Module):
+    def __init__(self, d: int):
+        self.weight = nn.Parameter((d,), "float32")
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, biases):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _Linear(cfg.num_heads * hd, d, "self_attn.q_proj" in biases)
+        self.k_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.k_proj" in biases)
+        self.v_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.v_proj" in biases)
+        self.o_proj = _Linear(d, cfg.num_heads * hd, "self_attn.o_proj" in biases)
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, biases):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _Linear(f, d, "mlp.gate_proj" in biases)
+        self.up_proj = _Linear(f, d, "mlp.up_proj" in biases)
+        self.down_proj = _Linear(d, f, "mlp.down_proj" in biases)
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, biases):
+        self.input_layernorm = _Norm(cfg.hidden_size)
+        self.self_attn = _Attention(cfg, biases)
+        self.post_attention_layernorm = _Norm(cfg.hidden_size)
+        self.mlp = _MLP(cfg, biases)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, biases):
+        self.embed_tokens = _Linear(cfg.vocab_size, cfg.hidden_size, False)
+        self.layers = nn.ModuleList([_Layer(cfg, biases) for _ in range(cfg.num_layers)])
+        self.norm = _Norm(cfg.hidden_size)
+
+
+def _te(fn, name, *args):
+    """One TE operator as a Relax call. Symbolic scalars (e.g. `past`) must be arguments, not closure variables,
+    so that they become arguments of the generated kernel; None arguments (absent biases) are dropped."""
+    tensors = [a for a in args if a is not None]
+    present = [a is not None for a in args]
+
+    def body(*ts):
+        it = iter(ts)
+        return fn(*[next(it) if p else None for p in present])
+
+    return op.tensor_expr_op(body, name, tensors)
+
+
+class ElasticModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, shape: ExportShape):
+        self.cfg, self.shape = cfg, shape
+        self.model = _Decoder(cfg, shape.biases)
+        self.lm_head = None if cfg.tie_word_embeddings else _Linear(cfg.vocab_size, cfg.hidden_size, False)
+
+    def _linear_rows(self, x, lin: _Linear, rows, name):
+        return _te(lambda x, w, b: prefix.prefix_rows(x, w, rows, b, name), name, x, lin.weight, lin.bias)
+
+    def _linear_cols(self, x, lin: _Linear, name):
+        return _te(lambda x, w, b: prefix.prefix_cols(x, w, b, name), name, x, lin.weight, lin.bias)
+
+    def _norm(self, x, norm: _Norm):
+        return _te(lambda x, w: prefix.rms_norm(x, w, self.cfg.rms_norm_eps), "rms_norm", x, norm.weight)
+
+    def _layer(self, layer: _Layer, x, k_cache, v_cache, past, heads, neurons):
+        cfg, hd = self.cfg, self.cfg.head_dim
+        a, m = layer.self_attn, layer.mlp
+        group = None if cfg.kv_head_map == "interleaved" else cfg.group_size
+        h = self._norm(x, layer.input_layernorm)  # (T, d)
+        q = self._linear_rows(h, a.q_proj, heads * hd, "q_proj")  # (T, heads*hd)
+        k = self._linear_rows(h, a.k_proj, cfg.num_kv_heads * hd, "k_proj")  # (T, n_kv*hd)
+        v = self._linear_rows(h, a.v_proj, cfg.num_kv_heads * hd, "v_proj")
+        q = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", q, past)
+        k = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", k, past)
+        k_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [k_cache, k, past], [0], k_cache)
+        v_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [v_cache, v, past], [0], v_cache)
+        y = _te(
+            lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group), "attention", q, k_cache, v_cache, past
+        )  # (T, heads*hd)
+        x = x + self._linear_cols(y, a.o_proj, "o_proj")  # (T, d)
+        h = self._norm(x, layer.post_attention_layernorm)
+        gate = self._linear_rows(h, m.gate_proj, neurons, "gate_proj")  # (T, neurons)
+        up = self._linear_rows(h, m.up_proj, neurons, "up_proj")
+        act = _te(prefix.silu_mul, "silu_mul", gate, up)
+        x = x + self._linear_cols(act, m.down_proj, "down_proj")  # (T, d)
+        return x, k_cache, v_cache
+
+    def _forward(self, input_ids, caches, past, heads, nb):
+        cfg = self.cfg
+        x = op.take(self.model.embed_tokens.weight, input_ids, axis=0)  # (T, d)
+        new_caches = []
+        for i, layer in enumerate(self.model.layers):
+            full = i in self.shape.anchors
+            widths = (cfg.num_heads, cfg.intermediate_size) if full else (heads, nb * self.shape.neuron_block)
+            x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], past, *widths)
+            new_caches += [kc, vc]
+        last = _te(lambda x: te.compute((1, x.shape[1]), lambda _, i: x[x.shape[0] - 1, i], name="last"), "last", x)
+        h = self._norm(last, self.model.norm)  # (1, d): only the last position goes through the LM head
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        logits = self._linear_rows(h, head, cfg.vocab_size, "lm_head")  # (1, vocab)
+        return logits, tuple(new_caches)
+
+    def prefill(self, input_ids, caches, past, heads, nb):
+        return self._forward(input_ids, caches, past, heads, nb)
+
+    def decode(self, input_ids, caches, past, heads, nb):
+        return self._forward(input_ids, caches, past, heads, nb)
+
+    def get_default_spec(self):
+        cfg = self.cfg
+        cache = spec.Tensor([self.shape.max_len, cfg.num_kv_heads * cfg.head_dim], "float32")
+        caches = [cache] * (2 * cfg.num_layers)
+        common = {"caches": caches, "past": int, "heads": int, "nb": int}
+        return nn.spec.ModuleSpec.from_raw(
+            {
+                "prefill": {"input_ids": spec.Tensor(["seq_len"], "int32"), **common, "$": {"param_mode": "packed", "effect_mode": "none"}},
+                "decode": {"input_ids": spec.Tensor([1], "int32"), **common, "$": {"param_mode": "packed", "effect_mode": "none"}},
+            },
+            self,
+        )
+
+
+def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str]]:
+    """The Relax module and the parameter names in the order the packed `params` argument expects."""
+    model = ElasticModel(cfg, shape)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    return mod, [name for name, _ in named_params]

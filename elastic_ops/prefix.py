@@ -1,0 +1,103 @@
+"""Tensor-expression operators over active prefixes of full-width weight buffers.
+
+Every weight argument is the whole reordered buffer; the active extent comes either from an activation's shape
+(reductions over a prefix of input columns) or from a symbolic width passed as a scalar (prefix of output rows).
+No operator slices or copies a weight: the generated loops simply stop early.
+Shapes use T for new tokens, S for cached + new positions, d for hidden size, hd for head dim.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+
+def prefix_rows(x: te.Tensor, w: te.Tensor, rows, bias: te.Tensor | None = None, name: str = "prefix_rows"):
+    """y[t, i] = sum_k x[t, k] * w[i, k] (+ bias[i]) for i < rows: (T, K) x (M, K) -> (T, rows)."""
+    T, K = x.shape
+    k = te.reduce_axis((0, K), "k")
+    y = te.compute((T, rows), lambda t, i: te.sum(x[t, k] * w[i, k], axis=k), name=name)
+    if bias is None:
+        return y
+    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_bias")
+
+
+def prefix_cols(x: te.Tensor, w: te.Tensor, bias: te.Tensor | None = None, name: str = "prefix_cols"):
+    """y[t, i] = sum_{k < K_active} x[t, k] * w[i, k] (+ bias[i]): (T, K_active) x (M, K) -> (T, M)."""
+    T, K_active = x.shape
+    M = w.shape[0]
+    k = te.reduce_axis((0, K_active), "k")
+    y = te.compute((T, M), lambda t, i: te.sum(x[t, k] * w[i, k], axis=k), name=name)
+    if bias is None:
+        return y
+    return te.compute((T, M), lambda t, i: y[t, i] + bias[i], name=name + "_bias")
+
+
+def rms_norm(x: te.Tensor, w: te.Tensor, eps: float):
+    """x * rsqrt(mean(x^2) + eps) * w over the last axis: (T, d) -> (T, d)."""
+    T, d = x.shape
+    k = te.reduce_axis((0, d), "k")
+    sq = te.compute((T,), lambda t: te.sum(x[t, k] * x[t, k], axis=k), name="sumsq")
+    return te.compute((T, d), lambda t, i: x[t, i] * tirx.rsqrt(sq[t] / float(int(d)) + eps) * w[i], name="rms_norm")
+
+
+def rope(x: te.Tensor, past, theta: float, head_dim: int):
+    """Rotary embedding of (T, H*hd) at positions past .. past+T-1, rotate-half convention, fp32 angles."""
+    T, width = x.shape
+    half = head_dim // 2
+
+    def angle(t, j):
+        inv_freq = 1.0 / tirx.power(tirx.const(theta, "float32"), ((j % half) * 2).astype("float32") / head_dim)
+        return (t + past).astype("float32") * inv_freq
+
+    def f(t, c):
+        j = c % head_dim
+        pair = tirx.if_then_else(j < half, -x[t, c + half], x[t, c - half])
+        return x[t, c] * tirx.cos(angle(t, j)) + pair * tirx.sin(angle(t, j))
+
+    return te.compute((T, width), f, name="rope")
+
+
+def silu_mul(gate: te.Tensor, up: te.Tensor):
+    return te.compute(gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name="silu_mul")
+
+
+def attention(q: te.Tensor, k_cache: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None):
+    """Causal GQA attention of T new queries over cache positions [0, past+T).
+
+    q: (T, h*hd) with h active query heads (any prefix). Query head j reads KV head j % n_kv (interleaved map,
+    group=None) or j // group (Hugging Face block map). k_cache, v_cache: (max_len, n_kv*hd) full buffers whose
+    rows [0, past+T) are valid. Returns (T, h*hd).
+    """
+    T, width = q.shape
+    h = width // head_dim
+
+    def kv(j):
+        return j % num_kv_heads if group is None else j // group
+
+    S = past + T
+    scale = 1.0 / head_dim**0.5
+    d = te.reduce_axis((0, head_dim), "d")
+    dot = te.compute(
+        (h, T, S),
+        lambda j, t, s: te.sum(q[t, j * head_dim + d] * k_cache[s, kv(j) * head_dim + d], axis=d),
+        name="qk",
+    )
+    score = te.compute(
+        (h, T, S),
+        lambda j, t, s: tirx.if_then_else(s <= past + t, dot[j, t, s] * scale, tirx.min_value("float32")),
+        name="score",
+    )
+    s1 = te.reduce_axis((0, S), "s1")
+    peak = te.compute((h, T), lambda j, t: te.max(score[j, t, s1], axis=s1), name="peak")
+    prob = te.compute((h, T, S), lambda j, t, s: tirx.exp(score[j, t, s] - peak[j, t]), name="prob")
+    s2 = te.reduce_axis((0, S), "s2")
+    total = te.compute((h, T), lambda j, t: te.sum(prob[j, t, s2], axis=s2), name="total")
+    s3 = te.reduce_axis((0, S), "s3")
+    weighted = te.compute(
+        (T, width),
+        lambda t, c: te.sum(
+            prob[c // head_dim, t, s3] * v_cache[s3, kv(c // head_dim) * head_dim + c % head_dim], axis=s3
+        ),
+        name="pv",
+    )
+    return te.compute((T, width), lambda t, c: weighted[t, c] / total[c // head_dim, t], name="attention")
