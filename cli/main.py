@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,29 @@ def _quality(args) -> None:
     print(f"wrote {args.folder}/quality.csv, quality.md, quality.png")
 
 
+def _compile(args) -> None:
+    from elastilm.compile.build import build
+
+    out = build(args.folder, args.target, args.out, args.max_len)
+    manifest = json.loads((out / "manifest.json").read_text())
+    size = (out / manifest["library"]).stat().st_size
+    print(f"{manifest['target']['name']}: compiled in {manifest['compile_seconds']:.1f}s, {manifest['library']} "
+          f"{size / 1e6:.1f} MB, context {manifest['max_len']} tokens -> {out}")
+
+
+def _run(args) -> None:
+    from elastilm.runtime.engine import ElasticEngine
+
+    engine = ElasticEngine(args.build)
+    pieces = engine.generate(
+        args.prompt, args.level, args.max_new_tokens, chat=not args.no_chat, stream=True,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastilm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(run=_quality)
+
+    p = sub.add_parser("compile", help="compile an elastified model for a target (one library for all levels)")
+    p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
+    p.add_argument("--target", default="host-cpu", help="a preset name from targets/")
+    p.add_argument("--out", type=Path, default=None, help="default: FOLDER/TARGET")
+    p.add_argument("--max-len", type=int, default=2048, help="context window (KV cache rows)")
+    p.set_defaults(run=_compile)
+
+    p = sub.add_parser("run", help="generate text at a level, printing tokens as they come")
+    p.add_argument("prompt")
+    p.add_argument("--level", type=float, default=1.0, help="share of elastic parameters, e.g. 0.5")
+    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    p.set_defaults(run=_run)
     return parser
 
 

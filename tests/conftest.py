@@ -61,5 +61,18 @@ def tiny(request):
     return tiny_model(request.param)
 
 
+def save_hf_folder(path, variant, seed: int = 0):
+    """A tiny random model saved as a Hugging Face folder, with a word-level tokenizer; returns (params, cfg)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf, params, cfg = tiny_model(variant, seed)
+    hf.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1").save_pretrained(path)
+    return params, cfg
+
+
 def random_ids(cfg: ModelConfig, batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))

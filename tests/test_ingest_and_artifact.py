@@ -6,24 +6,12 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from conftest import random_ids, tiny_model
+from conftest import random_ids, save_hf_folder
 from elastilm import ElastiLMError
 from elastilm.compile import artifact, reference
 from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.ingest import ingest
-
-
-def save_hf_folder(path, variant):
-    hf, params, cfg = tiny_model(variant)
-    hf.save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1").save_pretrained(path)
-    return params, cfg
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])

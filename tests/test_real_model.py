@@ -70,3 +70,37 @@ def test_reordering_beats_original_order_on_heldout_text(smollm2):
         reordered = perplexity(model.params, model.config, windows, model.widths(fraction))
         unordered = perplexity(original, original_cfg, windows, layer_widths(original_cfg, model.anchors, lv))
         assert reordered < unordered, (fraction, reordered, unordered)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2, tmp_path_factory):
+    from elastilm.compile.build import build
+    from elastilm.runtime.engine import ElasticEngine
+
+    model, _ = smollm2
+    elastic_dir = tmp_path_factory.mktemp("smollm2-elastic")
+    artifact.save(elastic_dir, model, {})
+    return ElasticEngine(build(elastic_dir, "host-cpu", max_len=128))
+
+
+@torch.no_grad()
+def test_compiled_greedy_equals_oracle_greedy_for_32_tokens(smollm2, engine):
+    model, _ = smollm2
+    ids = engine.encode(engine.chat_prompt("Give me two tips for writing clear emails."))
+    for fraction in (1.0, 0.5, 0.2):
+        got = list(engine.generate_ids(ids, fraction, max_new_tokens=32))
+        seq = list(ids)
+        for _ in range(len(got)):
+            logits = reference.logits(model.params, model.config, torch.tensor([seq]), model.widths(fraction))[0, -1]
+            seq.append(int(logits.argmax()))
+        print(f"level {fraction}: {engine.tokenizer.decode(got)!r}")
+        assert got == seq[len(ids) :], fraction
+        assert len(got) == 32 or got[-1] == engine.eos_id
+
+
+def test_compiled_logits_match_oracle_at_every_level(smollm2, engine):
+    model, _ = smollm2
+    ids = engine.encode("Question: Which gas do plants absorb from the air?\nAnswer:")
+    for lv in model.levels:
+        expected = reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(lv.fraction))[0, -1]
+        assert abs(engine.prefill(ids, lv.fraction) - expected.numpy()).max() <= 1e-3, lv

@@ -1,0 +1,94 @@
+"""Build an elastified model for one target: compiled library + weights in TVM's tensor-cache format.
+
+Output folder `dist/<model>/<target>/`:
+  model.so | model.tar     one library for every level (kernels take the active widths as arguments)
+  params/                  full-width reordered weights, tensor-cache shards + tensor-cache.json, written once
+  elastic.json, tokenizer  copied from the elastify folder, so the runtime needs nothing else
+  manifest.json            target, TVM version, parameter order, sha256 of every file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from elastilm import ElastiLMError, __version__
+from elastilm.compile import artifact
+from elastilm.compile.export import ExportShape, export
+from elastilm.targets import preset
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "elastilm.build"
+MANIFEST_VERSION = 1
+BIAS_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def export_shape(model: artifact.ElasticModel, max_len: int) -> ExportShape:
+    cfg = model.config
+    if not 1 <= max_len <= cfg.max_position_embeddings:
+        raise ElastiLMError(f"max_len must lie in [1, {cfg.max_position_embeddings}] for {model.name}, got {max_len}")
+    return ExportShape(
+        anchors=tuple(model.anchors),
+        # a divisor of the FFN size, so the full width is a whole number of blocks too
+        neuron_block=math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size),
+        max_len=max_len,
+        biases=frozenset(b for b in BIAS_LAYERS if f"model.layers.0.{b}.bias" in model.params),
+    )
+
+
+def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_len: int = 2048) -> Path:
+    """Compile `folder` (an elastify output) for `target`; returns the build folder."""
+    import numpy as np
+    import tvm
+    from tvm.contrib.tvmjs import dump_tensor_cache
+
+    spec = preset(target)
+    folder = Path(folder)
+    model = artifact.load(folder, with_tokenizer=False)
+    out = Path(out) if out is not None else folder / target
+    out.mkdir(parents=True, exist_ok=True)
+    shape = export_shape(model, min(max_len, model.config.max_position_embeddings))
+
+    t = time.perf_counter()
+    mod, names = export(model.config, shape)
+    executable = tvm.compile(mod, target=spec.tvm_target())
+    library = f"model.{spec.output}"
+    executable.export_library(str(out / library))
+    compile_seconds = time.perf_counter() - t
+
+    params_dir = out / "params"
+    shutil.rmtree(params_dir, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints where it writes; our summary says so
+        dump_tensor_cache(
+            ((n, np.ascontiguousarray(model.params[n].numpy())) for n in names),
+            str(params_dir),
+            encode_format="raw",
+            show_progress=False,
+        )
+    for f in artifact.read_manifest(folder)["files"]:
+        if f not in (artifact.WEIGHTS, artifact.IMPORTANCE):
+            shutil.copy2(folder / f, out / f)  # tokenizer files
+    shutil.copy2(folder / "elastic.json", out / "elastic.json")
+
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "schema_version": MANIFEST_VERSION,
+        "elastilm_version": __version__,
+        "tvm_version": tvm.__version__,
+        "model": model.name,
+        "target": {"name": spec.name, "tvm": str(spec.tvm_target()), "output": spec.output},
+        "library": library,
+        "max_len": shape.max_len,
+        "neuron_block": shape.neuron_block,
+        "param_names": names,
+        "compile_seconds": round(compile_seconds, 2),
+        "files": {f: artifact.sha256(out / f) for f in files},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out

@@ -1,0 +1,189 @@
+"""ElasticEngine: load a build folder and generate text at any level. No torch at serve time.
+
+One library and one copy of the full-width weights serve every level: a level is just the pair of symbolic
+widths (active query heads, active FFN neuron blocks) passed to the kernels, so switching level between
+requests moves no weights. The KV cache is allocated once, at the library's context window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from elastilm import ElastiLMError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_build_manifest(folder: Path, verify: bool = True) -> dict:
+    """manifest.json of a build folder, after checking schema, TVM version and every file's sha256."""
+    import tvm
+
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ElastiLMError(f"{folder}: no {MANIFEST}; build it with `elastilm compile`")
+    doc = json.loads(path.read_text())
+    if (doc.get("schema"), doc.get("schema_version")) != (MANIFEST_SCHEMA, MANIFEST_VERSION):
+        raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {MANIFEST_SCHEMA} v{MANIFEST_VERSION}")
+    if doc["tvm_version"] != tvm.__version__:
+        raise ElastiLMError(f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it")
+    if verify:
+        for name, digest in doc["files"].items():
+            f = Path(folder) / name
+            if not f.is_file():
+                raise ElastiLMError(f"{f}: missing (listed in {MANIFEST}); rebuild or re-copy the folder")
+            if _sha256(f) != digest:
+                raise ElastiLMError(f"{f}: sha256 mismatch with {MANIFEST}; the file is corrupt or was changed")
+    return doc
+
+
+@dataclass(frozen=True)
+class LevelWidths:
+    fraction: float
+    heads: int
+    neuron_blocks: int
+
+
+class ElasticEngine:
+    """Generate with one compiled elastic model; `level` picks the sub-model per request."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        import tvm
+        from tokenizers import Tokenizer
+        from tvm import relax
+        from tvm.contrib.tvmjs import load_tensor_cache
+
+        self.folder = Path(folder)
+        self.manifest = read_build_manifest(self.folder)
+        self.elastic = json.loads((self.folder / "elastic.json").read_text())
+        self.device = tvm.device(device)
+        self._tvm = tvm
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.folder / self.manifest["library"])), self.device)
+        tensors, _ = load_tensor_cache(str(self.folder / "params"), self.device)
+        self.params = [tensors[n] for n in self.manifest["param_names"]]
+        cfg = self.elastic["config"]
+        self.max_len = self.manifest["max_len"]
+        width = cfg["num_kv_heads"] * cfg["head_dim"]
+        self.caches = [tvm.runtime.empty((self.max_len, width), "float32", self.device) for _ in range(2 * cfg["num_layers"])]
+        block = self.manifest["neuron_block"]
+        self.levels = {
+            lv["fraction"]: LevelWidths(lv["fraction"], lv["heads"], lv["neurons"] // block) for lv in self.elastic["levels"]
+        }
+        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        tok_config = self.folder / "tokenizer_config.json"
+        self.tokenizer_config = json.loads(tok_config.read_text()) if tok_config.is_file() else {}
+        eos = self.tokenizer_config.get("eos_token")
+        self.eos_id = self.tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+
+    # -- levels and prompts ------------------------------------------------------------------------------
+    def level(self, fraction: float) -> LevelWidths:
+        for f, lv in self.levels.items():
+            if abs(f - fraction) < 1e-9:
+                return lv
+        raise ElastiLMError(f"unknown level {fraction:g}; valid levels are {', '.join(f'{f:g}' for f in self.levels)}")
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """The prompt text in the model's chat template (plain text if it has none)."""
+        template_file = self.folder / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else self.tokenizer_config.get("chat_template")
+        if not template:
+            return user
+        import jinja2
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return jinja2.Template(template).render(messages=messages, add_generation_prompt=True, **{
+            k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)
+        })
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    # -- the compiled model ------------------------------------------------------------------------------
+    def _run(self, method: str, ids: list[int], past: int, lv: LevelWidths) -> np.ndarray:
+        tvm = self._tvm
+        out = self.vm[method](
+            tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device),
+            self.caches,
+            tvm.runtime.ShapeTuple([past]),
+            tvm.runtime.ShapeTuple([lv.heads]),
+            tvm.runtime.ShapeTuple([lv.neuron_blocks]),
+            self.params,
+        )
+        return out[0].numpy()[0]  # (vocab,) logits of the last position
+
+    def prefill(self, ids: list[int], level: float) -> np.ndarray:
+        """Logits after `ids`, starting a new sequence (the cache is overwritten from position 0)."""
+        self._check_length(len(ids), 0)
+        return self._run("prefill", ids, 0, self.level(level))
+
+    def decode(self, token: int, past: int, level: float) -> np.ndarray:
+        return self._run("decode", [token], past, self.level(level))
+
+    def _check_length(self, prompt_tokens: int, new_tokens: int):
+        if prompt_tokens == 0:
+            raise ElastiLMError("empty prompt")
+        if prompt_tokens + new_tokens > self.max_len:
+            raise ElastiLMError(
+                f"prompt of {prompt_tokens} tokens + {new_tokens} new tokens exceeds the context window of "
+                f"{self.max_len} tokens; shorten the prompt or ask for at most {max(self.max_len - prompt_tokens, 0)} new tokens"
+            )
+
+    def generate_ids(
+        self, ids: list[int], level: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> Iterator[int]:
+        """Token ids one at a time: greedy when temperature is 0, else top-p sampling. The level is fixed per sequence."""
+        lv = self.level(level)
+        self._check_length(len(ids), max_new_tokens)
+        rng = np.random.default_rng(seed)
+        logits = self._run("prefill", ids, 0, lv)
+        past = len(ids)
+        for _ in range(max_new_tokens):
+            token = _pick(logits, temperature, top_p, rng)
+            yield token
+            if token == self.eos_id:
+                return
+            logits = self._run("decode", [token], past, lv)
+            past += 1
+
+    def generate(self, prompt: str, level: float = 1.0, max_new_tokens: int = 64, chat: bool = True, stream: bool = False, **sampling):
+        """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come."""
+        ids = self.encode(self.chat_prompt(prompt) if chat else prompt)
+        pieces = self._stream_text(self.generate_ids(ids, level, max_new_tokens, **sampling))
+        return pieces if stream else "".join(pieces)
+
+    def _stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+        out: list[int] = []
+        shown = ""
+        for token in tokens:
+            if token == self.eos_id:
+                break
+            out.append(token)
+            text = self.tokenizer.decode(out)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            yield text[len(shown) :]
+            shown = text
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = (logits - logits.max()) / temperature
+    p = np.exp(z) / np.exp(z).sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))

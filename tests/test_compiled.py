@@ -1,0 +1,145 @@
+"""The compiled library (one for all widths) against the torch oracle, on tiny random models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_ids, save_hf_folder
+from elastilm import ElastiLMError
+from elastilm.compile import artifact, reference
+from elastilm.compile.build import build
+from elastilm.compile.elastify import ElastifyOptions, elastify
+from elastilm.compile.export import ExportShape, export
+from elastilm.runtime.engine import ElasticEngine, LevelWidths
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama-untied-bias"])
+def compiled(request, tmp_path_factory):
+    """Elastified with neuron blocks of 1, so levels land on odd widths (e.g. 13 of 40 neurons)."""
+    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
+    save_hf_folder(src, request.param)
+    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    build_dir = build(out, "host-cpu", max_len=40)
+    return artifact.load(out, with_tokenizer=False), ElasticEngine(build_dir)
+
+
+def oracle_last_logits(model, ids, widths):
+    return reference.logits(model.params, model.config, torch.tensor([ids]), widths)[0, -1].numpy()
+
+
+def test_prefill_matches_oracle_at_every_level(compiled):
+    model, engine = compiled
+    ids = random_ids(model.config, batch=1, length=9, seed=4)[0].tolist()
+    assert any(lv.neurons % 2 for lv in model.levels)  # odd widths are exercised
+    for lv in model.levels:
+        got = engine.prefill(ids, lv.fraction)
+        expected = oracle_last_logits(model, ids, model.widths(lv.fraction))
+        assert np.abs(got - expected).max() <= 1e-3, lv
+
+
+@pytest.mark.parametrize("heads,blocks", [(1, 1), (5, 7), (6, 40)])
+def test_odd_widths_outside_the_level_table(compiled, heads, blocks):
+    model, engine = compiled
+    cfg = model.config
+    ids = random_ids(cfg, batch=1, length=6, seed=heads)[0].tolist()
+    widths = [(cfg.num_heads, cfg.intermediate_size) if i in model.anchors else (heads, blocks) for i in range(cfg.num_layers)]
+    got = engine._run("prefill", ids, 0, LevelWidths(0, heads, blocks))
+    assert np.abs(got - oracle_last_logits(model, ids, widths)).max() <= 1e-3
+
+
+def test_decode_with_kv_cache_matches_full_recompute(compiled):
+    """Prefill 5 tokens, then decode one at a time; each step equals the oracle over the whole sequence."""
+    model, engine = compiled
+    ids = random_ids(model.config, batch=1, length=9, seed=7)[0].tolist()
+    for fraction in (1.0, 0.5, 0.2):
+        engine.prefill(ids[:5], fraction)
+        for t in range(5, len(ids)):
+            got = engine.decode(ids[t], t, fraction)
+            expected = oracle_last_logits(model, ids[: t + 1], model.widths(fraction))
+            assert np.abs(got - expected).max() <= 1e-3, (fraction, t)
+
+
+def test_switching_level_between_requests_is_consistent(compiled):
+    model, engine = compiled
+    ids = random_ids(model.config, batch=1, length=8, seed=9)[0].tolist()
+    first = engine.prefill(ids, 0.3)
+    engine.prefill(ids, 1.0)
+    assert np.array_equal(engine.prefill(ids, 0.3), first)
+
+
+def test_greedy_generation_equals_oracle_greedy(compiled):
+    model, engine = compiled
+    ids = random_ids(model.config, batch=1, length=4, seed=11)[0].tolist()
+    for fraction in (1.0, 0.4):
+        got = list(engine.generate_ids(ids, fraction, max_new_tokens=10))
+        seq = list(ids)
+        for _ in range(len(got)):
+            seq.append(int(np.argmax(oracle_last_logits(model, seq, model.widths(fraction)))))
+        assert got == seq[len(ids):]
+
+
+def test_prefix_kernels_receive_whole_weight_buffers():
+    """No weight is sliced or copied: every weight reaches a kernel as the full buffer, through call_tir only."""
+    from tvm import relax
+
+    from conftest import tiny_model
+
+    _, params, cfg = tiny_model("qwen2")
+    mod, names = export(cfg, ExportShape(anchors=(0,), neuron_block=1, max_len=16))
+    fn = mod["prefill"]
+    weight_vars = {}
+    for binding in fn.body.blocks[0].bindings:
+        if isinstance(binding.value, relax.TupleGetItem) and binding.value.tuple_value.same_as(fn.params[-1]):
+            weight_vars[binding.var] = names[binding.value.index]
+    assert len(weight_vars) == len(names)
+    uses = 0
+    for binding in fn.body.blocks[0].bindings:
+        value = binding.value
+        if not isinstance(value, relax.Call):
+            continue
+        args = value.args[1].fields if value.op.name.startswith("relax.call_tir") else value.args
+        for pos, arg in enumerate(args):
+            if arg in weight_vars:
+                uses += 1
+                full = list(params[weight_vars[arg]].shape)
+                if value.op.name == "relax.take":  # the embedding lookup gathers token rows, never the matrix
+                    continue
+                assert value.op.name.startswith("relax.call_tir"), (weight_vars[arg], value.op.name)
+                kernel = mod[value.args[0]]
+                assert [int(x) for x in kernel.params[pos].shape] == full, (weight_vars[arg], kernel)
+    assert uses >= len(names)
+
+
+def test_bad_requests_get_clear_errors(compiled, tmp_path):
+    model, engine = compiled
+    with pytest.raises(ElastiLMError, match="unknown level 0.45; valid levels are 0.2, "):
+        engine.prefill([1, 2], 0.45)
+    with pytest.raises(ElastiLMError, match="prompt of 39 tokens \\+ 5 new tokens exceeds the context window of 40 tokens"):
+        list(engine.generate_ids(list(range(39)), 1.0, max_new_tokens=5))
+
+
+def test_corrupt_weight_shard_is_refused(compiled, tmp_path):
+    _, engine = compiled
+    copy = tmp_path / "build"
+    for f in engine.folder.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(engine.folder)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(engine.folder)).write_bytes(f.read_bytes())
+    shard = sorted((copy / "params").glob("params_shard_*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ElastiLMError, match=f"{shard.name}: sha256 mismatch"):
+        ElasticEngine(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tvm_version"] = "0.1"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ElastiLMError, match="built with TVM 0.1"):
+        ElasticEngine(copy)
+
+
+def test_unknown_target_lists_the_presets(compiled):
+    with pytest.raises(ElastiLMError, match="unknown target 'adreno'; valid targets are host-cpu"):
+        build(compiled[1].folder, "adreno")
