@@ -19,7 +19,7 @@ from pathlib import Path
 
 from elastilm import ElastiLMError, __version__
 from elastilm.compile import artifact
-from elastilm.compile.export import ExportShape, export
+from elastilm.compile.export import ExportShape, export, kernel_layout
 from elastilm.targets import preset
 
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
-    executable = tvm.compile(mod, target=spec.tvm_target())
+    executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=spec.relax_pipeline())
     library = f"model.{spec.output}"
     executable.export_library(str(out / library))
     compile_seconds = time.perf_counter() - t
@@ -65,7 +65,7 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
     shutil.rmtree(params_dir, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints where it writes; our summary says so
         dump_tensor_cache(
-            ((n, np.ascontiguousarray(model.params[n].numpy())) for n in names),
+            ((n, np.ascontiguousarray(kernel_layout(n, model.params[n]).numpy())) for n in names),
             str(params_dir),
             encode_format="raw",
             show_progress=False,
@@ -87,6 +87,7 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
         "max_len": shape.max_len,
         "neuron_block": shape.neuron_block,
         "param_names": names,
+        "param_layout": "linear weights (in, out); embeddings and norms as in the checkpoint",
         "compile_seconds": round(compile_seconds, 2),
         "files": {f: artifact.sha256(out / f) for f in files},
     }

@@ -34,9 +34,22 @@ class ExportShape:
 
 
 class _Linear(nn.Module):
+    """A linear layer whose weight is stored input-major, (in, out): see `kernel_layout`."""
+
     def __init__(self, rows: int, cols: int, bias: bool):
-        self.weight = nn.Parameter((rows, cols), "float32")
+        self.weight = nn.Parameter((cols, rows), "float32")
         self.bias = nn.Parameter((rows,), "float32") if bias else None
+
+
+class _Embedding(nn.Module):
+    def __init__(self, vocab: int, d: int):
+        self.weight = nn.Parameter((vocab, d), "float32")
+
+
+def kernel_layout(name: str, tensor):
+    """A checkpoint tensor (Hugging Face layout) in the layout the compiled kernels read: linear weights
+    transposed to (in, out) so that input and output prefixes are both contiguous; everything else unchanged."""
+    return tensor.T if name.endswith("_proj.weight") else tensor
 
 
 class _Norm(nn.Module):
@@ -71,7 +84,7 @@ class _Layer(nn.Module):
 
 class _Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, biases):
-        self.embed_tokens = _Linear(cfg.vocab_size, cfg.hidden_size, False)
+        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([_Layer(cfg, biases) for _ in range(cfg.num_layers)])
         self.norm = _Norm(cfg.hidden_size)
 
@@ -93,13 +106,11 @@ class ElasticModel(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: ExportShape):
         self.cfg, self.shape = cfg, shape
         self.model = _Decoder(cfg, shape.biases)
-        self.lm_head = None if cfg.tie_word_embeddings else _Linear(cfg.vocab_size, cfg.hidden_size, False)
+        self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size)
 
-    def _linear_rows(self, x, lin: _Linear, rows, name):
-        return _te(lambda x, w, b: prefix.prefix_rows(x, w, rows, b, name), name, x, lin.weight, lin.bias)
-
-    def _linear_cols(self, x, lin: _Linear, name):
-        return _te(lambda x, w, b: prefix.prefix_cols(x, w, b, name), name, x, lin.weight, lin.bias)
+    def _linear(self, x, lin: _Linear, name, rows=None):
+        """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`)."""
+        return _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
 
     def _norm(self, x, norm: _Norm):
         return _te(lambda x, w: prefix.rms_norm(x, w, self.cfg.rms_norm_eps), "rms_norm", x, norm.weight)
@@ -109,9 +120,9 @@ class ElasticModel(nn.Module):
         a, m = layer.self_attn, layer.mlp
         group = None if cfg.kv_head_map == "interleaved" else cfg.group_size
         h = self._norm(x, layer.input_layernorm)  # (T, d)
-        q = self._linear_rows(h, a.q_proj, heads * hd, "q_proj")  # (T, heads*hd)
-        k = self._linear_rows(h, a.k_proj, cfg.num_kv_heads * hd, "k_proj")  # (T, n_kv*hd)
-        v = self._linear_rows(h, a.v_proj, cfg.num_kv_heads * hd, "v_proj")
+        q = self._linear(h, a.q_proj, "q_proj", heads * hd)  # (T, heads*hd)
+        k = self._linear(h, a.k_proj, "k_proj")  # (T, n_kv*hd)
+        v = self._linear(h, a.v_proj, "v_proj")
         q = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", q, past)
         k = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", k, past)
         k_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [k_cache, k, past], [0], k_cache)
@@ -119,12 +130,12 @@ class ElasticModel(nn.Module):
         y = _te(
             lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group), "attention", q, k_cache, v_cache, past
         )  # (T, heads*hd)
-        x = x + self._linear_cols(y, a.o_proj, "o_proj")  # (T, d)
+        x = x + self._linear(y, a.o_proj, "o_proj")  # (T, d)
         h = self._norm(x, layer.post_attention_layernorm)
-        gate = self._linear_rows(h, m.gate_proj, neurons, "gate_proj")  # (T, neurons)
-        up = self._linear_rows(h, m.up_proj, neurons, "up_proj")
+        gate = self._linear(h, m.gate_proj, "gate_proj", neurons)  # (T, neurons)
+        up = self._linear(h, m.up_proj, "up_proj", neurons)
         act = _te(prefix.silu_mul, "silu_mul", gate, up)
-        x = x + self._linear_cols(act, m.down_proj, "down_proj")  # (T, d)
+        x = x + self._linear(act, m.down_proj, "down_proj")  # (T, d)
         return x, k_cache, v_cache
 
     def _forward(self, input_ids, caches, past, heads, nb):
@@ -139,7 +150,7 @@ class ElasticModel(nn.Module):
         last = _te(lambda x: te.compute((1, x.shape[1]), lambda _, i: x[x.shape[0] - 1, i], name="last"), "last", x)
         h = self._norm(last, self.model.norm)  # (1, d): only the last position goes through the LM head
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        logits = self._linear_rows(h, head, cfg.vocab_size, "lm_head")  # (1, vocab)
+        logits = _te(prefix.lm_head, "lm_head", h, head.weight)  # (1, vocab)
         return logits, tuple(new_caches)
 
     def prefill(self, input_ids, caches, past, heads, nb):

@@ -1,7 +1,7 @@
 """Tensor-expression operators over active prefixes of full-width weight buffers.
 
 Every weight argument is the whole reordered buffer; the active extent comes either from an activation's shape
-(reductions over a prefix of input columns) or from a symbolic width passed as a scalar (prefix of output rows).
+(reductions over a prefix of inputs) or from a symbolic width passed as a scalar (prefix of outputs).
 No operator slices or copies a weight: the generated loops simply stop early.
 Shapes use T for new tokens, S for cached + new positions, d for hidden size, hd for head dim.
 """
@@ -11,25 +11,27 @@ from __future__ import annotations
 from tvm import te, tirx
 
 
-def prefix_rows(x: te.Tensor, w: te.Tensor, rows, bias: te.Tensor | None = None, name: str = "prefix_rows"):
-    """y[t, i] = sum_k x[t, k] * w[i, k] (+ bias[i]) for i < rows: (T, K) x (M, K) -> (T, rows)."""
-    T, K = x.shape
-    k = te.reduce_axis((0, K), "k")
-    y = te.compute((T, rows), lambda t, i: te.sum(x[t, k] * w[i, k], axis=k), name=name)
+def prefix_matmul(x: te.Tensor, wt: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul"):
+    """y[t, i] = sum_{k < K_active} x[t, k] * wt[k, i] (+ bias[i]) for i < rows.
+
+    x: (T, K_active) with K_active <= K; wt: (K, M), a linear layer's weight stored input-major (transposed), so
+    that both prefixes are contiguous: the active inputs are the first rows of wt and the active outputs the
+    first `rows` entries of each row. Returns (T, rows), rows defaulting to M.
+    """
+    T, K_active = x.shape
+    rows = wt.shape[1] if rows is None else rows
+    k = te.reduce_axis((0, K_active), "k")
+    y = te.compute((T, rows), lambda t, i: te.sum(x[t, k] * wt[k, i], axis=k), name=name)
     if bias is None:
         return y
     return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_bias")
 
 
-def prefix_cols(x: te.Tensor, w: te.Tensor, bias: te.Tensor | None = None, name: str = "prefix_cols"):
-    """y[t, i] = sum_{k < K_active} x[t, k] * w[i, k] (+ bias[i]): (T, K_active) x (M, K) -> (T, M)."""
-    T, K_active = x.shape
-    M = w.shape[0]
-    k = te.reduce_axis((0, K_active), "k")
-    y = te.compute((T, M), lambda t, i: te.sum(x[t, k] * w[i, k], axis=k), name=name)
-    if bias is None:
-        return y
-    return te.compute((T, M), lambda t, i: y[t, i] + bias[i], name=name + "_bias")
+def lm_head(x: te.Tensor, w: te.Tensor):
+    """logits[t, v] = sum_k x[t, k] * w[v, k]: (T, d) x (vocab, d) -> (T, vocab); w is the (tied) embedding."""
+    T, d = x.shape
+    k = te.reduce_axis((0, d), "k")
+    return te.compute((T, w.shape[0]), lambda t, v: te.sum(x[t, k] * w[v, k], axis=k), name="lm_head")
 
 
 def rms_norm(x: te.Tensor, w: te.Tensor, eps: float):

@@ -18,6 +18,7 @@ class TargetPreset:
     target: dict
     output: str  # library file kind: "so" or "tar"
     detect_host_cpu: bool = False
+    schedule: str = "default"  # "cpu": our hand schedules (elastic_ops.schedule_cpu); "default": TVM's pipeline
     notes: str = ""
 
     def tvm_target(self):
@@ -27,6 +28,14 @@ class TargetPreset:
         if self.detect_host_cpu:
             return tvm.target.Target.from_device(tvm.cpu())
         return tvm.target.Target(self.target)
+
+
+    def relax_pipeline(self):
+        if self.schedule == "cpu":
+            from elastilm.elastic_ops import schedule_cpu
+
+            return schedule_cpu.pipeline(self.tvm_target())
+        return "default"
 
 
 def names() -> list[str]:

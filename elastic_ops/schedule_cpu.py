@@ -1,0 +1,159 @@
+"""Hand schedules for the elastic operators on CPUs (the dlight CPU rules are 10-100x slower here).
+
+Kernels are recognised by their block names (set in `prefix.py`). Symbolic extents stay symbolic: widths
+arrive as whole blocks (heads * 64 outputs, neuron blocks * 64), so splitting the output axis by the register
+tile leaves no remainder and the inner loop vectorises; the token axis of prefill is padded to the tile.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.sym.analyzer import Analyzer
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
+PREFILL_TILE = (4, 4)  # tokens x vectors of register accumulators (measured best of 4x2, 4x4, 8x2, 6x4 here)
+DECODE_VECTORS = 4
+
+
+def _is_one(extent) -> bool:
+    return isinstance(extent, tirx.IntImm) and extent.value == 1
+
+
+def _divisible(extent, factor: int) -> bool:
+    return Analyzer().can_prove_equal(tirx.floormod(extent, factor), 0)
+
+
+def _parallel_vectorized(sch: s_tir.Schedule, block) -> None:
+    """An elementwise block: outer loops fused and parallel, the innermost vectorised when it divides."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1 and _divisible(sch.get(loops[-1]).extent, LANES):
+        _, inner = sch.split(loops[-1], [None, LANES])
+        sch.vectorize(inner)
+        loops = sch.get_loops(block)[:-1]
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+def _matmul(sch: s_tir.Schedule, name: str) -> None:
+    """y[t, i] = sum_k x[t, k] * wt[k, i] with accumulators in registers along k, parallel over tiles."""
+    block = sch.get_sblock(name)
+    t, i, k = sch.get_loops(block)
+    decode = _is_one(sch.get(t).extent)
+    tokens, vectors = (1, DECODE_VECTORS) if decode else PREFILL_TILE
+    if not _divisible(sch.get(i).extent, vectors * LANES):  # widths that are not whole blocks (tiny models)
+        sch.parallel(sch.fuse(t, i))
+        return
+    if not decode:
+        sch.pad_einsum(block, [tokens, 1, 1])
+        for b in sch.get_producers(block) + sch.get_consumers(block):
+            _parallel_vectorized(sch, b)
+        t, i, k = sch.get_loops(block)
+    io, ii, iv = sch.split(i, [None, vectors, LANES])
+    to, ti = sch.split(t, [None, tokens])
+    sch.reorder(to, io, k, ti, ii, iv)
+    outer = sch.fuse(to, io)
+    sch.parallel(outer)
+    sch.unroll(ti)
+    sch.unroll(ii)
+    sch.vectorize(iv)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, outer)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.decompose_reduction(block, k)
+
+
+def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
+    """A reduction over a contiguous last axis (logits[t, v] = x[t, :] . w[v, :], or q . k): the reduction is
+    split into LANES partial sums (rfactor) that vectorise, summed once per output; parallel over outputs."""
+    block = sch.get_sblock(name)
+    loops = sch.get_loops(block)
+    if not _divisible(sch.get(loops[-1]).extent, LANES):
+        sch.parallel(sch.fuse(*loops[:parallel_loops]))
+        return
+    ko, ki = sch.split(loops[-1], [None, LANES])
+    rf = sch.rfactor(ki, factor_axis=len(loops) - 1)
+    sch.compute_at(rf, sch.get_loops(block)[len(loops) - 2])
+    lanes, partial = sch.get_loops(rf)[-2:]
+    sch.reorder(partial, lanes)
+    sch.vectorize(lanes)
+    sch.parallel(sch.fuse(*sch.get_loops(block)[:parallel_loops]))
+
+
+def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
+    """pv[t, c] = sum_s prob[head(c), t, s] * v[s, kv(c)*hd + c%hd]: c is contiguous in the V cache, so the
+    output vectorises over c with accumulators in registers along s."""
+    block = sch.get_sblock(name)
+    t, c, s = sch.get_loops(block)
+    if not _divisible(sch.get(c).extent, LANES):
+        sch.parallel(sch.fuse(t, c))
+        return
+    co, ci = sch.split(c, [None, LANES])
+    sch.reorder(t, co, s, ci)
+    outer = sch.fuse(t, co)
+    sch.parallel(outer)
+    sch.vectorize(ci)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, outer)
+    sch.decompose_reduction(block, s)
+
+
+def _attention(sch: s_tir.Schedule) -> None:
+    sch.compute_inline(sch.get_sblock("score"))
+    _dot_rows(sch, "qk", parallel_loops=2)
+    for name in ("peak", "prob", "total"):
+        sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]))
+    _weighted_sum(sch, "pv")
+    _parallel_vectorized(sch, sch.get_sblock("attention"))
+
+
+ELEMENTWISE = ("rms_norm", "rope", "silu_mul", "last") + tuple(n + "_bias" for n in LINEAR)
+
+
+def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:  # hand-written kernels without a root block (the KV append) stay as written
+        return func
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    if "qk" in names:
+        _attention(sch)
+        return sch.mod["main"]
+    for name in names:
+        if name in LINEAR:
+            _matmul(sch, name)
+        elif name == "lm_head":
+            _dot_rows(sch, name, parallel_loops=2)
+        elif name == "sumsq":
+            sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+        elif name in ELEMENTWISE:
+            _parallel_vectorized(sch, sch.get_sblock(name))
+    return sch.mod["main"]
+
+
+def schedule_module(mod: tvm.IRModule) -> tvm.IRModule:
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = schedule_function(func)
+    return mod
+
+
+def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The Relax pipeline for CPUs: legalize, apply our schedules, lower. No operator fusion, so that every
+    kernel keeps the schedule written for it."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            mod = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
+            )(mod)
+            mod = schedule_module(mod)
+            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline
