@@ -91,7 +91,11 @@ def attention(q: te.Tensor, k_cache: te.Tensor, v_cache: te.Tensor, past, head_d
     )
     s1 = te.reduce_axis((0, S), "s1")
     peak = te.compute((h, T), lambda j, t: te.max(score[j, t, s1], axis=s1), name="peak")
-    prob = te.compute((h, T, S), lambda j, t, s: tirx.exp(score[j, t, s] - peak[j, t]), name="prob")
+    prob = te.compute(  # masked positions skip the exp: half of the (t, s) pairs in a prefill
+        (h, T, S),
+        lambda j, t, s: tirx.if_then_else(s <= past + t, tirx.exp(dot[j, t, s] * scale - peak[j, t]), tirx.const(0.0, "float32")),
+        name="prob",
+    )
     s2 = te.reduce_axis((0, S), "s2")
     total = te.compute((h, T), lambda j, t: te.sum(prob[j, t, s2], axis=s2), name="total")
     s3 = te.reduce_axis((0, S), "s3")

@@ -85,13 +85,14 @@ def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
     output vectorises over c with accumulators in registers along s."""
     block = sch.get_sblock(name)
     t, c, s = sch.get_loops(block)
-    if not _divisible(sch.get(c).extent, LANES):
+    if not _divisible(sch.get(c).extent, 4 * LANES):
         sch.parallel(sch.fuse(t, c))
         return
-    co, ci = sch.split(c, [None, LANES])
-    sch.reorder(t, co, s, ci)
+    co, cv, ci = sch.split(c, [None, 4, LANES])  # 4 independent accumulators hide the FMA latency
+    sch.reorder(t, co, s, cv, ci)
     outer = sch.fuse(t, co)
     sch.parallel(outer)
+    sch.unroll(cv)
     sch.vectorize(ci)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, outer)
