@@ -21,6 +21,11 @@ setup: $(BIN)/elastilm
 demo: setup
 	$(BIN)/elastilm elastify --model $(MODEL) --out $(OUT)
 	$(BIN)/elastilm quality $(OUT)
+	$(BIN)/elastilm compile $(OUT) --target host-cpu
+	for level in 1.0 0.7 0.5; do \
+	  echo "== level $$level"; \
+	  $(BIN)/elastilm run --build $(OUT)/host-cpu --level $$level --max-new-tokens 48 "Give me two tips for writing clear emails."; \
+	done
 
 test: setup
 	$(BIN)/python -m pytest -q
