@@ -55,7 +55,7 @@ def _compile(args) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     size = (out / manifest["library"]).stat().st_size
     print(f"{manifest['target']['name']}: compiled in {manifest['compile_seconds']:.1f}s, {manifest['library']} "
-          f"{size / 1e6:.1f} MB, context {manifest['max_len']} tokens -> {out}")
+          f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens -> {out}")
 
 
 def _run(args) -> None:

@@ -9,7 +9,6 @@ Folder layout:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from elastilm import ElastiLMError, __version__
 from elastilm.compile.config import ModelConfig
 from elastilm.compile.levels import Level, layer_widths
+from elastilm.runtime.files import sha256
 
 SCHEMA = "elastilm.elastic"
 SCHEMA_VERSION = 1
@@ -46,14 +46,6 @@ class ElasticModel:
 
     def widths(self, fraction: float) -> list[tuple[int, int]]:
         return layer_widths(self.config, self.anchors, self.level(fraction))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save(out: Path, model: ElasticModel, importance: dict[str, torch.Tensor]) -> Path:

@@ -20,6 +20,8 @@ from pathlib import Path
 from elastilm import ElastiLMError, __version__
 from elastilm.compile import artifact
 from elastilm.compile.export import ExportShape, export, kernel_layout
+from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
+from elastilm.runtime.files import sha256
 from elastilm.targets import preset
 
 MANIFEST = "manifest.json"
@@ -30,8 +32,8 @@ BIAS_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 def export_shape(model: artifact.ElasticModel, max_len: int) -> ExportShape:
     cfg = model.config
-    if not 1 <= max_len <= cfg.max_position_embeddings:
-        raise ElastiLMError(f"max_len must lie in [1, {cfg.max_position_embeddings}] for {model.name}, got {max_len}")
+    if max_len < 1:
+        raise ElastiLMError(f"max_len must be positive, got {max_len}")
     return ExportShape(
         anchors=tuple(model.anchors),
         # a divisor of the FFN size, so the full width is a whole number of blocks too
@@ -52,7 +54,9 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
     model = artifact.load(folder, with_tokenizer=False)
     out = Path(out) if out is not None else folder / target
     out.mkdir(parents=True, exist_ok=True)
-    shape = export_shape(model, min(max_len, model.config.max_position_embeddings))
+    # the attention kernel reads keys in whole blocks, so the cache holds a whole number of them
+    max_len = min(max_len, model.config.max_position_embeddings)
+    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK)
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
@@ -84,12 +88,13 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
         "model": model.name,
         "target": {"name": spec.name, "tvm": str(spec.tvm_target()), "output": spec.output},
         "library": library,
-        "max_len": shape.max_len,
+        "context_window": max_len,
+        "cache_rows": shape.max_len,
         "neuron_block": shape.neuron_block,
         "param_names": names,
         "param_layout": "linear weights (in, out); embeddings and norms as in the checkpoint",
         "compile_seconds": round(compile_seconds, 2),
-        "files": {f: artifact.sha256(out / f) for f in files},
+        "files": {f: sha256(out / f) for f in files},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out

@@ -2,8 +2,8 @@
 
 Non-anchor layers run at `heads` active query heads and `nb * block` active FFN neurons, both symbolic, so one
 compiled library serves every level; anchor layers always run full width. Parameters are the full-width
-reordered weights under Hugging Face names. Each layer has its own K and V cache buffer, (max_len, n_kv*hd),
-written in place; KV heads are never elastic, so the cache layout is the same at every level.
+reordered weights under Hugging Face names. Each layer has its own K cache (n_kv*hd, max_len) and V cache
+(max_len, n_kv*hd), written in place; KV heads are never elastic, so the cache layout is the same at every level.
 
 Methods (batch 1): `prefill` for T new tokens after `past` cached ones, `decode` for one token. Both return the
 logits of the last token only (the LM head over all T positions would be wasted work) and the caches.
@@ -20,7 +20,7 @@ from tvm.relax.frontend.nn import op, spec
 
 from elastilm.compile.config import ModelConfig
 from elastilm.elastic_ops import prefix
-from elastilm.elastic_ops.cache import kv_append
+from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class ElasticModel(nn.Module):
         v = self._linear(h, a.v_proj, "v_proj")
         q = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", q, past)
         k = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", k, past)
-        k_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [k_cache, k, past], [0], k_cache)
+        k_cache = op.tensor_ir_inplace_op(kv_append_transposed, "kv_append_t", [k_cache, k, past], [0], k_cache)
         v_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [v_cache, v, past], [0], v_cache)
         y = _te(
             lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group), "attention", q, k_cache, v_cache, past
@@ -161,8 +161,10 @@ class ElasticModel(nn.Module):
 
     def get_default_spec(self):
         cfg = self.cfg
-        cache = spec.Tensor([self.shape.max_len, cfg.num_kv_heads * cfg.head_dim], "float32")
-        caches = [cache] * (2 * cfg.num_layers)
+        width = cfg.num_kv_heads * cfg.head_dim
+        k_cache = spec.Tensor([width, self.shape.max_len], "float32")  # keys transposed
+        v_cache = spec.Tensor([self.shape.max_len, width], "float32")
+        caches = [k_cache, v_cache] * cfg.num_layers
         common = {"caches": caches, "past": int, "heads": int, "nb": int}
         return nn.spec.ModuleSpec.from_raw(
             {

@@ -63,12 +63,17 @@ def silu_mul(gate: te.Tensor, up: te.Tensor):
     return te.compute(gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name="silu_mul")
 
 
-def attention(q: te.Tensor, k_cache: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None):
+ATTENTION_BLOCK = 64  # the key axis is computed in whole blocks of 64 positions (vectorisable, no remainder)
+
+
+def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None):
     """Causal GQA attention of T new queries over cache positions [0, past+T).
 
     q: (T, h*hd) with h active query heads (any prefix). Query head j reads KV head j % n_kv (interleaved map,
-    group=None) or j // group (Hugging Face block map). k_cache, v_cache: (max_len, n_kv*hd) full buffers whose
-    rows [0, past+T) are valid. Returns (T, h*hd).
+    group=None) or j // group (Hugging Face block map). k_cache_t: (n_kv*hd, max_len), keys stored transposed so
+    that q.k vectorises over positions; v_cache: (max_len, n_kv*hd). Rows/columns [0, past+T) are valid; q.k is
+    computed up to the next multiple of ATTENTION_BLOCK (max_len is one) and the extra positions are masked, so
+    the caches must hold finite values there (the runtime zeroes them once). Returns (T, h*hd).
     """
     T, width = q.shape
     h = width // head_dim
@@ -77,19 +82,20 @@ def attention(q: te.Tensor, k_cache: te.Tensor, v_cache: te.Tensor, past, head_d
         return j % num_kv_heads if group is None else j // group
 
     S = past + T
+    S_blocks = (S + ATTENTION_BLOCK - 1) // ATTENTION_BLOCK * ATTENTION_BLOCK
     scale = 1.0 / head_dim**0.5
     d = te.reduce_axis((0, head_dim), "d")
     dot = te.compute(
-        (h, T, S),
-        lambda j, t, s: te.sum(q[t, j * head_dim + d] * k_cache[s, kv(j) * head_dim + d], axis=d),
+        (h, T, S_blocks),
+        lambda j, t, s: te.sum(q[t, j * head_dim + d] * k_cache_t[kv(j) * head_dim + d, s], axis=d),
         name="qk",
     )
     score = te.compute(
-        (h, T, S),
+        (h, T, S_blocks),
         lambda j, t, s: tirx.if_then_else(s <= past + t, dot[j, t, s] * scale, tirx.min_value("float32")),
         name="score",
     )
-    s1 = te.reduce_axis((0, S), "s1")
+    s1 = te.reduce_axis((0, S_blocks), "s1")
     peak = te.compute((h, T), lambda j, t: te.max(score[j, t, s1], axis=s1), name="peak")
     prob = te.compute(  # masked positions skip the exp: half of the (t, s) pairs in a prefill
         (h, T, S),
@@ -107,3 +113,17 @@ def attention(q: te.Tensor, k_cache: te.Tensor, v_cache: te.Tensor, past, head_d
         name="pv",
     )
     return te.compute((T, width), lambda t, c: weighted[t, c] / total[c // head_dim, t], name="attention")
+
+
+def lora_prefix(x: te.Tensor, a: te.Tensor, b: te.Tensor, rows, scale: float):
+    """Low-rank update on a prefix: scale * x @ A[:r, :K_active]^T @ B[:rows, :r]^T.
+
+    x: (T, K_active); a: (r, K) and b: (M, r) are a level's adapter at full width, read only on the active
+    prefix. Returns (T, rows), to be added to the prefix matmul of the same layer.
+    """
+    T, K_active = x.shape
+    r = a.shape[0]
+    k = te.reduce_axis((0, K_active), "k")
+    down = te.compute((T, r), lambda t, q: te.sum(x[t, k] * a[q, k], axis=k), name="lora_a")
+    q = te.reduce_axis((0, r), "q")
+    return te.compute((T, rows), lambda t, i: te.sum(down[t, q] * b[i, q] * scale, axis=q), name="lora_b")

@@ -99,9 +99,26 @@ def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
     sch.decompose_reduction(block, s)
 
 
+def _scores(sch: s_tir.Schedule) -> None:
+    """qk[j, t, s] = sum_d q[t, j*hd+d] * kt[kv(j)*hd+d, s]: keys are stored transposed, so positions s are
+    contiguous; 4 vectors of positions accumulate in registers along d. The key extent is whole blocks of 64."""
+    block = sch.get_sblock("qk")
+    j, t, s, d = sch.get_loops(block)
+    so, sv, si = sch.split(s, [None, 4, LANES])
+    sch.reorder(j, t, so, d, sv, si)
+    outer = sch.fuse(j, t)
+    sch.parallel(outer)
+    sch.unroll(sv)
+    sch.vectorize(si)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, so)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.decompose_reduction(block, d)
+
+
 def _attention(sch: s_tir.Schedule) -> None:
     sch.compute_inline(sch.get_sblock("score"))
-    _dot_rows(sch, "qk", parallel_loops=2)
+    _scores(sch)
     for name in ("peak", "prob", "total"):
         sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]))
     _weighted_sum(sch, "pv")

@@ -7,7 +7,6 @@ requests moves no weights. The KV cache is allocated once, at the library's cont
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +15,10 @@ from typing import Iterator
 import numpy as np
 
 from elastilm import ElastiLMError
+from elastilm.runtime.files import sha256
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_build_manifest(folder: Path, verify: bool = True) -> dict:
@@ -46,7 +38,7 @@ def read_build_manifest(folder: Path, verify: bool = True) -> dict:
             f = Path(folder) / name
             if not f.is_file():
                 raise ElastiLMError(f"{f}: missing (listed in {MANIFEST}); rebuild or re-copy the folder")
-            if _sha256(f) != digest:
+            if sha256(f) != digest:
                 raise ElastiLMError(f"{f}: sha256 mismatch with {MANIFEST}; the file is corrupt or was changed")
     return doc
 
@@ -76,9 +68,12 @@ class ElasticEngine:
         tensors, _ = load_tensor_cache(str(self.folder / "params"), self.device)
         self.params = [tensors[n] for n in self.manifest["param_names"]]
         cfg = self.elastic["config"]
-        self.max_len = self.manifest["max_len"]
+        self.max_len = self.manifest["context_window"]
+        rows = self.manifest["cache_rows"]
         width = cfg["num_kv_heads"] * cfg["head_dim"]
-        self.caches = [tvm.runtime.empty((self.max_len, width), "float32", self.device) for _ in range(2 * cfg["num_layers"])]
+        # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
+        zeros_k, zeros_v = np.zeros((width, rows), "float32"), np.zeros((rows, width), "float32")
+        self.caches = [tvm.runtime.tensor(z, self.device) for _ in range(cfg["num_layers"]) for z in (zeros_k, zeros_v)]
         block = self.manifest["neuron_block"]
         self.levels = {
             lv["fraction"]: LevelWidths(lv["fraction"], lv["heads"], lv["neurons"] // block) for lv in self.elastic["levels"]

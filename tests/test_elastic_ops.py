@@ -1,0 +1,90 @@
+"""Single elastic operators, compiled alone for the host CPU, against numpy at several (odd) widths."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+
+from elastilm.elastic_ops import prefix, schedule_cpu
+
+I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731  (Relax hands kernels int64 shapes)
+TARGET = tvm.target.Target.from_device(tvm.cpu())
+
+
+def compile_te(tensors, scheduled: bool):
+    mod = tvm.IRModule({"main": te.create_prim_func(tensors)})
+    if scheduled:
+        mod = schedule_cpu.schedule_module(mod)
+    return tvm.compile(mod, target=TARGET)["main"]
+
+
+def poisoned(shape):
+    return tvm.runtime.tensor(np.full(shape, np.nan, "float32"))
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("blocks,active_in", [(1, 5), (3, 64), (24, 576)])
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_prefix_matmul_reads_only_the_prefix(tokens, blocks, active_in, scheduled):
+    """Rows past the active inputs and columns past the active outputs hold NaN: any read of them would show."""
+    rng = np.random.default_rng(blocks)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in = tirx.Var("nb", "int64"), tirx.Var("k", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    w = te.placeholder((I64(576), I64(1536)), "float32", name="w")
+    y = prefix.prefix_matmul(x, w, nb * 64, name="gate_proj")
+    fn = compile_te([x, w, y, nb], scheduled)
+    full = np.full((576, 1536), np.nan, "float32")
+    full[:active_in, : blocks * 64] = rng.standard_normal((active_in, blocks * 64))
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    out = poisoned((tokens, blocks * 64))
+    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(full), out, blocks)
+    np.testing.assert_allclose(out.numpy(), xs @ full[:active_in, : blocks * 64], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank,active_in,rows", [(8, 576, 576), (8, 37, 13), (3, 1, 1)])
+def test_lora_on_prefix_matches_numpy(rank, active_in, rows):
+    rng = np.random.default_rng(rank + rows)
+    T, k_in, m = tirx.Var("T", "int64"), tirx.Var("k", "int64"), tirx.Var("m", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    a = te.placeholder((I64(rank), I64(576)), "float32", name="a")
+    b = te.placeholder((I64(576), I64(rank)), "float32", name="b")
+    y = prefix.lora_prefix(x, a, b, m, scale=2.0)
+    fn = compile_te([x, a, b, y, m], scheduled=False)
+    a_full, b_full = np.full((rank, 576), np.nan, "float32"), np.full((576, rank), np.nan, "float32")
+    a_full[:, :active_in] = rng.standard_normal((rank, active_in))
+    b_full[:rows] = rng.standard_normal((rows, rank))
+    xs = rng.standard_normal((5, active_in)).astype("float32")
+    out = poisoned((5, rows))
+    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(a_full), tvm.runtime.tensor(b_full), out, rows)
+    expected = 2.0 * xs @ a_full[:, :active_in].T @ b_full[:rows].T
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens,past,heads,group", [(7, 0, 5, None), (1, 9, 6, None), (4, 3, 6, 3), (70, 0, 2, None)])
+def test_attention_matches_numpy(tokens, past, heads, group):
+    """GQA attention over a cache; cache entries beyond past+T are garbage (large but finite) and must not matter."""
+    rng = np.random.default_rng(tokens + past)
+    hd, n_kv, rows = 8, 2, 128
+    T, p = tirx.Var("T", "int64"), tirx.Var("past", "int64")
+    q = te.placeholder((T, I64(heads * hd)), "float32", name="q")
+    kt = te.placeholder((I64(n_kv * hd), I64(rows)), "float32", name="kt")
+    v = te.placeholder((I64(rows), I64(n_kv * hd)), "float32", name="v")
+    out = prefix.attention(q, kt, v, p, hd, n_kv, group)
+    fn = compile_te([q, kt, v, out, p], scheduled=True)
+    S = past + tokens
+    qs = rng.standard_normal((tokens, heads * hd)).astype("float32")
+    k_all = np.full((rows, n_kv * hd), 1e30, "float32")
+    v_all = np.full((rows, n_kv * hd), 1e30, "float32")
+    k_all[:S], v_all[:S] = rng.standard_normal((S, n_kv * hd)), rng.standard_normal((S, n_kv * hd))
+    res = poisoned((tokens, heads * hd))
+    fn(tvm.runtime.tensor(qs), tvm.runtime.tensor(np.ascontiguousarray(k_all.T)), tvm.runtime.tensor(v_all), res, past)
+    expected = np.zeros((tokens, heads * hd), "float32")
+    for j in range(heads):
+        g = j % n_kv if group is None else j // group
+        kq, vq = k_all[:S, g * hd : (g + 1) * hd], v_all[:S, g * hd : (g + 1) * hd]
+        scores = qs[:, j * hd : (j + 1) * hd] @ kq.T / np.sqrt(hd)
+        scores[np.arange(S)[None, :] > past + np.arange(tokens)[:, None]] = -np.inf
+        p_ = np.exp(scores - scores.max(1, keepdims=True))
+        expected[:, j * hd : (j + 1) * hd] = (p_ / p_.sum(1, keepdims=True)) @ vq
+    np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-5)
