@@ -8,7 +8,7 @@ Shapes use T for new tokens, S for cached + new positions, d for hidden size, hd
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import te, tirx, topi
 
 
 def prefix_matmul(x: te.Tensor, wt: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul"):
@@ -64,6 +64,7 @@ def silu_mul(gate: te.Tensor, up: te.Tensor):
 
 
 ATTENTION_BLOCK = 64  # the key axis is computed in whole blocks of 64 positions (vectorisable, no remainder)
+QUERY_BLOCK = 4  # in prefill, q.k is computed for whole blocks of 4 queries (a register tile), extra rows clamped
 
 
 def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None):
@@ -83,30 +84,34 @@ def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head
 
     S = past + T
     S_blocks = (S + ATTENTION_BLOCK - 1) // ATTENTION_BLOCK * ATTENTION_BLOCK
+    decode = isinstance(T, tirx.IntImm) and T.value == 1
+    T_blocks = T if decode else (T + QUERY_BLOCK - 1) // QUERY_BLOCK * QUERY_BLOCK
     scale = 1.0 / head_dim**0.5
     d = te.reduce_axis((0, head_dim), "d")
-    dot = te.compute(
-        (h, T, S_blocks),
-        lambda j, t, s: te.sum(q[t, j * head_dim + d] * k_cache_t[kv(j) * head_dim + d, s], axis=d),
+    dot = te.compute(  # rows t >= T (prefill padding) repeat the last query and are never read
+        (h, T_blocks, S_blocks),
+        lambda j, t, s: te.sum(
+            q[tirx.min(t, T - 1), j * head_dim + d] * k_cache_t[kv(j) * head_dim + d, s], axis=d
+        ),
         name="qk",
     )
+    # the softmax chain keeps the padded query rows too, so every stage tiles the same way; only `attention`
+    # (the output) stops at T
     score = te.compute(
-        (h, T, S_blocks),
-        lambda j, t, s: tirx.if_then_else(s <= past + t, dot[j, t, s] * scale, tirx.min_value("float32")),
+        (h, T_blocks, S_blocks),
+        lambda j, t, s: tirx.if_then_else(s <= past + t, dot[j, t, s] * scale, tirx.const(-1e30, "float32")),
         name="score",
     )
     s1 = te.reduce_axis((0, S_blocks), "s1")
-    peak = te.compute((h, T), lambda j, t: te.max(score[j, t, s1], axis=s1), name="peak")
-    prob = te.compute(  # masked positions skip the exp: half of the (t, s) pairs in a prefill
-        (h, T, S),
-        lambda j, t, s: tirx.if_then_else(s <= past + t, tirx.exp(dot[j, t, s] * scale - peak[j, t]), tirx.const(0.0, "float32")),
-        name="prob",
-    )
-    s2 = te.reduce_axis((0, S), "s2")
-    total = te.compute((h, T), lambda j, t: te.sum(prob[j, t, s2], axis=s2), name="total")
+    peak = te.compute((h, T_blocks), lambda j, t: te.max(score[j, t, s1], axis=s1), name="peak")
+    shifted = te.compute((h, T_blocks, S_blocks), lambda j, t, s: score[j, t, s] - peak[j, t], name="shifted")
+    # topi's polynomial exp vectorises (libm's expf does not); masked scores clamp to exp(-88) ~ 4e-39
+    prob = topi.fast_exp(shifted)  # (h, T_blocks, S_blocks)
+    s2 = te.reduce_axis((0, S_blocks), "s2")
+    total = te.compute((h, T_blocks), lambda j, t: te.sum(prob[j, t, s2], axis=s2), name="total")
     s3 = te.reduce_axis((0, S), "s3")
     weighted = te.compute(
-        (T, width),
+        (T_blocks, width),
         lambda t, c: te.sum(
             prob[c // head_dim, t, s3] * v_cache[s3, kv(c // head_dim) * head_dim + c % head_dim], axis=s3
         ),

@@ -11,6 +11,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.sym.analyzer import Analyzer
 
+from elastilm.elastic_ops import prefix
+
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
 PREFILL_TILE = (4, 4)  # tokens x vectors of register accumulators (measured best of 4x2, 4x4, 8x2, 6x4 here)
@@ -51,8 +53,9 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         t, i, k = sch.get_loops(block)
     io, ii, iv = sch.split(i, [None, vectors, LANES])
     to, ti = sch.split(t, [None, tokens])
-    sch.reorder(to, io, k, ti, ii, iv)
-    outer = sch.fuse(to, io)
+    # output columns outermost: a (K x 64) weight strip stays in cache while every token tile passes over it
+    sch.reorder(io, to, k, ti, ii, iv)
+    outer = sch.fuse(io, to)
     sch.parallel(outer)
     sch.unroll(ti)
     sch.unroll(ii)
@@ -88,10 +91,13 @@ def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
     if not _divisible(sch.get(c).extent, 4 * LANES):
         sch.parallel(sch.fuse(t, c))
         return
-    co, cv, ci = sch.split(c, [None, 4, LANES])  # 4 independent accumulators hide the FMA latency
-    sch.reorder(t, co, s, cv, ci)
-    outer = sch.fuse(t, co)
+    tokens = 1 if _is_one(sch.get(t).extent) else prefix.QUERY_BLOCK
+    to, ti = sch.split(t, [None, tokens])
+    co, cv, ci = sch.split(c, [None, 4, LANES])  # tokens x 4 vectors of accumulators
+    sch.reorder(co, to, s, ti, cv, ci)
+    outer = sch.fuse(co, to)
     sch.parallel(outer)
+    sch.unroll(ti)
     sch.unroll(cv)
     sch.vectorize(ci)
     acc = sch.cache_write(block, 0, "local")
@@ -104,10 +110,13 @@ def _scores(sch: s_tir.Schedule) -> None:
     contiguous; 4 vectors of positions accumulate in registers along d. The key extent is whole blocks of 64."""
     block = sch.get_sblock("qk")
     j, t, s, d = sch.get_loops(block)
+    tokens = 1 if _is_one(sch.get(t).extent) else prefix.QUERY_BLOCK
+    to, ti = sch.split(t, [None, tokens])
     so, sv, si = sch.split(s, [None, 4, LANES])
-    sch.reorder(j, t, so, d, sv, si)
-    outer = sch.fuse(j, t)
+    sch.reorder(j, to, so, d, ti, sv, si)
+    outer = sch.fuse(j, to)
     sch.parallel(outer)
+    sch.unroll(ti)
     sch.unroll(sv)
     sch.vectorize(si)
     acc = sch.cache_write(block, 0, "local")
@@ -118,9 +127,11 @@ def _scores(sch: s_tir.Schedule) -> None:
 
 def _attention(sch: s_tir.Schedule) -> None:
     sch.compute_inline(sch.get_sblock("score"))
+    sch.compute_inline(sch.get_sblock("shifted"))
     _scores(sch)
-    for name in ("peak", "prob", "total"):
-        sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]))
+    for name in ("peak", "total"):
+        _dot_rows(sch, name, parallel_loops=2)
+    _parallel_vectorized(sch, sch.get_sblock("T_fast_exp"))
     _weighted_sum(sch, "pv")
     _parallel_vectorized(sch, sch.get_sblock("attention"))
 
