@@ -92,7 +92,7 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
         "cache_rows": shape.max_len,
         "neuron_block": shape.neuron_block,
         "param_names": names,
-        "param_layout": "linear weights (in, out); embeddings and norms as in the checkpoint",
+        "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
         "compile_seconds": round(compile_seconds, 2),
         "files": {f: sha256(out / f) for f in files},
     }

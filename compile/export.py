@@ -34,10 +34,12 @@ class ExportShape:
 
 
 class _Linear(nn.Module):
-    """A linear layer whose weight is stored input-major, (in, out): see `kernel_layout`."""
+    """A linear layer whose weight is packed in strips of output columns, (out/strip, in, strip): see
+    `kernel_layout`."""
 
     def __init__(self, rows: int, cols: int, bias: bool):
-        self.weight = nn.Parameter((cols, rows), "float32")
+        strip = prefix.strip_width(rows)
+        self.weight = nn.Parameter((rows // strip, cols, strip), "float32")
         self.bias = nn.Parameter((rows,), "float32") if bias else None
 
 
@@ -47,9 +49,14 @@ class _Embedding(nn.Module):
 
 
 def kernel_layout(name: str, tensor):
-    """A checkpoint tensor (Hugging Face layout) in the layout the compiled kernels read: linear weights
-    transposed to (in, out) so that input and output prefixes are both contiguous; everything else unchanged."""
-    return tensor.T if name.endswith("_proj.weight") else tensor
+    """A checkpoint tensor (Hugging Face layout) in the layout the compiled kernels read: a linear weight
+    (out, in) becomes strips (out/strip, in, strip), so that input and output prefixes are both contiguous and
+    each strip streams from memory in one piece; everything else is unchanged."""
+    if not name.endswith("_proj.weight"):
+        return tensor
+    rows, cols = tensor.shape
+    strip = prefix.strip_width(rows)
+    return tensor.reshape(rows // strip, strip, cols).swapaxes(1, 2)  # works for torch and numpy
 
 
 class _Norm(nn.Module):

@@ -11,20 +11,43 @@ from __future__ import annotations
 from tvm import te, tirx, topi
 
 
-def prefix_matmul(x: te.Tensor, wt: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul"):
-    """y[t, i] = sum_{k < K_active} x[t, k] * wt[k, i] (+ bias[i]) for i < rows.
+STRIP = 64  # output columns per packed weight strip
+TOKEN_BLOCK = 4  # prefill computes whole blocks of 4 tokens (a register tile); padded rows repeat the last token
 
-    x: (T, K_active) with K_active <= K; wt: (K, M), a linear layer's weight stored input-major (transposed), so
-    that both prefixes are contiguous: the active inputs are the first rows of wt and the active outputs the
-    first `rows` entries of each row. Returns (T, rows), rows defaulting to M.
+
+def _token_blocks(T):
+    """T rounded up to TOKEN_BLOCK, except a single decode token."""
+    if isinstance(T, tirx.IntImm) and T.value == 1:
+        return T
+    return (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK * TOKEN_BLOCK
+
+
+def strip_width(out_features: int) -> int:
+    """Packed strip width of a linear layer: STRIP when it divides the output size, else the whole output."""
+    return STRIP if out_features % STRIP == 0 else out_features
+
+
+def prefix_matmul(x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul"):
+    """y[t, i] = sum_{k < K_active} x[t, k] * W[i, k] (+ bias[i]) for i < rows.
+
+    x: (T, K_active) with K_active <= K. wp: (M / strip, K, strip), the weight W (M, K) packed in strips of
+    `strip` output columns, each stored input-major. Both prefixes stay contiguous: the active outputs are the
+    first strips, the active inputs the first rows of each strip, and a kernel streams one strip at a time.
+    Returns (T, rows), rows defaulting to M.
     """
     T, K_active = x.shape
-    rows = wt.shape[1] if rows is None else rows
+    n_strips, _, strip = wp.shape
+    rows = n_strips * strip if rows is None else rows
+    T_blocks = _token_blocks(T)
     k = te.reduce_axis((0, K_active), "k")
-    y = te.compute((T, rows), lambda t, i: te.sum(x[t, k] * wt[k, i], axis=k), name=name)
+    y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
+        (T_blocks, rows),
+        lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * wp[i // strip, k, i % strip], axis=k),
+        name=name,
+    )
     if bias is None:
-        return y
-    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_bias")
+        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
+    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
 
 
 def lm_head(x: te.Tensor, w: te.Tensor):
@@ -64,7 +87,6 @@ def silu_mul(gate: te.Tensor, up: te.Tensor):
 
 
 ATTENTION_BLOCK = 64  # the key axis is computed in whole blocks of 64 positions (vectorisable, no remainder)
-QUERY_BLOCK = 4  # in prefill, q.k is computed for whole blocks of 4 queries (a register tile), extra rows clamped
 
 
 def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None):
@@ -84,8 +106,7 @@ def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head
 
     S = past + T
     S_blocks = (S + ATTENTION_BLOCK - 1) // ATTENTION_BLOCK * ATTENTION_BLOCK
-    decode = isinstance(T, tirx.IntImm) and T.value == 1
-    T_blocks = T if decode else (T + QUERY_BLOCK - 1) // QUERY_BLOCK * QUERY_BLOCK
+    T_blocks = _token_blocks(T)
     scale = 1.0 / head_dim**0.5
     d = te.reduce_axis((0, head_dim), "d")
     dot = te.compute(  # rows t >= T (prefill padding) repeat the last query and are never read

@@ -15,8 +15,9 @@ from elastilm.elastic_ops import prefix
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
-PREFILL_TILE = (4, 4)  # tokens x vectors of register accumulators (measured best of 4x2, 4x4, 8x2, 6x4 here)
-DECODE_VECTORS = 4
+STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip
+PREFILL_TILE = (4, STRIP_VECTORS)  # tokens x vectors of accumulators (4x4 measured best of 4x2, 4x4, 8x2, 6x4)
+DECODE_VECTORS = STRIP_VECTORS
 
 
 def _is_one(extent) -> bool:
@@ -38,7 +39,8 @@ def _parallel_vectorized(sch: s_tir.Schedule, block) -> None:
 
 
 def _matmul(sch: s_tir.Schedule, name: str) -> None:
-    """y[t, i] = sum_k x[t, k] * wt[k, i] with accumulators in registers along k, parallel over tiles."""
+    """y[t, i] = sum_k x[t, k] * W[i, k] (W packed in strips of 64 outputs) with accumulators in registers
+    along k, parallel over tiles; one tile spans one strip."""
     block = sch.get_sblock(name)
     t, i, k = sch.get_loops(block)
     decode = _is_one(sch.get(t).extent)
@@ -46,11 +48,6 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
     if not _divisible(sch.get(i).extent, vectors * LANES):  # widths that are not whole blocks (tiny models)
         sch.parallel(sch.fuse(t, i))
         return
-    if not decode:
-        sch.pad_einsum(block, [tokens, 1, 1])
-        for b in sch.get_producers(block) + sch.get_consumers(block):
-            _parallel_vectorized(sch, b)
-        t, i, k = sch.get_loops(block)
     io, ii, iv = sch.split(i, [None, vectors, LANES])
     to, ti = sch.split(t, [None, tokens])
     # output columns outermost: a (K x 64) weight strip stays in cache while every token tile passes over it
@@ -91,7 +88,7 @@ def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
     if not _divisible(sch.get(c).extent, 4 * LANES):
         sch.parallel(sch.fuse(t, c))
         return
-    tokens = 1 if _is_one(sch.get(t).extent) else prefix.QUERY_BLOCK
+    tokens = 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
     to, ti = sch.split(t, [None, tokens])
     co, cv, ci = sch.split(c, [None, 4, LANES])  # tokens x 4 vectors of accumulators
     sch.reorder(co, to, s, ti, cv, ci)
@@ -110,7 +107,7 @@ def _scores(sch: s_tir.Schedule) -> None:
     contiguous; 4 vectors of positions accumulate in registers along d. The key extent is whole blocks of 64."""
     block = sch.get_sblock("qk")
     j, t, s, d = sch.get_loops(block)
-    tokens = 1 if _is_one(sch.get(t).extent) else prefix.QUERY_BLOCK
+    tokens = 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
     to, ti = sch.split(t, [None, tokens])
     so, sv, si = sch.split(s, [None, 4, LANES])
     sch.reorder(j, to, so, d, ti, sv, si)
@@ -136,7 +133,7 @@ def _attention(sch: s_tir.Schedule) -> None:
     _parallel_vectorized(sch, sch.get_sblock("attention"))
 
 
-ELEMENTWISE = ("rms_norm", "rope", "silu_mul", "last") + tuple(n + "_bias" for n in LINEAR)
+ELEMENTWISE = ("rms_norm", "rope", "silu_mul", "last") + tuple(n + "_out" for n in LINEAR)
 
 
 def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -5,6 +5,7 @@ import pytest
 import tvm
 from tvm import te, tirx
 
+from elastilm.compile.export import kernel_layout
 from elastilm.elastic_ops import prefix, schedule_cpu
 
 I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731  (Relax hands kernels int64 shapes)
@@ -22,7 +23,7 @@ def poisoned(shape):
     return tvm.runtime.tensor(np.full(shape, np.nan, "float32"))
 
 
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [1, 7, 8])
 @pytest.mark.parametrize("blocks,active_in", [(1, 5), (3, 64), (24, 576)])
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_prefix_matmul_reads_only_the_prefix(tokens, blocks, active_in, scheduled):
@@ -31,15 +32,16 @@ def test_prefix_matmul_reads_only_the_prefix(tokens, blocks, active_in, schedule
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
     nb, k_in = tirx.Var("nb", "int64"), tirx.Var("k", "int64")
     x = te.placeholder((T, k_in), "float32", name="x")
-    w = te.placeholder((I64(576), I64(1536)), "float32", name="w")
+    w = te.placeholder((I64(24), I64(576), I64(64)), "float32", name="w")  # gate_proj (1536, 576) in strips
     y = prefix.prefix_matmul(x, w, nb * 64, name="gate_proj")
     fn = compile_te([x, w, y, nb], scheduled)
-    full = np.full((576, 1536), np.nan, "float32")
-    full[:active_in, : blocks * 64] = rng.standard_normal((active_in, blocks * 64))
+    full = np.full((1536, 576), np.nan, "float32")  # (out, in) as in the checkpoint
+    full[: blocks * 64, :active_in] = rng.standard_normal((blocks * 64, active_in))
+    packed = np.ascontiguousarray(kernel_layout("mlp.gate_proj.weight", full))
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
     out = poisoned((tokens, blocks * 64))
-    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(full), out, blocks)
-    np.testing.assert_allclose(out.numpy(), xs @ full[:active_in, : blocks * 64], rtol=1e-4, atol=1e-4)
+    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(packed), out, blocks)
+    np.testing.assert_allclose(out.numpy(), xs @ full[: blocks * 64, :active_in].T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rank,active_in,rows", [(8, 576, 576), (8, 37, 13), (3, 1, 1)])
