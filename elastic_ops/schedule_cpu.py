@@ -16,8 +16,6 @@ from elastilm.elastic_ops import prefix
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
 STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip
-PREFILL_TILE = (4, STRIP_VECTORS)  # tokens x vectors of accumulators (4x4 measured best of 4x2, 4x4, 8x2, 6x4)
-DECODE_VECTORS = STRIP_VECTORS
 
 
 def _is_one(extent) -> bool:
@@ -38,29 +36,41 @@ def _parallel_vectorized(sch: s_tir.Schedule, block) -> None:
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
-def _matmul(sch: s_tir.Schedule, name: str) -> None:
-    """y[t, i] = sum_k x[t, k] * W[i, k] (W packed in strips of 64 outputs) with accumulators in registers
-    along k, parallel over tiles; one tile spans one strip."""
-    block = sch.get_sblock(name)
-    t, i, k = sch.get_loops(block)
-    decode = _is_one(sch.get(t).extent)
-    tokens, vectors = (1, DECODE_VECTORS) if decode else PREFILL_TILE
-    if not _divisible(sch.get(i).extent, vectors * LANES):  # widths that are not whole blocks (tiny models)
-        sch.parallel(sch.fuse(t, i))
-        return
-    io, ii, iv = sch.split(i, [None, vectors, LANES])
+def _register_tile(sch: s_tir.Schedule, block, t, v, k, tokens: int, vectors: int, lead=()) -> None:
+    """Accumulate (tokens x vectors*LANES) outputs in registers along the reduction loop k, vectorised over v.
+    Parallel over the tiles; output blocks outermost (so a weight strip stays in cache across token tiles),
+    or, with `lead` loops (e.g. heads), those first and the output blocks serial inside."""
     to, ti = sch.split(t, [None, tokens])
-    # output columns outermost: a (K x 64) weight strip stays in cache while every token tile passes over it
-    sch.reorder(io, to, k, ti, ii, iv)
-    outer = sch.fuse(io, to)
+    vo, vv, vi = sch.split(v, [None, vectors, LANES])
+    if lead:
+        sch.reorder(*lead, to, vo, k, ti, vv, vi)
+        outer = sch.fuse(*lead, to)
+        acc_at = vo
+    else:
+        sch.reorder(vo, to, k, ti, vv, vi)
+        outer = acc_at = sch.fuse(vo, to)
     sch.parallel(outer)
     sch.unroll(ti)
-    sch.unroll(ii)
-    sch.vectorize(iv)
+    sch.unroll(vv)
+    sch.vectorize(vi)
     acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, outer)
+    sch.reverse_compute_at(acc, acc_at)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.decompose_reduction(block, k)
+
+
+def _tokens(sch: s_tir.Schedule, t) -> int:
+    return 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
+
+
+def _matmul(sch: s_tir.Schedule, name: str) -> None:
+    """y[t, i] = sum_k x[t, k] * W[i, k], W packed in strips of 64 outputs: one register tile spans one strip."""
+    block = sch.get_sblock(name)
+    t, i, k = sch.get_loops(block)
+    if not _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):  # widths that are not whole strips (tiny models)
+        sch.parallel(sch.fuse(t, i))
+        return
+    _register_tile(sch, block, t, i, k, _tokens(sch, t), STRIP_VECTORS)
 
 
 def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
@@ -81,45 +91,21 @@ def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
 
 
 def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
-    """pv[t, c] = sum_s prob[head(c), t, s] * v[s, kv(c)*hd + c%hd]: c is contiguous in the V cache, so the
-    output vectorises over c with accumulators in registers along s."""
+    """pv[t, c] = sum_s prob[head(c), t, s] * v[s, kv(c)*hd + c%hd]: c is contiguous in the V cache."""
     block = sch.get_sblock(name)
     t, c, s = sch.get_loops(block)
     if not _divisible(sch.get(c).extent, 4 * LANES):
         sch.parallel(sch.fuse(t, c))
         return
-    tokens = 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
-    to, ti = sch.split(t, [None, tokens])
-    co, cv, ci = sch.split(c, [None, 4, LANES])  # tokens x 4 vectors of accumulators
-    sch.reorder(co, to, s, ti, cv, ci)
-    outer = sch.fuse(co, to)
-    sch.parallel(outer)
-    sch.unroll(ti)
-    sch.unroll(cv)
-    sch.vectorize(ci)
-    acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, outer)
-    sch.decompose_reduction(block, s)
+    _register_tile(sch, block, t, c, s, _tokens(sch, t), 4)
 
 
 def _scores(sch: s_tir.Schedule) -> None:
     """qk[j, t, s] = sum_d q[t, j*hd+d] * kt[kv(j)*hd+d, s]: keys are stored transposed, so positions s are
-    contiguous; 4 vectors of positions accumulate in registers along d. The key extent is whole blocks of 64."""
+    contiguous. The key extent is whole blocks of 64."""
     block = sch.get_sblock("qk")
     j, t, s, d = sch.get_loops(block)
-    tokens = 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
-    to, ti = sch.split(t, [None, tokens])
-    so, sv, si = sch.split(s, [None, 4, LANES])
-    sch.reorder(j, to, so, d, ti, sv, si)
-    outer = sch.fuse(j, to)
-    sch.parallel(outer)
-    sch.unroll(ti)
-    sch.unroll(sv)
-    sch.vectorize(si)
-    acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, so)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.decompose_reduction(block, d)
+    _register_tile(sch, block, t, s, d, _tokens(sch, t), 4, lead=(j,))
 
 
 def _attention(sch: s_tir.Schedule) -> None:
