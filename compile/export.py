@@ -186,4 +186,13 @@ def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str
     """The Relax module and the parameter names in the order the packed `params` argument expects."""
     model = ElasticModel(cfg, shape)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    # upper bounds of the symbolic extents let the memory planner allocate every intermediate once, at its largest
+    bounds = {
+        "seq_len": shape.max_len,
+        "past": shape.max_len,
+        "heads": cfg.num_heads,
+        "nb": cfg.intermediate_size // shape.neuron_block,
+    }
+    for name in ("prefill", "decode"):
+        mod[name] = mod[name].with_attr("tir_var_upper_bound", bounds)
     return mod, [name for name, _ in named_params]

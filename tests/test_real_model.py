@@ -104,3 +104,25 @@ def test_compiled_logits_match_oracle_at_every_level(smollm2, engine):
     for lv in model.levels:
         expected = reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(lv.fraction))[0, -1]
         assert abs(engine.prefill(ids, lv.fraction) - expected.numpy()).max() <= 1e-3, lv
+
+
+def test_serving_all_levels_needs_no_more_memory_than_full_width(engine):
+    """Peak memory (peak RSS) of serving all 9 levels stays within 10% of serving full width only: a level switch
+    copies no weights and allocates nothing new."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom elastilm.runtime.engine import ElasticEngine\n"
+        "e = ElasticEngine(sys.argv[1]); ids = list(range(100, 164))\n"
+        "levels = sorted(e.levels) if sys.argv[2] == 'all' else [1.0] * len(e.levels)\n"
+        "for lv in levels:\n    e.prefill(ids, lv); e.decode(5, 64, lv)\n"
+        # VmHWM: this process's peak RSS (ru_maxrss would carry over the pytest parent's peak across exec)
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    )
+    peak = {
+        mode: int(subprocess.run([sys.executable, "-c", code, str(engine.folder), mode], capture_output=True, text=True, check=True).stdout.split()[-1])
+        for mode in ("full", "all")
+    }
+    print(f"peak RSS: full width only {peak['full'] / 1024:.0f} MB, all 9 levels {peak['all'] / 1024:.0f} MB")
+    assert peak["all"] <= 1.10 * peak["full"]
