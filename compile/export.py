@@ -5,8 +5,9 @@ compiled library serves every level; anchor layers always run full width. Parame
 reordered weights under Hugging Face names. Each layer has its own K cache (n_kv*hd, max_len) and V cache
 (max_len, n_kv*hd), written in place; KV heads are never elastic, so the cache layout is the same at every level.
 
-Methods (batch 1): `prefill` for T new tokens after `past` cached ones, `decode` for one token. Both return the
-logits of the last token only (the LM head over all T positions would be wasted work) and the caches.
+Methods (batch 1): `embed` turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached
+positions, `decode` one. Both return the logits of the last position only (the LM head over all T positions would
+be wasted work) and the caches.
 """
 
 from __future__ import annotations
@@ -145,9 +146,12 @@ class ElasticModel(nn.Module):
         x = x + self._linear(act, m.down_proj, "down_proj")  # (T, d)
         return x, k_cache, v_cache
 
-    def _forward(self, input_ids, caches, past, heads, nb):
+    def embed(self, input_ids):
+        """Token embeddings (T, d): a gather of T rows, separate so callers may edit or compress them."""
+        return op.take(self.model.embed_tokens.weight, input_ids, axis=0)
+
+    def _forward(self, x, caches, past, heads, nb):
         cfg = self.cfg
-        x = op.take(self.model.embed_tokens.weight, input_ids, axis=0)  # (T, d)
         new_caches = []
         for i, layer in enumerate(self.model.layers):
             full = i in self.shape.anchors
@@ -160,11 +164,11 @@ class ElasticModel(nn.Module):
         logits = _te(prefix.lm_head, "lm_head", h, head.weight)  # (1, vocab)
         return logits, tuple(new_caches)
 
-    def prefill(self, input_ids, caches, past, heads, nb):
-        return self._forward(input_ids, caches, past, heads, nb)
+    def prefill(self, embeddings, caches, past, heads, nb):
+        return self._forward(embeddings, caches, past, heads, nb)
 
-    def decode(self, input_ids, caches, past, heads, nb):
-        return self._forward(input_ids, caches, past, heads, nb)
+    def decode(self, embeddings, caches, past, heads, nb):
+        return self._forward(embeddings, caches, past, heads, nb)
 
     def get_default_spec(self):
         cfg = self.cfg
@@ -173,10 +177,13 @@ class ElasticModel(nn.Module):
         v_cache = spec.Tensor([self.shape.max_len, width], "float32")
         caches = [k_cache, v_cache] * cfg.num_layers
         common = {"caches": caches, "past": int, "heads": int, "nb": int}
+        mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        d = cfg.hidden_size
         return nn.spec.ModuleSpec.from_raw(
             {
-                "prefill": {"input_ids": spec.Tensor(["seq_len"], "int32"), **common, "$": {"param_mode": "packed", "effect_mode": "none"}},
-                "decode": {"input_ids": spec.Tensor([1], "int32"), **common, "$": {"param_mode": "packed", "effect_mode": "none"}},
+                "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), **mode},
+                "prefill": {"embeddings": spec.Tensor(["seq_len", d], "float32"), **common, **mode},
+                "decode": {"embeddings": spec.Tensor([1, d], "float32"), **common, **mode},
             },
             self,
         )
@@ -193,6 +200,6 @@ def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str
         "heads": cfg.num_heads,
         "nb": cfg.intermediate_size // shape.neuron_block,
     }
-    for name in ("prefill", "decode"):
+    for name in ("embed", "prefill", "decode"):
         mod[name] = mod[name].with_attr("tir_var_upper_bound", bounds)
     return mod, [name for name, _ in named_params]

@@ -110,8 +110,9 @@ class ElasticEngine:
     # -- the compiled model ------------------------------------------------------------------------------
     def _run(self, method: str, ids: list[int], past: int, lv: LevelWidths) -> np.ndarray:
         tvm = self._tvm
+        embeddings = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device), self.params)
         out = self.vm[method](
-            tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device),
+            embeddings,
             self.caches,
             tvm.runtime.ShapeTuple([past]),
             tvm.runtime.ShapeTuple([lv.heads]),
