@@ -32,21 +32,28 @@ def timed(fn, repeat: int) -> float:
 
 
 def bench_engine(engine, prompt: list[int], decode_steps: int, repeat: int) -> dict:
-    rows = {}
-    for fraction in sorted(engine.levels):
-        ttft = timed(lambda: engine.prefill(prompt, fraction), repeat)
+    """Median (TTFT, TPOT) per level; levels are measured in interleaved rounds so that drifts in machine
+    speed fall on every level alike."""
+    levels = sorted(engine.levels)
 
-        def decode():
-            engine.prefill(prompt[:8], fraction)
+    def decode(fraction):
+        engine.prefill(prompt[:8], fraction)
+        t = time.perf_counter()
+        for i in range(decode_steps):
+            engine.decode(prompt[i], 8 + i, fraction)
+        return (time.perf_counter() - t) / decode_steps
+
+    samples = {f: ([], []) for f in levels}
+    for f in levels:  # warm-up
+        engine.prefill(prompt, f)
+        decode(f)
+    for _ in range(repeat):
+        for f in levels:
             t = time.perf_counter()
-            for i in range(decode_steps):
-                engine.decode(prompt[i], 8 + i, fraction)
-            return (time.perf_counter() - t) / decode_steps
-
-        decode()
-        tpot = statistics.median(decode() for _ in range(repeat))
-        rows[fraction] = (ttft, tpot)
-    return rows
+            engine.prefill(prompt, f)
+            samples[f][0].append(time.perf_counter() - t)
+            samples[f][1].append(decode(f))
+    return {f: (statistics.median(a), statistics.median(b)) for f, (a, b) in samples.items()}
 
 
 def bench_switch(engine, prompt: list[int], repeat: int) -> tuple[float, float]:
