@@ -17,7 +17,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def timed(fn, repeat: int) -> float:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from elastilm import ElastiLMError, __version__
 from elastilm.compile.config import ModelConfig
 from elastilm.compile.levels import Level, layer_widths
-from elastilm.runtime.files import sha256
+from elastilm.runtime.files import sha256, verify_files
 
 SCHEMA = "elastilm.elastic"
 SCHEMA_VERSION = 1
@@ -88,21 +88,11 @@ def read_manifest(folder: Path) -> dict:
     return doc
 
 
-def verify(folder: Path, doc: dict) -> None:
-    """Refuse a folder whose files are missing or differ from the checksums in elastic.json."""
-    for name, digest in doc["files"].items():
-        path = Path(folder) / name
-        if not path.is_file():
-            raise ElastiLMError(f"{path}: missing (listed in elastic.json)")
-        if sha256(path) != digest:
-            raise ElastiLMError(f"{path}: sha256 mismatch with elastic.json; the file is corrupt or was changed")
-
-
 def load(folder: Path, with_tokenizer: bool = True) -> ElasticModel:
     """Read an elastified model, after checking every file's sha256."""
     folder = Path(folder)
     doc = read_manifest(folder)
-    verify(folder, doc)
+    verify_files(folder, doc["files"], "elastic.json")
     tokenizer = None
     if with_tokenizer:
         from transformers import AutoTokenizer

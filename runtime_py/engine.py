@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from elastilm import ElastiLMError
-from elastilm.runtime.files import sha256
+from elastilm.runtime.files import verify_files
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 1
@@ -34,12 +34,7 @@ def read_build_manifest(folder: Path, verify: bool = True) -> dict:
     if doc["tvm_version"] != tvm.__version__:
         raise ElastiLMError(f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it")
     if verify:
-        for name, digest in doc["files"].items():
-            f = Path(folder) / name
-            if not f.is_file():
-                raise ElastiLMError(f"{f}: missing (listed in {MANIFEST}); rebuild or re-copy the folder")
-            if sha256(f) != digest:
-                raise ElastiLMError(f"{f}: sha256 mismatch with {MANIFEST}; the file is corrupt or was changed")
+        verify_files(folder, doc["files"], MANIFEST)
     return doc
 
 
