@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 
-
 def timed(fn, repeat: int) -> float:
     """Median seconds of `repeat` calls after one warm-up call."""
     fn()
