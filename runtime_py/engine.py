@@ -105,7 +105,11 @@ class ElasticEngine:
     # -- the compiled model ------------------------------------------------------------------------------
     def _run(self, method: str, ids: list[int], past: int, lv: LevelWidths) -> np.ndarray:
         tvm = self._tvm
-        embeddings = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device), self.params)
+        ids = np.asarray(ids, dtype="int64")
+        vocab = self.elastic["config"]["vocab_size"]
+        if ids.min() < 0 or ids.max() >= vocab:  # the embedding gather does not check bounds
+            raise ElastiLMError(f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
+        embeddings = self.vm["embed"](tvm.runtime.tensor(ids.astype("int32"), self.device), self.params)
         out = self.vm[method](
             embeddings,
             self.caches,

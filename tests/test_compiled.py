@@ -120,6 +120,8 @@ def test_bad_requests_get_clear_errors(compiled, tmp_path):
     model, engine = compiled
     with pytest.raises(ElastiLMError, match="unknown level 0.45; valid levels are 0.2, "):
         engine.prefill([1, 2], 0.45)
+    with pytest.raises(ElastiLMError, match="token ids must lie in \\[0, 97\\), got 5..97"):
+        engine.prefill([5, 97], 1.0)
     with pytest.raises(ElastiLMError, match="prompt of 39 tokens \\+ 5 new tokens exceeds the context window of 40 tokens"):
         list(engine.generate_ids(list(range(39)), 1.0, max_new_tokens=5))
 
