@@ -43,6 +43,17 @@ def export_shape(model: artifact.ElasticModel, max_len: int) -> ExportShape:
     )
 
 
+def _host_triple(target) -> str:
+    """The triple of the CPU that runs the library's host code."""
+    host = target.host if target.host is not None else target
+    return str(host.attrs.get("mtriple", ""))
+
+
+def _system_lib_prefix(model_name: str) -> str:
+    """The symbol prefix of a system library: the model name as a C identifier, e.g. smollm2_135m_."""
+    return "".join(c if c.isalnum() else "_" for c in model_name) + "_"
+
+
 def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_len: int = 2048) -> Path:
     """Compile `folder` (an elastify output) for `target`; returns the build folder."""
     import numpy as np
@@ -50,6 +61,7 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
     from tvm.contrib.tvmjs import dump_tensor_cache
 
     spec = preset(target)
+    spec.check_buildable()
     folder = Path(folder)
     model = artifact.load(folder, with_tokenizer=False)
     out = Path(out) if out is not None else folder / target
@@ -60,9 +72,12 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
+    prefix = _system_lib_prefix(model.name) if spec.system_lib else None
+    if prefix is not None:
+        mod = mod.with_attr("system_lib_prefix", prefix)
     executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=spec.relax_pipeline())
     library = f"model.{spec.output}"
-    executable.export_library(str(out / library))
+    spec.export_library(executable, out / library)
     compile_seconds = time.perf_counter() - t
 
     params_dir = out / "params"
@@ -86,7 +101,13 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
         "elastilm_version": __version__,
         "tvm_version": tvm.__version__,
         "model": model.name,
-        "target": {"name": spec.name, "tvm": str(spec.tvm_target()), "output": spec.output},
+        "target": {
+            "name": spec.name,
+            "tvm": str(spec.tvm_target()),
+            "mtriple": _host_triple(spec.tvm_target()),
+            "output": spec.output,
+        },
+        "system_lib_prefix": prefix,
         "library": library,
         "context_window": max_len,
         "cache_rows": shape.max_len,

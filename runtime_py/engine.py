@@ -8,6 +8,7 @@ requests moves no weights. The KV cache is allocated once, at the library's cont
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,12 @@ def read_build_manifest(folder: Path, verify: bool = True) -> dict:
     doc = json.loads(path.read_text())
     if (doc.get("schema"), doc.get("schema_version")) != (MANIFEST_SCHEMA, MANIFEST_VERSION):
         raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {MANIFEST_SCHEMA} v{MANIFEST_VERSION}")
+    target = doc["target"]
+    if target["output"] != "so" or target["mtriple"].split("-")[0] != platform.machine():
+        raise ElastiLMError(
+            f"{folder}: built for target '{target['name']}' ({target['mtriple']}, .{target['output']}), which this "
+            f"{platform.machine()} machine cannot load; build with --target host-cpu to run it here"
+        )
     if doc["tvm_version"] != tvm.__version__:
         raise ElastiLMError(f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it")
     if verify:

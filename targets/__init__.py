@@ -19,6 +19,11 @@ class TargetPreset:
     output: str  # library file kind: "so" or "tar"
     detect_host_cpu: bool = False
     schedule: str = "default"  # "cpu": our hand schedules (elastic_ops.schedule_cpu); "default": TVM's pipeline
+    system_lib: bool = False  # functions registered in the process (static linking into an app)
+    cross_compiler: str | None = None  # linker for a .so on another architecture
+    cross_compiler_package: str | None = None
+    requires_codegen: str | None = None  # TVM global function that must exist to generate device code
+    missing_codegen_help: str = ""
     notes: str = ""
 
     def tvm_target(self):
@@ -29,6 +34,31 @@ class TargetPreset:
             return tvm.target.Target.from_device(tvm.cpu())
         return tvm.target.Target(self.target)
 
+
+    def check_buildable(self) -> None:
+        """Say exactly why this machine cannot build the preset, before any work starts."""
+        import shutil
+
+        import tvm
+
+        if self.requires_codegen and tvm.get_global_func(self.requires_codegen, allow_missing=True) is None:
+            raise ElastiLMError(f"target '{self.name}' cannot be built here: {self.missing_codegen_help}")
+        if self.cross_compiler and shutil.which(self.cross_compiler) is None:
+            raise ElastiLMError(
+                f"target '{self.name}' links with {self.cross_compiler}, which is not installed: "
+                f"apt-get install {self.cross_compiler_package}"
+            )
+
+    def export_library(self, executable, path) -> None:
+        """Write the compiled library in this preset's output kind (.so, or .tar of object files)."""
+        from tvm.support import cc, tar
+
+        if self.output == "tar":
+            executable.export_library(str(path), fcompile=tar.tar)
+        elif self.cross_compiler:
+            executable.export_library(str(path), fcompile=cc.cross_compiler(self.cross_compiler))
+        else:
+            executable.export_library(str(path))
 
     def relax_pipeline(self):
         if self.schedule == "cpu":
