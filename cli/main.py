@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from elastilm import ElastiLMError
+from elastilm.compile.levels import DEFAULT_FRACTIONS
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anchor-fraction", type=float, default=0.2)
     p.add_argument("--neuron-multiple", type=int, default=64)
-    p.add_argument("--levels", type=_fractions, default=None, help="comma-separated fractions (default 0.2..1.0)")
+    p.add_argument("--levels", type=_fractions, default=DEFAULT_FRACTIONS, help="comma-separated fractions (default 0.2..1.0)")
     p.set_defaults(run=_elastify)
 
     p = sub.add_parser("quality", help="held-out perplexity per level, reordered vs original order")
@@ -114,10 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "levels", "unset") is None:
-        from elastilm.compile.levels import DEFAULT_FRACTIONS
-
-        args.levels = DEFAULT_FRACTIONS
     try:
         args.run(args)
     except ElastiLMError as e:

@@ -32,8 +32,6 @@ BIAS_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 def export_shape(model: artifact.ElasticModel, max_len: int) -> ExportShape:
     cfg = model.config
-    if max_len < 1:
-        raise ElastiLMError(f"max_len must be positive, got {max_len}")
     return ExportShape(
         anchors=tuple(model.anchors),
         # a divisor of the FFN size, so the full width is a whole number of blocks too
@@ -60,6 +58,8 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
     import tvm
     from tvm.contrib.tvmjs import dump_tensor_cache
 
+    if max_len < 1:
+        raise ElastiLMError(f"max_len must be positive, got {max_len}")
     spec = preset(target)
     spec.check_buildable()
     folder = Path(folder)

@@ -110,7 +110,7 @@ def _te(fn, name, *args):
     return op.tensor_expr_op(body, name, tensors)
 
 
-class ElasticModel(nn.Module):
+class ElasticRelaxModel(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: ExportShape):
         self.cfg, self.shape = cfg, shape
         self.model = _Decoder(cfg, shape.biases)
@@ -191,7 +191,7 @@ class ElasticModel(nn.Module):
 
 def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str]]:
     """The Relax module and the parameter names in the order the packed `params` argument expects."""
-    model = ElasticModel(cfg, shape)
+    model = ElasticRelaxModel(cfg, shape)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     # upper bounds of the symbolic extents let the memory planner allocate every intermediate once, at its largest
     bounds = {

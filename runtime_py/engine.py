@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tvm
+from tokenizers import Tokenizer
+from tvm import relax
+from tvm.contrib.tvmjs import load_tensor_cache
 
 from elastilm import ElastiLMError
 from elastilm.runtime.files import verify_files
@@ -24,8 +28,6 @@ MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 1
 
 def read_build_manifest(folder: Path, verify: bool = True) -> dict:
     """manifest.json of a build folder, after checking schema, TVM version and every file's sha256."""
-    import tvm
-
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ElastiLMError(f"{folder}: no {MANIFEST}; build it with `elastilm compile`")
@@ -56,16 +58,10 @@ class ElasticEngine:
     """Generate with one compiled elastic model; `level` picks the sub-model per request."""
 
     def __init__(self, folder: str | Path, device: str = "cpu"):
-        import tvm
-        from tokenizers import Tokenizer
-        from tvm import relax
-        from tvm.contrib.tvmjs import load_tensor_cache
-
         self.folder = Path(folder)
         self.manifest = read_build_manifest(self.folder)
         self.elastic = json.loads((self.folder / "elastic.json").read_text())
         self.device = tvm.device(device)
-        self._tvm = tvm
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.folder / self.manifest["library"])), self.device)
         tensors, _ = load_tensor_cache(str(self.folder / "params"), self.device)
         self.params = [tensors[n] for n in self.manifest["param_names"]]
@@ -111,7 +107,6 @@ class ElasticEngine:
 
     # -- the compiled model ------------------------------------------------------------------------------
     def _run(self, method: str, ids: list[int], past: int, lv: LevelWidths) -> np.ndarray:
-        tvm = self._tvm
         ids = np.asarray(ids, dtype="int64")
         vocab = self.elastic["config"]["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:  # the embedding gather does not check bounds
