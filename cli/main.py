@@ -52,11 +52,14 @@ def _quality(args) -> None:
 def _compile(args) -> None:
     from elastilm.compile.build import build
 
-    out = build(args.folder, args.target, args.out, args.max_len)
+    out = build(args.folder, args.target, args.out, args.max_len, args.check_kernels)
     manifest = json.loads((out / "manifest.json").read_text())
     size = (out / manifest["library"]).stat().st_size
+    checked = {"pocl": ", kernels compiled by PoCL", None: ""}[manifest["kernels_checked"]]
+    if manifest["target"]["device"] == "opencl" and not manifest["kernels_checked"]:
+        checked = ", OpenCL kernels NOT checked (no PoCL here)"
     print(f"{manifest['target']['name']}: compiled in {manifest['compile_seconds']:.1f}s, {manifest['library']} "
-          f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens -> {out}")
+          f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens{checked} -> {out}")
 
 
 def _run(args) -> None:
@@ -98,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host-cpu", help="a preset name from targets/")
     p.add_argument("--out", type=Path, default=None, help="default: FOLDER/TARGET")
     p.add_argument("--max-len", type=int, default=2048, help="context window (KV cache rows)")
+    p.add_argument(
+        "--check-kernels", action=argparse.BooleanOptionalAction, default=None,
+        help="compile OpenCL kernels with PoCL before writing the library (default: when PoCL is installed)",
+    )
     p.set_defaults(run=_compile)
 
     p = sub.add_parser("run", help="generate text at a level, printing tokens as they come")

@@ -10,6 +10,7 @@ Output folder `dist/<model>/<target>/`:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -52,8 +53,23 @@ def _system_lib_prefix(model_name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in model_name) + "_"
 
 
-def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_len: int = 2048) -> Path:
-    """Compile `folder` (an elastify output) for `target`; returns the build folder."""
+def check_kernels(executable, required: bool | None) -> str | None:
+    """Compile the library's OpenCL kernels on PoCL; returns the checker's name, or None when not checked.
+    required=None checks when PoCL is installed, True insists, False skips."""
+    from elastilm.elastic_ops import pocl
+
+    source = pocl.opencl_source(executable.mod)
+    if not source or required is False or (required is None and not pocl.available()):
+        return None
+    pocl.compile_source(source)
+    return "pocl"
+
+
+def build(
+    folder: Path, target: str = "host-cpu", out: Path | None = None, max_len: int = 2048, kernel_check: bool | None = None
+) -> Path:
+    """Compile `folder` (an elastify output) for `target`; returns the build folder. `kernel_check`: see
+    check_kernels (OpenCL targets only)."""
     import numpy as np
     import tvm
     from tvm.contrib.tvmjs import dump_tensor_cache
@@ -76,9 +92,10 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
     executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=spec.relax_pipeline())
+    compile_seconds = time.perf_counter() - t
+    kernels_checked = check_kernels(executable, kernel_check)
     library = f"model.{spec.output}"
     spec.export_library(executable, out / library)
-    compile_seconds = time.perf_counter() - t
 
     params_dir = out / "params"
     shutil.rmtree(params_dir, ignore_errors=True)
@@ -106,7 +123,10 @@ def build(folder: Path, target: str = "host-cpu", out: Path | None = None, max_l
             "tvm": str(spec.tvm_target()),
             "mtriple": _host_triple(spec.tvm_target()),
             "output": spec.output,
+            "device": spec.device,
         },
+        "kernels_checked": kernels_checked,
+        "levels_sha256": hashlib.sha256(json.dumps([lv.to_dict() for lv in model.levels], sort_keys=True).encode()).hexdigest(),
         "system_lib_prefix": prefix,
         "library": library,
         "context_window": max_len,

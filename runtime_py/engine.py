@@ -40,6 +40,13 @@ def read_build_manifest(folder: Path, verify: bool = True) -> dict:
             f"{folder}: built for target '{target['name']}' ({target['mtriple']}, .{target['output']}), which this "
             f"{platform.machine()} machine cannot load; build with --target host-cpu to run it here"
         )
+    device = target.get("device", "cpu")
+    if device != "cpu" and not tvm.runtime.enabled(device):
+        raise ElastiLMError(
+            f"{folder}: built for target '{target['name']}', whose kernels run on {device.replace('opencl', 'OpenCL')}, "
+            f"but this TVM has no {device.replace('opencl', 'OpenCL')} runtime (the PyPI wheel ships none); run it on "
+            "a device over RPC, or build with --target host-cpu"
+        )
     if doc["tvm_version"] != tvm.__version__:
         raise ElastiLMError(f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it")
     if verify:

@@ -18,7 +18,7 @@ class TargetPreset:
     target: dict
     output: str  # library file kind: "so" or "tar"
     detect_host_cpu: bool = False
-    schedule: str = "default"  # "cpu": our hand schedules (elastic_ops.schedule_cpu); "default": TVM's pipeline
+    schedule: str = "default"  # "cpu": our hand schedules (elastic_ops.schedule_cpu); "gpu": dlight; "default": TVM's
     system_lib: bool = False  # functions registered in the process (static linking into an app)
     cross_compiler: str | None = None  # linker for a .so on another architecture
     cross_compiler_package: str | None = None
@@ -33,7 +33,6 @@ class TargetPreset:
         if self.detect_host_cpu:
             return tvm.target.Target.from_device(tvm.cpu())
         return tvm.target.Target(self.target)
-
 
     def check_buildable(self) -> None:
         """Say exactly why this machine cannot build the preset, before any work starts."""
@@ -60,11 +59,21 @@ class TargetPreset:
         else:
             executable.export_library(str(path))
 
+    @property
+    def device(self) -> str:
+        """The TVM device kind the kernels run on: "cpu" for llvm targets, else the target kind (e.g. opencl)."""
+        kind = self.target["kind"]
+        return "cpu" if kind == "llvm" else kind
+
     def relax_pipeline(self):
         if self.schedule == "cpu":
             from elastilm.elastic_ops import schedule_cpu
 
             return schedule_cpu.pipeline(self.tvm_target())
+        if self.schedule == "gpu":
+            from elastilm.elastic_ops import schedule_gpu
+
+            return schedule_gpu.pipeline(self.tvm_target())
         return "default"
 
 

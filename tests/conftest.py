@@ -76,3 +76,33 @@ def save_hf_folder(path, variant, seed: int = 0):
 
 def random_ids(cfg: ModelConfig, batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def numpy_attention(qs, k_all, v_all, past: int, heads: int, hd: int, n_kv: int, group):
+    """Causal GQA attention of qs (T, heads*hd) over cache rows [0, past+T): the reference for the kernels."""
+    import numpy as np
+
+    tokens = qs.shape[0]
+    S = past + tokens
+    expected = np.zeros((tokens, heads * hd), "float32")
+    for j in range(heads):
+        g = j % n_kv if group is None else j // group
+        kq, vq = k_all[:S, g * hd : (g + 1) * hd], v_all[:S, g * hd : (g + 1) * hd]
+        scores = qs[:, j * hd : (j + 1) * hd] @ kq.T / np.sqrt(hd)
+        scores[np.arange(S)[None, :] > past + np.arange(tokens)[:, None]] = -np.inf
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        expected[:, j * hd : (j + 1) * hd] = (p / p.sum(1, keepdims=True)) @ vq
+    return expected
+
+
+@pytest.fixture
+def pocl_platform():
+    """Skip without PoCL, except in CI (.ci/run installs it and sets ELASTILM_REQUIRE_POCL=1: a skip would hide a failure)."""
+    import os
+
+    from elastilm.elastic_ops import pocl
+
+    if not pocl.available():
+        if os.environ.get("ELASTILM_REQUIRE_POCL") == "1":
+            pytest.fail("PoCL is required here: apt-get install pocl-opencl-icd; pip install pyopencl")
+        pytest.skip("no OpenCL platform (apt-get install pocl-opencl-icd)")

@@ -5,6 +5,7 @@ import pytest
 import tvm
 from tvm import te, tirx
 
+from conftest import numpy_attention
 from elastilm.compile.export import kernel_layout
 from elastilm.elastic_ops import prefix, schedule_cpu
 
@@ -81,12 +82,5 @@ def test_attention_matches_numpy(tokens, past, heads, group):
     k_all[:S], v_all[:S] = rng.standard_normal((S, n_kv * hd)), rng.standard_normal((S, n_kv * hd))
     res = poisoned((tokens, heads * hd))
     fn(tvm.runtime.tensor(qs), tvm.runtime.tensor(np.ascontiguousarray(k_all.T)), tvm.runtime.tensor(v_all), res, past)
-    expected = np.zeros((tokens, heads * hd), "float32")
-    for j in range(heads):
-        g = j % n_kv if group is None else j // group
-        kq, vq = k_all[:S, g * hd : (g + 1) * hd], v_all[:S, g * hd : (g + 1) * hd]
-        scores = qs[:, j * hd : (j + 1) * hd] @ kq.T / np.sqrt(hd)
-        scores[np.arange(S)[None, :] > past + np.arange(tokens)[:, None]] = -np.inf
-        p_ = np.exp(scores - scores.max(1, keepdims=True))
-        expected[:, j * hd : (j + 1) * hd] = (p_ / p_.sum(1, keepdims=True)) @ vq
+    expected = numpy_attention(qs, k_all, v_all, past, heads, hd, n_kv, group)
     np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-5)

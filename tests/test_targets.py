@@ -66,3 +66,20 @@ def test_vulkan_says_why_it_cannot_be_built(elastified, tmp_path):
 def test_unknown_target_lists_every_preset(elastified):
     with pytest.raises(ElastiLMError, match="unknown target 'adreno'; valid targets are " + ", ".join(names())):
         build(elastified, "adreno")
+
+
+@pytest.mark.parametrize("name", ["adreno-opencl", "mali-opencl", "x86-opencl"])
+def test_opencl_presets_build_kernels_that_pocl_compiles(elastified, tmp_path, name, pocl_platform):
+    out = build(elastified, name, tmp_path / name, max_len=32, kernel_check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernels_checked"] == "pocl" and manifest["target"]["device"] == "opencl"
+    assert len(manifest["levels_sha256"]) == 64
+    if preset(name).output == "tar":  # host objects for arm64 Android plus the OpenCL source as devc.o
+        with tarfile.open(out / "model.tar") as tar:
+            objects = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        devc = next(n for n in objects if n.endswith("devc.o"))  # named after the system-lib prefix
+        assert "lib0.o" in objects and elf_machine(objects["lib0.o"]) == EM_AARCH64
+        assert b"__kernel void" in objects[devc]
+    else:  # x86 host code: loadable here, but the wheel's runtime has no OpenCL, so the engine says so
+        with pytest.raises(ElastiLMError, match="OpenCL.*no OpenCL runtime"):
+            ElasticEngine(out)

@@ -1,0 +1,127 @@
+"""OpenCL kernels: scheduled as the presets schedule them, compiled by PoCL, run on PoCL against numpy."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import dlight as dl
+
+from conftest import numpy_attention
+from elastilm import ElastiLMError
+from elastilm.compile.export import kernel_layout
+from elastilm.elastic_ops import pocl, prefix, schedule_gpu
+from elastilm.targets import preset
+
+I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+
+pytestmark = pytest.mark.usefixtures("pocl_platform")
+
+# adreno-opencl takes dlight's Android variants, x86-opencl the generic ones: both must be right
+PRESETS = ["adreno-opencl", "x86-opencl"]
+
+
+def scheduled(tensors, target):
+    mod = tvm.IRModule({"main": te.create_prim_func(tensors)})
+    with target:
+        return dl.ApplyDefaultSchedule(*schedule_gpu.rules())(mod)["main"]
+
+
+def strips(rng, rows, cols, active_rows, active_cols):
+    """A weight (rows, cols) with NaN outside the active prefix, packed as the kernels read it."""
+    full = np.full((rows, cols), np.nan, "float32")
+    full[:active_rows, :active_cols] = rng.standard_normal((active_rows, active_cols))
+    return full, np.ascontiguousarray(kernel_layout("mlp.up_proj.weight", full))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("tokens,blocks,active_in", [(1, 3, 96), (5, 2, 37), (7, 1, 1)])
+def test_prefix_matmul_on_pocl(name, tokens, blocks, active_in):
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(tokens * blocks)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in = tirx.Var("nb", "int64"), tirx.Var("k", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    w = te.placeholder((I64(3), I64(96), I64(64)), "float32", name="w")
+    fn = scheduled([x, w, prefix.prefix_matmul(x, w, nb * 64, name="up_proj"), nb], target)
+    full, packed = strips(rng, 192, 96, blocks * 64, active_in)
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    out = pocl.run(fn, target, {"x": xs, "w": packed, "up_proj_out": np.full((tokens, blocks * 64), np.nan, "float32")}, {"nb": blocks})
+    np.testing.assert_allclose(out["up_proj_out"], xs @ full[: blocks * 64, :active_in].T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("tokens,blocks", [(1, 1), (3, 3), (6, 2)])
+def test_ffn_chain_on_pocl(name, tokens, blocks):
+    """up, then gate fused with SiLU*up, then down over the active neurons plus the residual: the model's fusion."""
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(10 + tokens)
+    d, f = 48, 192
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb = tirx.Var("nb", "int64")
+    x = te.placeholder((T, I64(d)), "float32", name="x")
+    wu = te.placeholder((I64(f // 64), I64(d), I64(64)), "float32", name="wu")
+    wg = te.placeholder((I64(f // 64), I64(d), I64(64)), "float32", name="wg")
+    up_in = te.placeholder((T, nb * 64), "float32", name="up")
+    act_in = te.placeholder((T, tirx.Var("k", "int64")), "float32", name="act")  # its width is read from the shape
+    wd = te.placeholder((I64(1), I64(f), I64(d)), "float32", name="wd")  # (d, f) in one strip: d is not a multiple of 64
+    up = scheduled([x, wu, prefix.prefix_matmul(x, wu, nb * 64, name="up_proj"), nb], target)
+    gate_act = scheduled([x, wg, up_in, prefix.silu_mul(prefix.prefix_matmul(x, wg, nb * 64, name="gate_proj"), up_in), nb], target)
+    down = scheduled([act_in, wd, x, te.compute((T, I64(d)), lambda t, i: prefix.prefix_matmul(act_in, wd, name="down_proj")[t, i] + x[t, i], name="residual")], target)
+
+    u_full, u_packed = strips(rng, f, d, blocks * 64, d)
+    g_full, g_packed = strips(rng, f, d, blocks * 64, d)
+    d_full = np.full((d, f), np.nan, "float32")
+    d_full[:, : blocks * 64] = rng.standard_normal((d, blocks * 64)) / 8
+    xs = rng.standard_normal((tokens, d)).astype("float32")
+    poison = lambda shape: np.full(shape, np.nan, "float32")  # noqa: E731
+
+    u = pocl.run(up, target, {"x": xs, "wu": u_packed, "up_proj_out": poison((tokens, blocks * 64))}, {"nb": blocks})["up_proj_out"]
+    a = pocl.run(gate_act, target, {"x": xs, "wg": g_packed, "up": u, "silu_mul": poison((tokens, blocks * 64))}, {"nb": blocks})["silu_mul"]
+    y = pocl.run(down, target, {"act": a, "wd": np.ascontiguousarray(kernel_layout("mlp.down_proj.weight", d_full)), "x": xs, "residual": poison((tokens, d))}, {})["residual"]
+
+    gate, upv = xs @ g_full[: blocks * 64].T, xs @ u_full[: blocks * 64].T
+    expected = (gate / (1 + np.exp(-gate)) * upv) @ d_full[:, : blocks * 64].T + xs
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("tokens,past,heads,group", [(5, 0, 5, None), (1, 9, 3, None), (4, 3, 6, 3)])
+def test_attention_on_pocl(name, tokens, past, heads, group):
+    """Cache rows past past+T hold large finite garbage, which the mask must keep out."""
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(tokens + past + heads)
+    hd, n_kv, rows = 8, 2, 64
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    p = tirx.Var("past", "int64")
+    q = te.placeholder((T, I64(heads * hd)), "float32", name="q")
+    kt = te.placeholder((I64(n_kv * hd), I64(rows)), "float32", name="kt")
+    v = te.placeholder((I64(rows), I64(n_kv * hd)), "float32", name="v")
+    fn = scheduled([q, kt, v, prefix.attention(q, kt, v, p, hd, n_kv, group), p], target)
+    S = past + tokens
+    qs = rng.standard_normal((tokens, heads * hd)).astype("float32")
+    k_all, v_all = np.full((rows, n_kv * hd), 1e30, "float32"), np.full((rows, n_kv * hd), 1e30, "float32")
+    k_all[:S], v_all[:S] = rng.standard_normal((S, n_kv * hd)), rng.standard_normal((S, n_kv * hd))
+    arrays = {"q": qs, "kt": np.ascontiguousarray(k_all.T), "v": v_all, "attention": np.full((tokens, heads * hd), np.nan, "float32")}
+    out = pocl.run(fn, target, arrays, {"past": past})
+    np.testing.assert_allclose(out["attention"], numpy_attention(qs, k_all, v_all, past, heads, hd, n_kv, group), rtol=1e-4, atol=1e-5)
+
+
+def test_check_catches_invalid_opencl_that_tvm_accepts():
+    """DESIGN.md section 4: dlight's Matmul with an Android host writes a statement inside `vstore8(` for a
+    q.k product with a symbolic query count and a static key count. TVM builds it without complaint."""
+    target = preset("adreno-opencl").tvm_target()
+    n = tirx.Var("n", "int64")
+    q = te.placeholder((I64(9), n, I64(64)), "float32", name="q")
+    k = te.placeholder((I64(9), I64(256), I64(64)), "float32", name="k")
+    d = te.reduce_axis((I64(0), I64(64)), "d")
+    qk = te.compute((I64(9), n, I64(256)), lambda h, i, j: te.sum(q[h, i, d] * k[h, j, d], axis=d), name="qk")
+    with target:
+        fn = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({"main": te.create_prim_func([q, k, qk])}))["main"]
+    fn = fn.with_attr("global_symbol", "qk")
+    source = pocl.opencl_source(tvm.tirx.build(fn, target=target))
+    assert "vstore8(" in source
+    with pytest.raises(ElastiLMError, match="do not compile"):
+        pocl.compile_source(source)
+    # the workaround DESIGN.md names: without vectorised stores the same schedule is valid OpenCL C
+    with tvm.transform.PassContext(config={"tirx.disable_vectorize": True}):
+        pocl.compile_source(pocl.opencl_source(tvm.tirx.build(fn, target=target)))
