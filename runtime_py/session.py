@@ -1,0 +1,182 @@
+"""Where a build runs: in this process, or on a device over TVM RPC. The engine sees the same five operations.
+
+Over RPC, containers cannot be sent from the client (only tensors, scalars and strings): shape tuples are made
+by the device's `ffi.Shape`, and the parameter and KV-cache arrays are made on the device from its tensor cache
+(`vm.builtin.tensor_cache.*`, part of every TVM runtime). Weights are loaded by the device from its own storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from elastilm import ElastiLMError
+
+CACHE_NAME = "elastilm.kv.{}"
+LOST = ("socket", "connection", "kshutdown", "rpcsessiontimeout", "closed", "broken pipe")  # RPC errors of a lost link  # device tensor-cache names of the KV cache tensors
+
+
+class LocalSession:
+    endpoint = "this process"
+
+    def __init__(self, device: str = "cpu"):
+        self.device = tvm.device(device)
+
+    def call(self, fn, *args):
+        return fn(*args)
+
+    def guard(self):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+    def load(self, folder: Path, manifest: dict):
+        """(vm, params) for a build folder."""
+        from tvm.contrib.tvmjs import load_tensor_cache
+
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / manifest["library"])), self.device)
+        tensors, _ = load_tensor_cache(str(folder / "params"), self.device)
+        return vm, [tensors[n] for n in manifest["param_names"]]
+
+    def zeros(self, shapes: list[tuple[int, int]]):
+        return [tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for s in shapes]
+
+    def tensor(self, array: np.ndarray):
+        return tvm.runtime.tensor(array, self.device)
+
+    def shape(self, n: int):
+        return tvm.runtime.ShapeTuple([n])
+
+    def first(self, outputs) -> np.ndarray:
+        return outputs[0].numpy()
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ElastiLMError(f"endpoint must be host:port, got '{text}'")
+    return host or "127.0.0.1", int(port)
+
+
+class RemoteSession:
+    """A device reached through an RPC server (`rpc=host:port`) or a tracker (`tracker=host:port`, `key`)."""
+
+    def __init__(self, rpc: str | None = None, tracker: str | None = None, key: str | None = None, retries: int = 3, progress: bool = True):
+        if (rpc is None) == (tracker is None):
+            raise ElastiLMError("give either rpc=host:port or tracker=host:port with key=NAME")
+        if tracker is not None and not key:
+            raise ElastiLMError("a tracker needs the device key (key=NAME)")
+        self.rpc, self.tracker, self.key = rpc, tracker, key
+        self.endpoint = f"rpc {rpc}" if rpc else f"tracker {tracker} key '{key}'"
+        self.retries, self.progress = retries, progress
+        self.uploaded_bytes = 0
+        self.connect()
+
+    # -- connection ---------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        from tvm import rpc
+
+        last = None
+        for attempt in range(self.retries):
+            try:
+                if self.rpc:
+                    self.remote = rpc.connect(*parse_endpoint(self.rpc), session_timeout=0)
+                else:
+                    self.remote = rpc.connect_tracker(*parse_endpoint(self.tracker)).request(self.key, session_timeout=0)
+                self.device = self.remote.cpu() if not hasattr(self, "device_type") else self.remote.device(self.device_type)
+                return
+            except (OSError, RuntimeError) as err:
+                last = err
+                time.sleep(0.5 * (attempt + 1))
+        raise ElastiLMError(f"cannot reach the device at {self.endpoint} after {self.retries} tries: {last}")
+
+    def close(self) -> None:
+        self._kv = self.remote = self.device = None
+
+    @contextlib.contextmanager
+    def guard(self):
+        """A broken connection inside becomes DeviceLost, naming the endpoint."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            text = str(err)
+            if any(s in text.lower() for s in LOST):
+                raise DeviceLost(f"lost the device at {self.endpoint}: {text.strip().splitlines()[-1]}") from err
+            raise
+
+    def call(self, fn, *args):
+        with self.guard():
+            return fn(*args)
+
+    def function(self, name: str, required: bool = True):
+        try:
+            return self.remote.get_function(name)
+        except (AttributeError, RuntimeError):
+            if required:
+                raise ElastiLMError(f"the device at {self.endpoint} has no function '{name}'") from None
+            return None
+
+    # -- staging and loading ------------------------------------------------------------------------------
+    def _stage(self, folder: Path, manifest: dict) -> tuple[str, str]:
+        """Put the library and weights on the device; returns their (library path, params folder) there.
+        With elastilm's device server they are cached across sessions by the manifest's hash."""
+        files = [manifest["library"]] + sorted(f for f in manifest["files"] if f.startswith("params/"))
+        key = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:32]
+        has, commit, path = (self.function(f"elastilm.device.{n}", required=False) for n in ("has", "commit", "path"))
+        if has is None:  # a stock TVM RPC server: files go to its session folder, names without folders
+            for f in self._progress(files, "upload (device has no cache)"):
+                self.call(self.remote.upload, str(folder / f), Path(f).name)
+                self.uploaded_bytes += (folder / f).stat().st_size
+            workdir = self.call(self.function("tvm.rpc.server.workpath"), "")
+            return str(Path(workdir) / Path(manifest["library"]).name), workdir
+        for f in self._progress([f for f in files if not has(key, f, (folder / f).stat().st_size)], "upload"):
+            self.call(self.remote.upload, str(folder / f), "incoming")
+            self.call(commit, "incoming", key, f, manifest["files"][f])
+            self.uploaded_bytes += (folder / f).stat().st_size
+        return path(key, manifest["library"]), path(key, "params")
+
+    def _progress(self, items, desc):
+        if not self.progress or not items:
+            return items
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit="file")
+
+    def load(self, folder: Path, manifest: dict):
+        library, params_dir = self._stage(folder, manifest)
+        self.device_type = tvm.device(manifest["target"].get("device", "cpu")).dlpack_device_type()
+        self.device = self.remote.device(self.device_type)
+        lib = self.call(self.remote.load_module, library)
+        vm = relax.VirtualMachine(lib, self.device)
+        self.call(self.function("vm.builtin.tensor_cache.load"), params_dir, self.device_type, 0)
+        params = self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *manifest["param_names"])
+        return vm, params
+
+    def zeros(self, shapes: list[tuple[int, int]]):
+        """Zeroed tensors allocated on the device, returned as one device-side array."""
+        self._kv = [self.call(tvm.runtime.tensor, np.zeros(s, "float32"), self.device) for s in shapes]
+        update = self.function("vm.builtin.tensor_cache.update")
+        for i, t in enumerate(self._kv):
+            self.call(update, CACHE_NAME.format(i), t, True)
+        return self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *[CACHE_NAME.format(i) for i in range(len(shapes))])
+
+    def tensor(self, array: np.ndarray):
+        return self.call(tvm.runtime.tensor, array, self.device)
+
+    def shape(self, n: int):
+        return self.call(self.function("ffi.Shape"), n)
+
+    def first(self, outputs) -> np.ndarray:
+        return self.call(self.function("ffi.ArrayGetItem"), outputs, 0).numpy()
+
+
+class DeviceLost(ElastiLMError):
+    """The RPC connection broke; the message names the endpoint."""

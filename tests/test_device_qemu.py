@@ -1,0 +1,57 @@
+"""The stand-in phone: the linux-arm64-cpu build on Debian arm64 Python + the aarch64 TVM wheel under qemu,
+driven over RPC. Run by `make test-device`, which builds the phone first (scripts/qemu-phone/setup.sh)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_hf_folder
+from elastilm.compile.build import build
+from elastilm.compile.elastify import ElastifyOptions, elastify
+from elastilm.runtime.engine import ElasticEngine
+
+pytestmark = pytest.mark.device
+REPO = Path(__file__).resolve().parents[1]
+PHONE = Path(os.environ.get("QEMU_PHONE_DIR", REPO / ".qemu-phone"))
+
+
+@pytest.fixture(scope="module")
+def phone():
+    if not (PHONE / ".smoke-done").is_file():
+        if os.environ.get("ELASTILM_REQUIRE_QEMU") == "1":
+            pytest.fail(f"no stand-in phone in {PHONE}: run scripts/qemu-phone/setup.sh")
+        pytest.skip("no stand-in phone (scripts/qemu-phone/setup.sh)")
+    proc = subprocess.Popen([str(REPO / "scripts/qemu-phone/serve.sh"), "9600"], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "RPC server ready on" in line:
+                break
+        else:
+            pytest.fail("the stand-in phone exited before it was ready")
+        yield "127.0.0.1:" + line.split("ready on 127.0.0.1:")[1].split()[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
+    save_hf_folder(src, "llama")
+    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    return build(out, "host-cpu", max_len=40), build(out, "linux-arm64-cpu", max_len=40)
+
+
+def test_arm64_build_on_the_phone_matches_the_host(phone, builds):
+    host_build, arm_build = builds
+    local, remote = ElasticEngine(host_build), ElasticEngine(arm_build, rpc=phone)
+    ids = np.random.default_rng(2).integers(0, local.elastic["config"]["vocab_size"], 9).tolist()
+    try:
+        for level in (1.0, 0.5, 0.2):  # NEON vs AVX-512 sum in different orders: close, not bit-equal
+            np.testing.assert_allclose(remote.prefill(ids, level), local.prefill(ids, level), rtol=1e-4, atol=1e-4)
+            assert list(remote.generate_ids(ids, level, 8)) == list(local.generate_ids(ids, level, 8))
+    finally:
+        remote.close()

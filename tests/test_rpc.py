@@ -1,0 +1,126 @@
+"""The engine over TVM RPC on loopback: a real RPC server (and tracker), outputs equal to a local run."""
+
+import numpy as np
+import pytest
+from tvm import rpc
+from tvm.rpc.tracker import Tracker
+
+from conftest import save_hf_folder
+from elastilm import ElastiLMError
+from elastilm.compile.build import build
+from elastilm.compile.elastify import ElastifyOptions, elastify
+from elastilm.runtime import device
+from elastilm.runtime.engine import ElasticEngine
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
+    save_hf_folder(src, "llama")
+    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    return build(out, "host-cpu", max_len=40)
+
+
+@pytest.fixture(scope="module")
+def local(built):
+    return ElasticEngine(built)
+
+
+@pytest.fixture
+def device_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(device.CACHE_ENV, str(tmp_path / "device-cache"))  # inherited by the server process
+    return tmp_path / "device-cache"
+
+
+def start_server(port=9100, **kw):
+    return rpc.Server("127.0.0.1", port=port, port_end=port + 50, server_init_callback=device.register, silent=True, **kw)
+
+
+def prompt(engine, length, seed):
+    return np.random.default_rng(seed).integers(0, engine.elastic["config"]["vocab_size"], length).tolist()
+
+
+def greedy(engine, ids, level, n=10):
+    return list(engine.generate_ids(ids, level, max_new_tokens=n))
+
+
+def test_generate_over_rpc_equals_local_and_uploads_once(built, local, device_cache):
+    server = start_server()
+    try:
+        ids = prompt(local, 7, 3)
+        first = ElasticEngine(built, rpc=f"127.0.0.1:{server.port}")
+        for level in (1.0, 0.5, 0.2):
+            np.testing.assert_allclose(first.prefill(ids, level), local.prefill(ids, level), rtol=0, atol=1e-6)
+            assert greedy(first, ids, level) == greedy(local, ids, level)
+        assert first.session.uploaded_bytes > 0
+        cached = sorted(p.name for p in device_cache.rglob("*") if p.is_file())
+        assert "model.so" in cached and "tensor-cache.json" in cached
+        first.close()  # the server serves one session at a time
+        second = ElasticEngine(built, rpc=f"127.0.0.1:{server.port}")  # a new session finds everything cached
+        assert second.session.uploaded_bytes == 0
+        assert greedy(second, ids, 0.5) == greedy(local, ids, 0.5)
+        second.close()
+    finally:
+        server.terminate()
+
+
+def test_tracker_and_a_stock_server_without_the_cache(built, local):
+    tracker = Tracker("127.0.0.1", port=9200, port_end=9250, silent=True)
+    server = rpc.Server("127.0.0.1", port=9300, port_end=9350, tracker_addr=("127.0.0.1", tracker.port), key="phone", silent=True)
+    try:
+        engine = ElasticEngine(built, tracker=f"127.0.0.1:{tracker.port}", key="phone")
+        ids = prompt(local, 5, 8)
+        assert greedy(engine, ids, 0.7) == greedy(local, ids, 0.7)
+        assert engine.session.uploaded_bytes > 0  # a stock server keeps uploads for one session only
+        engine.close()
+    finally:
+        server.terminate()
+        tracker.terminate()
+
+
+def test_disconnect_mid_generation_resumes_with_the_same_tokens(built, local, device_cache):
+    server = start_server(port=9400)
+    port = server.port
+    ids = prompt(local, 6, 5)
+    engine = ElasticEngine(built, rpc=f"127.0.0.1:{port}")
+    tokens = engine.generate_ids(ids, 0.5, max_new_tokens=12)
+    got = [next(tokens) for _ in range(4)]
+    server.terminate()  # the device goes away with the KV cache ...
+    server = start_server(port=port)  # ... and comes back empty
+    try:
+        got += list(tokens)
+        assert got == greedy(local, ids, 0.5, n=12)
+        engine.close()
+    finally:
+        server.terminate()
+
+
+def test_unreachable_device_names_the_endpoint(built):
+    with pytest.raises(ElastiLMError, match="cannot reach the device at rpc 127.0.0.1:9 "):
+        ElasticEngine(built, rpc="127.0.0.1:9")
+    with pytest.raises(ElastiLMError, match="host:port"):
+        ElasticEngine(built, rpc="phone")
+
+
+def test_cli_device_serve_runs_until_interrupted(built, local, tmp_path):
+    """`elastilm device serve` as a user starts it: a separate process, loopback, stopped with Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elastilm", "device", "serve", "--port", "9500", "--cache", str(tmp_path / "cache")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        banner = proc.stdout.readline()
+        assert "serving on 127.0.0.1:" in banner, banner
+        port = int(banner.split("serving on 127.0.0.1:")[1].split(";")[0])
+        engine = ElasticEngine(built, rpc=f"127.0.0.1:{port}")
+        ids = prompt(local, 5, 11)
+        assert greedy(engine, ids, 1.0, n=6) == greedy(local, ids, 1.0, n=6)
+        engine.close()
+        assert any((tmp_path / "cache").rglob("model.so"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
