@@ -55,9 +55,9 @@ def _compile(args) -> None:
     out = build(args.folder, args.target, args.out, args.max_len, args.check_kernels)
     manifest = json.loads((out / "manifest.json").read_text())
     size = (out / manifest["library"]).stat().st_size
-    checked = {"pocl": ", kernels compiled by PoCL", None: ""}[manifest["kernels_checked"]]
-    if manifest["target"]["device"] == "opencl" and not manifest["kernels_checked"]:
-        checked = ", OpenCL kernels NOT checked (no PoCL here)"
+    checked = ""
+    if manifest["target"]["device"] == "opencl":
+        checked = ", kernels compiled by PoCL" if manifest["kernels_checked"] else ", OpenCL kernels NOT checked (no PoCL here)"
     print(f"{manifest['target']['name']}: compiled in {manifest['compile_seconds']:.1f}s, {manifest['library']} "
           f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens{checked} -> {out}")
 

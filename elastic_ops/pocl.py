@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import tirx
 from tvm.sym.analyzer import Analyzer
-from tvm.tirx.build import split_host_device_mods
+from tvm.tirx.build import codegen_build, split_host_device_mods
 
 from elastilm import ElastiLMError
 
@@ -87,9 +87,10 @@ def run(func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.nda
     ctx = _context()
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     mod = tvm.tirx.transform.BindTarget(target.with_host(target.host or "llvm"))(mod)
-    lower, _, _ = tvm.tirx.get_tir_pipeline("default")  # what tvm.compile uses for the kernels
-    host, _ = split_host_device_mods(lower(mod))
-    source = opencl_source(tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target))
+    lower, _, finalize_device = tvm.tirx.get_tir_pipeline("default")  # what tvm.compile uses for the kernels
+    host, devices = split_host_device_mods(lower(mod))  # lowered once: host code for the launches, device code to run
+    (device_target, device_mod), = devices.items()
+    source = codegen_build(finalize_device()(device_mod), device_target).inspect_source()
     program = compile_source(source)
     queue = cl.CommandQueue(ctx)
 

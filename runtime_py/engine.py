@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import tvm
 from tokenizers import Tokenizer
+
 from elastilm import ElastiLMError
 from elastilm.runtime.files import verify_files
 from elastilm.runtime.session import DeviceLost, LocalSession, RemoteSession
@@ -96,6 +97,7 @@ class ElasticEngine:
         cfg = self.elastic["config"]
         with self.session.guard():
             self.vm, self.params = self.session.load(self.folder, self.manifest)
+            self.functions = {name: self.vm[name] for name in ("embed", "prefill", "decode")}  # one lookup each
         rows, width = self.manifest["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]
         # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
         self.caches = self.session.zeros([(width, rows), (rows, width)] * cfg["num_layers"])
@@ -103,7 +105,7 @@ class ElasticEngine:
     def close(self) -> None:
         """Release the library, weights and cache; over RPC this ends the session (a TVM RPC server serves one
         session at a time)."""
-        self.vm = self.params = self.caches = None
+        self.vm = self.functions = self.params = self.caches = None
         self.session.close()
 
     # -- levels and prompts ------------------------------------------------------------------------------
@@ -137,8 +139,8 @@ class ElasticEngine:
             raise ElastiLMError(f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
         s = self.session
         with s.guard():
-            embeddings = self.vm["embed"](s.tensor(ids.astype("int32")), self.params)
-            out = self.vm[method](embeddings, self.caches, s.shape(past), s.shape(lv.heads), s.shape(lv.neuron_blocks), self.params)
+            embeddings = self.functions["embed"](s.tensor(ids.astype("int32")), self.params)
+            out = self.functions[method](embeddings, self.caches, s.shape(past), s.shape(lv.heads), s.shape(lv.neuron_blocks), self.params)
             return s.first(out)[0]  # (vocab,) logits of the last position
 
     def prefill(self, ids: list[int], level: float) -> np.ndarray:

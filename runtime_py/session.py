@@ -19,8 +19,7 @@ from tvm import relax
 
 from elastilm import ElastiLMError
 
-CACHE_NAME = "elastilm.kv.{}"
-LOST = ("socket", "connection", "kshutdown", "rpcsessiontimeout", "closed", "broken pipe")  # RPC errors of a lost link  # device tensor-cache names of the KV cache tensors
+CACHE_NAME = "elastilm.kv.{}"  # device tensor-cache names of the KV cache tensors
 
 
 class LocalSession:
@@ -28,9 +27,6 @@ class LocalSession:
 
     def __init__(self, device: str = "cpu"):
         self.device = tvm.device(device)
-
-    def call(self, fn, *args):
-        return fn(*args)
 
     def guard(self):
         return contextlib.nullcontext()
@@ -91,7 +87,6 @@ class RemoteSession:
                     self.remote = rpc.connect(*parse_endpoint(self.rpc), session_timeout=0)
                 else:
                     self.remote = rpc.connect_tracker(*parse_endpoint(self.tracker)).request(self.key, session_timeout=0)
-                self.device = self.remote.cpu() if not hasattr(self, "device_type") else self.remote.device(self.device_type)
                 return
             except (OSError, RuntimeError) as err:
                 last = err
@@ -99,7 +94,7 @@ class RemoteSession:
         raise ElastiLMError(f"cannot reach the device at {self.endpoint} after {self.retries} tries: {last}")
 
     def close(self) -> None:
-        self._kv = self.remote = self.device = None
+        self._kv = self._shape = self._get_item = self.remote = self.device = None
 
     @contextlib.contextmanager
     def guard(self):
@@ -107,10 +102,16 @@ class RemoteSession:
         try:
             yield
         except (OSError, RuntimeError) as err:
-            text = str(err)
-            if any(s in text.lower() for s in LOST):
-                raise DeviceLost(f"lost the device at {self.endpoint}: {text.strip().splitlines()[-1]}") from err
+            if not self._alive():  # RPC errors of a lost link vary with where the call was cut; ask the link
+                raise DeviceLost(f"lost the device at {self.endpoint}: {str(err).strip().splitlines()[-1]}") from err
             raise
+
+    def _alive(self) -> bool:
+        try:
+            self.remote.get_function("ffi.Shape")
+            return True
+        except (OSError, RuntimeError):
+            return False
 
     def call(self, fn, *args):
         with self.guard():
@@ -156,6 +157,8 @@ class RemoteSession:
         self.device = self.remote.device(self.device_type)
         lib = self.call(self.remote.load_module, library)
         vm = relax.VirtualMachine(lib, self.device)
+        # looked up once: each lookup is a round trip, and these run for every token
+        self._shape, self._get_item = self.function("ffi.Shape"), self.function("ffi.ArrayGetItem")
         self.call(self.function("vm.builtin.tensor_cache.load"), params_dir, self.device_type, 0)
         params = self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *manifest["param_names"])
         return vm, params
@@ -172,10 +175,10 @@ class RemoteSession:
         return self.call(tvm.runtime.tensor, array, self.device)
 
     def shape(self, n: int):
-        return self.call(self.function("ffi.Shape"), n)
+        return self.call(self._shape, n)
 
     def first(self, outputs) -> np.ndarray:
-        return self.call(self.function("ffi.ArrayGetItem"), outputs, 0).numpy()
+        return self.call(self._get_item, outputs, 0).numpy()
 
 
 class DeviceLost(ElastiLMError):
