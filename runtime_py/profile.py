@@ -80,6 +80,7 @@ def write(doc: dict, folder: Path) -> Path:
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / LATENCY).write_text(json.dumps(doc, indent=2) + "\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row in doc["levels"]:

@@ -3,6 +3,7 @@ driven over RPC. Run by `make test-device`, which builds the phone first (script
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +20,23 @@ PHONE = Path(os.environ.get("QEMU_PHONE_DIR", REPO / ".qemu-phone"))
 
 
 @pytest.fixture(scope="module")
-def phone():
+def phone(tmp_path_factory):
     if not (PHONE / ".smoke-done").is_file():
         if os.environ.get("ELASTILM_REQUIRE_QEMU") == "1":
             pytest.fail(f"no stand-in phone in {PHONE}: run scripts/qemu-phone/setup.sh")
         pytest.skip("no stand-in phone (scripts/qemu-phone/setup.sh)")
-    proc = subprocess.Popen([str(REPO / "scripts/qemu-phone/serve.sh"), "9600"], stdout=subprocess.PIPE, text=True)
+    # The server's output goes to a file, not a pipe: a pipe nobody drains would block the server once full.
+    log = tmp_path_factory.mktemp("phone") / "serve.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([str(REPO / "scripts/qemu-phone/serve.sh"), "9600"], stdout=sink,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        for line in proc.stdout:
-            if "RPC server ready on" in line:
-                break
-        else:
-            pytest.fail("the stand-in phone exited before it was ready")
-        yield "127.0.0.1:" + line.split("ready on 127.0.0.1:")[1].split()[0]
+        deadline = time.monotonic() + 120
+        while "RPC server ready on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the stand-in phone did not start:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield "127.0.0.1:9600"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
