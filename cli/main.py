@@ -28,6 +28,7 @@ def _elastify(args) -> None:
         anchor_fraction=args.anchor_fraction,
         neuron_multiple=args.neuron_multiple,
         fractions=args.levels,
+        reorder=args.reorder,
     )
     model, seconds = elastify(args.model, args.out, options)
     cfg = model.config
@@ -47,6 +48,32 @@ def _quality(args) -> None:
     print()
     print(markdown(rows, f"{args.windows} x {args.seq_len} held-out tokens"))
     print(f"wrote {args.folder}/quality.csv, quality.md, quality.png")
+
+
+def _recover(args) -> None:
+    from elastilm.compile.recover import RecoverOptions, recover
+
+    options = RecoverOptions(rank=args.rank, alpha=args.alpha, tokens=args.tokens, seq_len=args.seq_len, batch=args.batch, lr=args.lr, seed=args.seed)
+    summary = recover(args.folder, options)
+    print(f"\nrecovery adapters (r={options.rank}, alpha={options.alpha:g}), {options.tokens} tokens per level, "
+          f"{summary['train_seconds']:.0f}s")
+    print(f"{'level':>6} {'KL first':>9} {'KL last':>9}")
+    for row in summary["levels"]:
+        print(f"{float(row['fraction']):>6.0%} {row['kl_first']:>9.4f} {row['kl_last']:>9.4f}")
+    print(f"wrote {args.folder}/adapters.safetensors and recover.json; compile again to use them")
+
+
+def _eval(args) -> None:
+    from elastilm.evaluate.harness import Run, evaluate, markdown
+
+    builds = {"adapters": args.build, "no-adapters": args.build, "original-order": args.original_build}
+    if "original-order" in args.variants and args.original_build is None:
+        raise ElastiLMError("variant original-order needs --original-build (a build of `elastilm elastify --no-reorder`)")
+    runs = [Run(v, builds[v]) for v in args.variants]
+    acc = evaluate(runs, args.tasks, list(args.levels), list(args.ratios), args.limit, args.out)
+    print()
+    print(markdown(acc))
+    print(f"wrote {args.out}/items.csv, accuracy.csv, accuracy.md, accuracy.png")
 
 
 def _compile(args) -> None:
@@ -94,6 +121,8 @@ def _run(args) -> None:
 def _profile(args) -> None:
     from elastilm.runtime.profile import markdown, profile, write
 
+    if args.build is None:  # FOLDER/TARGET, as `elastilm compile` writes it
+        args.build = args.folder / args.target
     engine = _engine(args)
     doc = profile(engine, tuple(args.prompt_lengths), args.decode_tokens, args.repeat)
     path = write(doc, args.out or args.build)
@@ -114,6 +143,10 @@ def _device_serve(args) -> None:
     serve(args.host, args.port, args.tracker, args.key or "", args.cache)
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _lengths(text: str) -> list[int]:
     return [int(n) for n in text.split(",")]
 
@@ -131,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor-fraction", type=float, default=0.2)
     p.add_argument("--neuron-multiple", type=int, default=64)
     p.add_argument("--levels", type=_fractions, default=DEFAULT_FRACTIONS, help="comma-separated fractions (default 0.2..1.0)")
+    p.add_argument("--reorder", action=argparse.BooleanOptionalAction, default=True,
+                   help="sort units by importance (--no-reorder: keep the original order, a baseline)")
     p.set_defaults(run=_elastify)
 
     p = sub.add_parser("quality", help="held-out perplexity per level, reordered vs original order")
@@ -138,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(run=_quality)
+
+    p = sub.add_parser("recover", help="train one LoRA adapter per level by distillation from the full model (resumable)")
+    p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
+    p.add_argument("--tokens", type=int, default=49152, help="training tokens per level (the time budget)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_recover)
+
+    p = sub.add_parser("eval", help="accuracy per level on the benchmarks, through the compiled engine (resumable)")
+    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
+    p.add_argument("--original-build", type=Path, default=None, help="a build of the not-reordered model (original-order)")
+    p.add_argument("--variants", type=_names, default=["adapters", "no-adapters"], help="adapters,no-adapters,original-order")
+    p.add_argument("--tasks", type=_names, default=["arc_easy", "obqa", "piqa", "sciq", "droidtask"])
+    p.add_argument("--levels", type=_fractions, default=DEFAULT_FRACTIONS)
+    p.add_argument("--ratios", type=_fractions, default=(1.0,), help="prompt ratios of the few-shot prefix")
+    p.add_argument("--limit", type=int, default=None, help="items per task from the report split (default all)")
+    p.add_argument("--out", type=Path, default=Path("dist/eval"))
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("compile", help="compile an elastified model for a target (one library for all levels)")
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
@@ -165,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run)
 
     p = sub.add_parser("profile", help="measure TTFT and TPOT of every level on the device; writes latency.json")
-    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
+    p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
+    p.add_argument("--target", default="host-cpu", help="the preset it was compiled for: profiles FOLDER/TARGET")
+    p.add_argument("--build", type=Path, default=None, help="a compile output folder (instead of FOLDER/TARGET)")
     p.add_argument("--out", type=Path, default=None, help="folder for latency.json/png (default: the build folder)")
     p.add_argument("--prompt-lengths", type=_lengths, default=[32, 64, 128, 256, 512], help="comma-separated")
     p.add_argument("--decode-tokens", type=int, default=16)

@@ -2,7 +2,8 @@
 
 Output folder `dist/<model>/<target>/`:
   model.so | model.tar     one library for every level (kernels take the active widths as arguments)
-  params/                  full-width reordered weights, tensor-cache shards + tensor-cache.json, written once
+  params/                  full-width reordered weights, tensor-cache shards + tensor-cache.json, written once;
+                           also the recovery adapters of each level ("adapter/<fraction>/<projection>.lora_A|B")
   elastic.json, tokenizer  copied from the elastify folder, so the runtime needs nothing else
   manifest.json            target, TVM version, parameter order, sha256 of every file
 """
@@ -19,19 +20,18 @@ import time
 from pathlib import Path
 
 from elastilm import ElastiLMError, __version__
-from elastilm.compile import artifact
-from elastilm.compile.export import ExportShape, export, kernel_layout
+from elastilm.compile import artifact, recover
+from elastilm.compile.export import ExportShape, adapter_names, adapter_shapes, export, kernel_layout
 from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
+from elastilm.runtime.engine import MANIFEST_SCHEMA, MANIFEST_VERSION
 from elastilm.runtime.files import sha256
 from elastilm.targets import preset
 
 MANIFEST = "manifest.json"
-MANIFEST_SCHEMA = "elastilm.build"
-MANIFEST_VERSION = 1
 BIAS_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def export_shape(model: artifact.ElasticModel, max_len: int) -> ExportShape:
+def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int) -> ExportShape:
     cfg = model.config
     return ExportShape(
         anchors=tuple(model.anchors),
@@ -39,6 +39,7 @@ def export_shape(model: artifact.ElasticModel, max_len: int) -> ExportShape:
         neuron_block=math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size),
         max_len=max_len,
         biases=frozenset(b for b in BIAS_LAYERS if f"model.layers.0.{b}.bias" in model.params),
+        lora_rank=lora_rank,
     )
 
 
@@ -84,7 +85,9 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     # the attention kernel reads keys in whole blocks, so the cache holds a whole number of them
     max_len = min(max_len, model.config.max_position_embeddings)
-    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK)
+    adapters = recover.load_adapters(folder)  # {} before `elastilm recover`: the model runs with zero adapters
+    rank = next(iter(next(iter(adapters.values())).values()))[0].shape[0] if adapters else recover.RecoverOptions.rank
+    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank)
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
@@ -99,9 +102,13 @@ def build(
 
     params_dir = out / "params"
     shutil.rmtree(params_dir, ignore_errors=True)
+    tensors = [(n, model.params[n]) for n in names] + [
+        (f"adapter/{f:g}/{name}.lora_{part}", pair[0 if part == "A" else 1])
+        for f, ad in sorted(adapters.items()) for name, pair in ad.items() for part in ("A", "B")
+    ]
     with contextlib.redirect_stdout(io.StringIO()):  # it prints where it writes; our summary says so
         dump_tensor_cache(
-            ((n, np.ascontiguousarray(kernel_layout(n, model.params[n]).numpy())) for n in names),
+            ((n, np.ascontiguousarray(kernel_layout(n, t).numpy())) for n, t in tensors),
             str(params_dir),
             encode_format="raw",
             show_progress=False,
@@ -133,6 +140,9 @@ def build(
         "cache_rows": shape.max_len,
         "neuron_block": shape.neuron_block,
         "param_names": names,
+        "adapter_levels": sorted(adapters),
+        "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
+        "adapter_shapes": adapter_shapes(model.config, rank),
         "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
         "compile_seconds": round(compile_seconds, 2),
         "files": {f: sha256(out / f) for f in files},

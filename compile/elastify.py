@@ -19,6 +19,7 @@ class ElastifyOptions:
     anchor_fraction: float = 0.2
     neuron_multiple: int = 64
     fractions: tuple[float, ...] = levels.DEFAULT_FRACTIONS
+    reorder: bool = True  # False keeps the original unit order (the "not reordered" baseline; same anchors, levels)
 
 
 def elastify(model: str, out: Path, options: ElastifyOptions = ElastifyOptions(), progress: bool = True):
@@ -39,7 +40,7 @@ def elastify(model: str, out: Path, options: ElastifyOptions = ElastifyOptions()
 
     t = time.perf_counter()
     perm = reorder.permutation(ckpt.config, scores)
-    params, config = reorder.apply(ckpt.params, ckpt.config, perm)
+    params, config = reorder.apply(ckpt.params, ckpt.config, perm) if options.reorder else (ckpt.params, ckpt.config)
     table = levels.level_table(config, anchors, options.fractions, options.neuron_multiple)
     seconds["reorder+levels"] = time.perf_counter() - t
 
@@ -56,6 +57,7 @@ def elastify(model: str, out: Path, options: ElastifyOptions = ElastifyOptions()
         "importance": "first-order Taylor |dL/dW * W| per unit; anchors by loss rise when a layer is skipped",
         "anchor_fraction": options.anchor_fraction,
         "neuron_multiple": options.neuron_multiple,
+        "reordered": options.reorder,
     }
     elastic = artifact.ElasticModel(ckpt.name, config, anchors, table, params, ckpt.tokenizer, meta)
     artifact.save(

@@ -5,9 +5,13 @@ compiled library serves every level; anchor layers always run full width. Parame
 reordered weights under Hugging Face names. Each layer has its own K cache (n_kv*hd, max_len) and V cache
 (max_len, n_kv*hd), written in place; KV heads are never elastic, so the cache layout is the same at every level.
 
+Every projection of every layer also takes a LoRA adapter (A (r, in), B^T (r, out)) as an input beside the shared
+weights, read on the same prefix: a level's adapter set is passed per call, so switching levels swaps adapter
+buffers only, and an all-zero set runs the model without adapters.
+
 Methods (batch 1): `embed` turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached
 positions, `decode` one. Both return the logits of the last position only (the LM head over all T positions would
-be wasted work) and the caches.
+be wasted work) and the caches; `score` is `prefill` returning the logits of all T positions, for likelihoods.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
 from elastilm.compile.config import ModelConfig
+from elastilm.compile.recover import PROJECTIONS, projection_names
 from elastilm.elastic_ops import prefix
 from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
 
@@ -32,6 +37,7 @@ class ExportShape:
     neuron_block: int  # FFN width granularity of non-anchor layers
     max_len: int  # context window = KV cache rows
     biases: frozenset[str] = frozenset()  # per-layer parameter suffixes that have a bias, e.g. "self_attn.q_proj"
+    lora_rank: int = 8
 
 
 class _Linear(nn.Module):
@@ -52,7 +58,10 @@ class _Embedding(nn.Module):
 def kernel_layout(name: str, tensor):
     """A checkpoint tensor (Hugging Face layout) in the layout the compiled kernels read: a linear weight
     (out, in) becomes strips (out/strip, in, strip), so that input and output prefixes are both contiguous and
-    each strip streams from memory in one piece; everything else is unchanged."""
+    each strip streams from memory in one piece; a LoRA B (out, r) is transposed to (r, out) for the same reason;
+    everything else is unchanged."""
+    if name.endswith(".lora_B"):
+        return tensor.T
     if not name.endswith("_proj.weight"):
         return tensor
     rows, cols = tensor.shape
@@ -116,21 +125,24 @@ class ElasticRelaxModel(nn.Module):
         self.model = _Decoder(cfg, shape.biases)
         self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size)
 
-    def _linear(self, x, lin: _Linear, name, rows=None):
-        """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`)."""
-        return _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
+    def _linear(self, x, lin: _Linear, name, lora, rows=None):
+        """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`),
+        plus the adapter `lora` = (A, B^T) on the same prefix."""
+        y = _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
+        return _te(prefix.lora_prefix, "lora", x, y, *lora)
 
     def _norm(self, x, norm: _Norm):
         return _te(lambda x, w: prefix.rms_norm(x, w, self.cfg.rms_norm_eps), "rms_norm", x, norm.weight)
 
-    def _layer(self, layer: _Layer, x, k_cache, v_cache, past, heads, neurons):
+    def _layer(self, layer: _Layer, x, k_cache, v_cache, lora, past, heads, neurons):
+        """One decoder layer; `lora` maps a projection (e.g. "mlp.up_proj") to its adapter (A, B^T)."""
         cfg, hd = self.cfg, self.cfg.head_dim
         a, m = layer.self_attn, layer.mlp
         group = None if cfg.kv_head_map == "interleaved" else cfg.group_size
         h = self._norm(x, layer.input_layernorm)  # (T, d)
-        q = self._linear(h, a.q_proj, "q_proj", heads * hd)  # (T, heads*hd)
-        k = self._linear(h, a.k_proj, "k_proj")  # (T, n_kv*hd)
-        v = self._linear(h, a.v_proj, "v_proj")
+        q = self._linear(h, a.q_proj, "q_proj", lora["self_attn.q_proj"], heads * hd)  # (T, heads*hd)
+        k = self._linear(h, a.k_proj, "k_proj", lora["self_attn.k_proj"])  # (T, n_kv*hd)
+        v = self._linear(h, a.v_proj, "v_proj", lora["self_attn.v_proj"])
         q = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", q, past)
         k = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", k, past)
         k_cache = op.tensor_ir_inplace_op(kv_append_transposed, "kv_append_t", [k_cache, k, past], [0], k_cache)
@@ -138,37 +150,44 @@ class ElasticRelaxModel(nn.Module):
         y = _te(
             lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group), "attention", q, k_cache, v_cache, past
         )  # (T, heads*hd)
-        x = x + self._linear(y, a.o_proj, "o_proj")  # (T, d)
+        x = x + self._linear(y, a.o_proj, "o_proj", lora["self_attn.o_proj"])  # (T, d)
         h = self._norm(x, layer.post_attention_layernorm)
-        gate = self._linear(h, m.gate_proj, "gate_proj", neurons)  # (T, neurons)
-        up = self._linear(h, m.up_proj, "up_proj", neurons)
+        gate = self._linear(h, m.gate_proj, "gate_proj", lora["mlp.gate_proj"], neurons)  # (T, neurons)
+        up = self._linear(h, m.up_proj, "up_proj", lora["mlp.up_proj"], neurons)
         act = _te(prefix.silu_mul, "silu_mul", gate, up)
-        x = x + self._linear(act, m.down_proj, "down_proj")  # (T, d)
+        x = x + self._linear(act, m.down_proj, "down_proj", lora["mlp.down_proj"])  # (T, d)
         return x, k_cache, v_cache
 
     def embed(self, input_ids):
         """Token embeddings (T, d): a gather of T rows, separate so callers may edit or compress them."""
         return op.take(self.model.embed_tokens.weight, input_ids, axis=0)
 
-    def _forward(self, x, caches, past, heads, nb):
+    def _forward(self, x, caches, adapters, past, heads, nb, all_positions=False):
         cfg = self.cfg
         new_caches = []
+        per_layer = 2 * len(PROJECTIONS)
         for i, layer in enumerate(self.model.layers):
             full = i in self.shape.anchors
             widths = (cfg.num_heads, cfg.intermediate_size) if full else (heads, nb * self.shape.neuron_block)
-            x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], past, *widths)
+            mine = adapters[i * per_layer : (i + 1) * per_layer]
+            lora = {p: (mine[2 * j], mine[2 * j + 1]) for j, p in enumerate(PROJECTIONS)}
+            x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], lora, past, *widths)
             new_caches += [kc, vc]
-        last = _te(lambda x: te.compute((1, x.shape[1]), lambda _, i: x[x.shape[0] - 1, i], name="last"), "last", x)
-        h = self._norm(last, self.model.norm)  # (1, d): only the last position goes through the LM head
+        if not all_positions:  # only the last position goes through the LM head
+            x = _te(lambda x: te.compute((1, x.shape[1]), lambda _, i: x[x.shape[0] - 1, i], name="last"), "last", x)
+        h = self._norm(x, self.model.norm)
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        logits = _te(prefix.lm_head, "lm_head", h, head.weight)  # (1, vocab)
+        logits = _te(prefix.lm_head, "lm_head", h, head.weight)  # (1 or T, vocab)
         return logits, tuple(new_caches)
 
-    def prefill(self, embeddings, caches, past, heads, nb):
-        return self._forward(embeddings, caches, past, heads, nb)
+    def prefill(self, embeddings, caches, adapters, past, heads, nb):
+        return self._forward(embeddings, caches, adapters, past, heads, nb)
 
-    def decode(self, embeddings, caches, past, heads, nb):
-        return self._forward(embeddings, caches, past, heads, nb)
+    def decode(self, embeddings, caches, adapters, past, heads, nb):
+        return self._forward(embeddings, caches, adapters, past, heads, nb)
+
+    def score(self, embeddings, caches, adapters, past, heads, nb):
+        return self._forward(embeddings, caches, adapters, past, heads, nb, all_positions=True)
 
     def get_default_spec(self):
         cfg = self.cfg
@@ -176,7 +195,8 @@ class ElasticRelaxModel(nn.Module):
         k_cache = spec.Tensor([width, self.shape.max_len], "float32")  # keys transposed
         v_cache = spec.Tensor([self.shape.max_len, width], "float32")
         caches = [k_cache, v_cache] * cfg.num_layers
-        common = {"caches": caches, "past": int, "heads": int, "nb": int}
+        adapters = [spec.Tensor(list(s), "float32") for s in adapter_shapes(cfg, self.shape.lora_rank)]
+        common = {"caches": caches, "adapters": adapters, "past": int, "heads": int, "nb": int}
         mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
         d = cfg.hidden_size
         return nn.spec.ModuleSpec.from_raw(
@@ -184,9 +204,26 @@ class ElasticRelaxModel(nn.Module):
                 "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), **mode},
                 "prefill": {"embeddings": spec.Tensor(["seq_len", d], "float32"), **common, **mode},
                 "decode": {"embeddings": spec.Tensor([1, d], "float32"), **common, **mode},
+                "score": {"embeddings": spec.Tensor(["seq_len", d], "float32"), **common, **mode},
             },
             self,
         )
+
+
+def adapter_names(cfg: ModelConfig) -> list[str]:
+    """The adapter inputs in call order: per layer and projection, A then B (stored transposed)."""
+    return [f"{n}.lora_{part}" for n in projection_names(cfg) for part in ("A", "B")]
+
+
+def adapter_shapes(cfg: ModelConfig, rank: int) -> list[tuple[int, int]]:
+    """Shapes of the adapter inputs in call order: A (r, in), B^T (r, out)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    io = {
+        "self_attn.q_proj": (d, cfg.num_heads * hd), "self_attn.k_proj": (d, cfg.num_kv_heads * hd),
+        "self_attn.v_proj": (d, cfg.num_kv_heads * hd), "self_attn.o_proj": (cfg.num_heads * hd, d),
+        "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d),
+    }
+    return [s for _ in range(cfg.num_layers) for p in PROJECTIONS for s in ((rank, io[p][0]), (rank, io[p][1]))]
 
 
 def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str]]:
@@ -200,6 +237,6 @@ def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str
         "heads": cfg.num_heads,
         "nb": cfg.intermediate_size // shape.neuron_block,
     }
-    for name in ("embed", "prefill", "decode"):
+    for name in ("embed", "prefill", "decode", "score"):
         mod[name] = mod[name].with_attr("tir_var_upper_bound", bounds)
     return mod, [name for name, _ in named_params]

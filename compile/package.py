@@ -1,8 +1,9 @@
 """App bundles: one folder an app ships as assets, with every build it needs and an app config that lists them.
 
 dist/<bundle>/
-  <model>-<target>/        a build folder (library, params/, tokenizer, elastic.json, manifest.json,
-                           latency.json when profiled); adapters/ and the TLM join here in later steps
+  <model>-<target>/        a build folder (library, params/ with the weights and each level's recovery adapter,
+                           tokenizer, elastic.json, manifest.json, latency.json when profiled); the TLM joins
+                           here in a later step
   elastilm-app-config.json the models, their libraries and system-library prefixes, context windows, levels
   manifest.json            TVM version and the sha256 of every file above; checked before anything loads
 """
@@ -47,7 +48,8 @@ def package(builds: list[Path], out: Path) -> Path:
             "context_window": manifest["context_window"],
             "levels": [lv["fraction"] for lv in elastic["levels"]],
             "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
-            "adapters": None,  # per-level recovery adapters (a later step)
+            # levels with a recovery adapter; its tensors are "adapter/<fraction>/..." in the params tensor cache
+            "adapters": {"levels": manifest["adapter_levels"], "prefix": "adapter/"} if manifest["adapter_levels"] else None,
         })
     (staged / APP_CONFIG).write_text(json.dumps({"schema": "elastilm.app", "schema_version": 1, "models": entries, "tlm": None}, indent=2) + "\n")
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())

@@ -1,4 +1,5 @@
-"""Quality per level: held-out perplexity of the reordered prefix vs the same widths without reordering."""
+"""Quality per level: held-out perplexity of the reordered prefix vs the same widths without reordering, and
+with each level's recovery adapter once `elastilm recover` has run."""
 
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from elastilm.compile import artifact, corpus, ingest, reference
+from elastilm.compile import artifact, corpus, ingest, recover, reference
 from elastilm.compile.levels import layer_widths
 
-COLUMNS = ["level", "kept", "heads", "neurons", "ppl_reordered", "ppl_original_order"]
+COLUMNS = ["level", "kept", "heads", "neurons", "ppl_reordered", "ppl_original_order", "ppl_adapters"]
 
 
 @torch.no_grad()
-def perplexity(params, cfg, windows: torch.Tensor, widths, batch: int = 4) -> float:
+def perplexity(params, cfg, windows: torch.Tensor, widths, batch: int = 4, adapters=None) -> float:
     """exp(mean next-token NLL) over `windows` (N, T)."""
     total, count = 0.0, 0
     for chunk in windows.split(batch):
         n = chunk.shape[0] * (chunk.shape[1] - 1)
-        total += reference.next_token_loss(params, cfg, chunk, widths).item() * n
+        total += reference.next_token_loss(params, cfg, chunk, widths, adapters).item() * n
         count += n
     return math.exp(total / count)
 
@@ -31,6 +32,7 @@ def evaluate(folder: Path, windows: int = 24, seq_len: int = 256, progress: bool
     folder = Path(folder)
     model = artifact.load(folder)
     original = ingest.ingest(model.meta["source"]["model"])
+    adapters = recover.load_adapters(folder)
     heldout = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), windows, seq_len)
     rows = []
     bar = tqdm(model.levels, desc="perplexity per level", unit="level", disable=not progress)
@@ -46,6 +48,9 @@ def evaluate(folder: Path, windows: int = 24, seq_len: int = 256, progress: bool
                 "ppl_original_order": perplexity(
                     original.params, original.config, heldout, layer_widths(original.config, model.anchors, lv)
                 ),
+                # level 1.0 has no adapter (it is the distillation teacher); blank before `elastilm recover`
+                "ppl_adapters": perplexity(model.params, model.config, heldout, model.widths(lv.fraction), adapters=adapters.get(lv.fraction))
+                if adapters else None,
             }
         )
     _write(folder, rows, f"{windows} x {seq_len} held-out tokens ({corpus.CORPUS_NAME}, held-out part)")
@@ -56,13 +61,14 @@ def markdown(rows: list[dict], caption: str) -> str:
     lines = [
         f"Perplexity on {caption}; lower is better.",
         "",
-        "| level | params kept | heads | neurons | ppl reordered | ppl original order |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| level | params kept | heads | neurons | ppl reordered | ppl original order | ppl reordered + adapter |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        adapted = "" if r.get("ppl_adapters") is None else f"{r['ppl_adapters']:.2f}"
         lines.append(
             f"| {r['level']:.0%} | {r['kept']:.1%} | {r['heads']} | {r['neurons']} | "
-            f"{r['ppl_reordered']:.2f} | {r['ppl_original_order']:.2f} |"
+            f"{r['ppl_reordered']:.2f} | {r['ppl_original_order']:.2f} | {adapted} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -82,6 +88,8 @@ def _write(folder: Path, rows: list[dict], caption: str) -> None:
     kept = [r["kept"] * 100 for r in rows]
     ax.plot(kept, [r["ppl_reordered"] for r in rows], "o-", label="reordered prefix")
     ax.plot(kept, [r["ppl_original_order"] for r in rows], "s--", label="same widths, original order")
+    if rows[0].get("ppl_adapters") is not None:
+        ax.plot(kept, [r["ppl_adapters"] for r in rows], "^-", label="reordered prefix + recovery adapter")
     ax.set_yscale("log")
     ax.set_xlabel("elastic parameters kept (%)")
     ax.set_ylabel("held-out perplexity (log scale)")

@@ -141,15 +141,21 @@ def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head
     return te.compute((T, width), lambda t, c: weighted[t, c] / total[c // head_dim, t], name="attention")
 
 
-def lora_prefix(x: te.Tensor, a: te.Tensor, b: te.Tensor, rows, scale: float):
-    """Low-rank update on a prefix: scale * x @ A[:r, :K_active]^T @ B[:rows, :r]^T.
+def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
+    """y + x @ A[:, :K_active]^T @ Bt[:, :rows]: a level's low-rank update, added to the prefix matmul y (T, rows)
+    of the same projection.
 
-    x: (T, K_active); a: (r, K) and b: (M, r) are a level's adapter at full width, read only on the active
-    prefix. Returns (T, rows), to be added to the prefix matmul of the same layer.
+    x: (T, K_active); a: (r, K) and bt: (r, M), the adapter at full width with B transposed (outputs contiguous)
+    and the LoRA scale folded in; only the active prefix of each is read.
     """
     T, K_active = x.shape
+    rows = y.shape[1]
     r = a.shape[0]
+    T_blocks = _token_blocks(T)
     k = te.reduce_axis((0, K_active), "k")
-    down = te.compute((T, r), lambda t, q: te.sum(x[t, k] * a[q, k], axis=k), name="lora_a")
-    q = te.reduce_axis((0, r), "q")
-    return te.compute((T, rows), lambda t, i: te.sum(down[t, q] * b[i, q] * scale, axis=q), name="lora_b")
+    down = te.compute((T, r), lambda t, j: te.sum(x[t, k] * a[j, k], axis=k), name="lora_a")
+    j = te.reduce_axis((0, r), "j")
+    up = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
+        (T_blocks, rows), lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * bt[j, i], axis=j), name="lora_b"
+    )
+    return te.compute((T, rows), lambda t, i: y[t, i] + up[t, i], name="lora_out")

@@ -119,6 +119,19 @@ def _attention(sch: s_tir.Schedule) -> None:
     _parallel_vectorized(sch, sch.get_sblock("attention"))
 
 
+def _lora(sch: s_tir.Schedule) -> None:
+    """lora_a: r dot products per token over the active inputs; lora_b: a rank-r matmul into the outputs,
+    register-tiled like the projections when the outputs are whole strips."""
+    _dot_rows(sch, "lora_a", parallel_loops=2)
+    block = sch.get_sblock("lora_b")
+    t, i, j = sch.get_loops(block)
+    if _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):
+        _register_tile(sch, block, t, i, j, _tokens(sch, t), STRIP_VECTORS)
+    else:
+        sch.parallel(sch.fuse(t, i))
+    _parallel_vectorized(sch, sch.get_sblock("lora_out"))
+
+
 ELEMENTWISE = ("rms_norm", "rope", "silu_mul", "last") + tuple(n + "_out" for n in LINEAR)
 
 
@@ -131,6 +144,9 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     if "qk" in names:
         _attention(sch)
+        return sch.mod["main"]
+    if "lora_a" in names:
+        _lora(sch)
         return sch.mod["main"]
     for name in names:
         if name in LINEAR:

@@ -4,6 +4,8 @@ With an Android host, dlight's Adreno GEMV stages the input vector in shared mem
 extent. For the elastic decode kernels that extent is symbolic (active heads * head_dim, active neurons), and
 the OpenCL code generator cannot allocate it ("constant size stack allocation"). The guard rejects any schedule
 that allocates shared or local memory of non-constant size, so the next rule in the list schedules the kernel.
+It also passes over a rule that fails on a kernel it claimed (GeneralReduction on the LoRA chain, two
+reductions in a row) instead of failing the build.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.schedule import ScheduleError
 
 
 class ConstantScratch(dl.ScheduleRule):
@@ -21,7 +24,10 @@ class ConstantScratch(dl.ScheduleRule):
         self.rule = rule
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
-        sch = self.rule.apply(func, target, tunable)
+        try:
+            sch = self.rule.apply(func, target, tunable)
+        except ScheduleError:
+            return None
         if sch is None or isinstance(sch, list):
             return sch
         scratch = [b for b in sch.get(get_root_block(sch)).alloc_buffers if b.scope().startswith(("shared", "local"))]

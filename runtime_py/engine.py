@@ -22,7 +22,7 @@ from elastilm.runtime.files import verify_files
 from elastilm.runtime.session import DeviceLost, LocalSession, RemoteSession
 
 MANIFEST = "manifest.json"
-MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 1
+MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 2  # 2: adapter inputs
 
 
 def read_build_manifest(folder: Path, verify: bool = True, runs: str | None = "here") -> dict:
@@ -71,11 +71,13 @@ class ElasticEngine:
 
     def __init__(
         self, folder: str | Path, device: str = "cpu", rpc: str | None = None, tracker: str | None = None,
-        key: str | None = None, progress: bool = False,
+        key: str | None = None, progress: bool = False, adapters: bool = True,
     ):
         """Runs in this process, or with `rpc` (host:port) / `tracker` (host:port) + `key` on a device over RPC,
-        which receives the library and weights once (cached there by checksum)."""
+        which receives the library and weights once (cached there by checksum). `adapters`: run each level with
+        its recovery adapter where the build has one (False: the plain sub-models)."""
         self.folder = Path(folder)
+        self.use_adapters = adapters
         remote = rpc is not None or tracker is not None
         self.manifest = read_build_manifest(self.folder, runs="rpc" if remote else "here")
         self.elastic = json.loads((self.folder / "elastic.json").read_text())
@@ -95,17 +97,23 @@ class ElasticEngine:
     def _load(self) -> None:
         """Library, weights and a zeroed KV cache on the session's device."""
         cfg = self.elastic["config"]
-        with self.session.guard():
-            self.vm, self.params = self.session.load(self.folder, self.manifest)
-            self.functions = {name: self.vm[name] for name in ("embed", "prefill", "decode")}  # one lookup each
-        rows, width = self.manifest["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]
+        m, s = self.manifest, self.session
+        with s.guard():
+            self.vm = s.load(self.folder, m)
+            self.functions = {name: self.vm[name] for name in ("embed", "prefill", "decode", "score")}  # one lookup each
+            self.params = s.arrays(m["param_names"])
+            # switching level swaps these buffers only; levels without an adapter share one all-zero set
+            self.no_adapter = s.zeros(m["adapter_shapes"], "lora0")
+            levels = m["adapter_levels"] if self.use_adapters else []
+            self.adapters = {f: s.arrays([f"adapter/{f:g}/{n}" for n in m["adapter_names"]]) for f in levels}
+        rows, width = m["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]
         # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
-        self.caches = self.session.zeros([(width, rows), (rows, width)] * cfg["num_layers"])
+        self.caches = s.zeros([(width, rows), (rows, width)] * cfg["num_layers"], "kv")
 
     def close(self) -> None:
         """Release the library, weights and cache; over RPC this ends the session (a TVM RPC server serves one
         session at a time)."""
-        self.vm = self.functions = self.params = self.caches = None
+        self.vm = self.functions = self.params = self.caches = self.adapters = self.no_adapter = None
         self.session.close()
 
     # -- levels and prompts ------------------------------------------------------------------------------
@@ -132,6 +140,12 @@ class ElasticEngine:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     # -- the compiled model ------------------------------------------------------------------------------
+    def _adapter(self, fraction: float):
+        for f, arrays in self.adapters.items():
+            if abs(f - fraction) < 1e-9:
+                return arrays
+        return self.no_adapter
+
     def _run(self, method: str, ids: list[int], past: int, lv: LevelWidths) -> np.ndarray:
         ids = np.asarray(ids, dtype="int64")
         vocab = self.elastic["config"]["vocab_size"]
@@ -140,13 +154,24 @@ class ElasticEngine:
         s = self.session
         with s.guard():
             embeddings = self.functions["embed"](s.tensor(ids.astype("int32")), self.params)
-            out = self.functions[method](embeddings, self.caches, s.shape(past), s.shape(lv.heads), s.shape(lv.neuron_blocks), self.params)
-            return s.first(out)[0]  # (vocab,) logits of the last position
+            out = self.functions[method](
+                embeddings, self.caches, self._adapter(lv.fraction), s.shape(past), s.shape(lv.heads),
+                s.shape(lv.neuron_blocks), self.params,
+            )
+            logits = s.first(out)  # (1, vocab), or (T, vocab) for "score"
+            return logits if method == "score" else logits[0]
 
-    def prefill(self, ids: list[int], level: float) -> np.ndarray:
-        """Logits after `ids`, starting a new sequence (the cache is overwritten from position 0)."""
-        self._check_length(len(ids), 0)
-        return self._run("prefill", ids, 0, self.level(level))
+    def prefill(self, ids: list[int], level: float, past: int = 0) -> np.ndarray:
+        """Logits after `ids`, written into the cache after `past` positions already there (0: a new sequence)."""
+        self._check_length(past + len(ids), 0)
+        return self._run("prefill", ids, past, self.level(level))
+
+    def score(self, ids: list[int], past: int, level: float) -> np.ndarray:
+        """Logits (T, vocab) at every position of `ids`, appended after the `past` positions already in the cache,
+        which stay as they are: score several continuations of one cached context by calling this with the same
+        `past`."""
+        self._check_length(past + len(ids), 0)
+        return self._run("score", ids, past, self.level(level))
 
     def decode(self, token: int, past: int, level: float) -> np.ndarray:
         return self._run("decode", [token], past, self.level(level))

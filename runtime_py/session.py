@@ -19,7 +19,7 @@ from tvm import relax
 
 from elastilm import ElastiLMError
 
-CACHE_NAME = "elastilm.kv.{}"  # device tensor-cache names of the KV cache tensors
+CACHE_NAME = "elastilm.{}.{}"  # device tensor-cache names of tensors made there (KV caches, zero adapters)
 
 
 class LocalSession:
@@ -35,15 +35,24 @@ class LocalSession:
         pass
 
     def load(self, folder: Path, manifest: dict):
-        """(vm, params) for a build folder."""
+        """The VM of a build folder; its tensors (weights, adapters) become available to `arrays`."""
         from tvm.contrib.tvmjs import load_tensor_cache
 
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / manifest["library"])), self.device)
-        tensors, _ = load_tensor_cache(str(folder / "params"), self.device)
-        return vm, [tensors[n] for n in manifest["param_names"]]
+        self._tensors, _ = load_tensor_cache(str(folder / "params"), self.device)
+        return vm
 
-    def zeros(self, shapes: list[tuple[int, int]]):
-        return [tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for s in shapes]
+    def arrays(self, names: list[str]):
+        """The loaded tensors `names`, in order, as one argument."""
+        return [self._tensors[n] for n in names]
+
+    def zeros(self, shapes: list[tuple[int, int]], tag: str):
+        """Zeroed tensors of `shapes` as one argument; equal shapes share one tensor unless `tag` is "kv"
+        (each KV cache is written in place)."""
+        if tag == "kv":
+            return [tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for s in shapes]
+        shared = {tuple(s): tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for s in shapes}
+        return [shared[tuple(s)] for s in shapes]
 
     def tensor(self, array: np.ndarray):
         return tvm.runtime.tensor(array, self.device)
@@ -94,7 +103,7 @@ class RemoteSession:
         raise ElastiLMError(f"cannot reach the device at {self.endpoint} after {self.retries} tries: {last}")
 
     def close(self) -> None:
-        self._kv = self._shape = self._get_item = self.remote = self.device = None
+        self._shape = self._get_item = self.remote = self.device = None
 
     @contextlib.contextmanager
     def guard(self):
@@ -160,16 +169,23 @@ class RemoteSession:
         # looked up once: each lookup is a round trip, and these run for every token
         self._shape, self._get_item = self.function("ffi.Shape"), self.function("ffi.ArrayGetItem")
         self.call(self.function("vm.builtin.tensor_cache.load"), params_dir, self.device_type, 0)
-        params = self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *manifest["param_names"])
-        return vm, params
+        return vm
 
-    def zeros(self, shapes: list[tuple[int, int]]):
-        """Zeroed tensors allocated on the device, returned as one device-side array."""
-        self._kv = [self.call(tvm.runtime.tensor, np.zeros(s, "float32"), self.device) for s in shapes]
+    def arrays(self, names: list[str]):
+        """Tensors of the device's tensor cache, in order, as one device-side array."""
+        return self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *names)
+
+    def zeros(self, shapes: list[tuple[int, int]], tag: str):
+        """Zeroed tensors allocated on the device, as one device-side array; equal shapes share one tensor
+        unless `tag` is "kv" (each KV cache is written in place)."""
         update = self.function("vm.builtin.tensor_cache.update")
-        for i, t in enumerate(self._kv):
-            self.call(update, CACHE_NAME.format(i), t, True)
-        return self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *[CACHE_NAME.format(i) for i in range(len(shapes))])
+        names = []
+        for i, s in enumerate(shapes):
+            name = CACHE_NAME.format(tag, i if tag == "kv" else "x".join(map(str, s)))
+            if name not in names:
+                self.call(update, name, self.call(tvm.runtime.tensor, np.zeros(s, "float32"), self.device), True)
+            names.append(name)
+        return self.arrays(names)
 
     def tensor(self, array: np.ndarray):
         return self.call(tvm.runtime.tensor, array, self.device)

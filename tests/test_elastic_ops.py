@@ -45,23 +45,30 @@ def test_prefix_matmul_reads_only_the_prefix(tokens, blocks, active_in, schedule
     np.testing.assert_allclose(out.numpy(), xs @ full[: blocks * 64, :active_in].T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rank,active_in,rows", [(8, 576, 576), (8, 37, 13), (3, 1, 1)])
-def test_lora_on_prefix_matches_numpy(rank, active_in, rows):
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("rank,active_in,rows", [(8, 576, 576), (8, 37, 13), (3, 1, 1), (8, 100, 192)])
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_lora_on_prefix_matches_numpy(tokens, rank, active_in, rows, scheduled):
+    """Adapter entries outside the active prefix are NaN: reading any of them would show."""
     rng = np.random.default_rng(rank + rows)
-    T, k_in, m = tirx.Var("T", "int64"), tirx.Var("k", "int64"), tirx.Var("m", "int64")
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    k_in, m = tirx.Var("k", "int64"), tirx.Var("m", "int64")
     x = te.placeholder((T, k_in), "float32", name="x")
+    y = te.placeholder((T, m), "float32", name="y")
     a = te.placeholder((I64(rank), I64(576)), "float32", name="a")
-    b = te.placeholder((I64(576), I64(rank)), "float32", name="b")
-    y = prefix.lora_prefix(x, a, b, m, scale=2.0)
-    fn = compile_te([x, a, b, y, m], scheduled=False)
+    bt = te.placeholder((I64(rank), I64(576)), "float32", name="bt")
+    out = prefix.lora_prefix(x, y, a, bt)
+    fn = compile_te([x, y, a, bt, out], scheduled)
     a_full, b_full = np.full((rank, 576), np.nan, "float32"), np.full((576, rank), np.nan, "float32")
     a_full[:, :active_in] = rng.standard_normal((rank, active_in))
     b_full[:rows] = rng.standard_normal((rows, rank))
-    xs = rng.standard_normal((5, active_in)).astype("float32")
-    out = poisoned((5, rows))
-    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(a_full), tvm.runtime.tensor(b_full), out, rows)
-    expected = 2.0 * xs @ a_full[:, :active_in].T @ b_full[:rows].T
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+    bt_full = np.ascontiguousarray(kernel_layout("mlp.up_proj.lora_B", b_full))
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    ys = rng.standard_normal((tokens, rows)).astype("float32")
+    res = poisoned((tokens, rows))
+    fn(*(tvm.runtime.tensor(v) for v in (xs, ys, a_full, bt_full)), res)
+    expected = ys + xs @ a_full[:, :active_in].T @ b_full[:rows].T
+    np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("tokens,past,heads,group", [(7, 0, 5, None), (1, 9, 6, None), (4, 3, 6, 3), (70, 0, 2, None)])

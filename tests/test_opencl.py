@@ -125,3 +125,27 @@ def test_check_catches_invalid_opencl_that_tvm_accepts():
     # the workaround DESIGN.md names: without vectorised stores the same schedule is valid OpenCL C
     with tvm.transform.PassContext(config={"tirx.disable_vectorize": True}):
         pocl.compile_source(pocl.opencl_source(tvm.tirx.build(fn, target=target)))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("tokens,active_in,rows", [(1, 96, 64), (5, 37, 13), (3, 1, 1)])
+def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows):
+    """The adapter update on a prefix, scheduled by the guarded dlight rules (GeneralReduction fails on this
+    two-reduction chain and is passed over), against numpy with NaN outside the prefix."""
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(tokens + rows)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    k_in, m = tirx.Var("k", "int64"), tirx.Var("m", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    y = te.placeholder((T, m), "float32", name="y")
+    a = te.placeholder((I64(8), I64(96)), "float32", name="a")
+    bt = te.placeholder((I64(8), I64(64)), "float32", name="bt")
+    fn = scheduled([x, y, a, bt, prefix.lora_prefix(x, y, a, bt)], target)
+    a_full, b_full = np.full((8, 96), np.nan, "float32"), np.full((64, 8), np.nan, "float32")
+    a_full[:, :active_in] = rng.standard_normal((8, active_in))
+    b_full[:rows] = rng.standard_normal((rows, 8))
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    ys = rng.standard_normal((tokens, rows)).astype("float32")
+    bt_packed = np.ascontiguousarray(kernel_layout("mlp.up_proj.lora_B", b_full))
+    out = pocl.run(fn, target, {"x": xs, "y": ys, "a": a_full, "bt": bt_packed, "lora_out": np.full((tokens, rows), np.nan, "float32")}, {})
+    np.testing.assert_allclose(out["lora_out"], ys + xs @ a_full[:, :active_in].T @ b_full[:rows].T, rtol=1e-4, atol=1e-4)

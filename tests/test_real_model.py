@@ -126,3 +126,33 @@ def test_serving_all_levels_needs_no_more_memory_than_full_width(engine):
     }
     print(f"peak RSS: full width only {peak['full'] / 1024:.0f} MB, all 9 levels {peak['all'] / 1024:.0f} MB")
     assert peak["all"] <= 1.10 * peak["full"]
+
+
+def test_eval_harness_scores_like_the_oracle_and_resumes(smollm2, engine, tmp_path):
+    """Through the compiled engine on real ARC-Easy items: each option's score equals the torch oracle's
+    per-character log-likelihood of the whole sequence, and a second run scores nothing again."""
+    import csv
+    import json
+
+    from elastilm.evaluate import harness, tasks
+
+    model, _ = smollm2
+    args = ([harness.Run("no-adapters", engine.folder)], ["arc_easy"], [0.5, 1.0], [0.2], 3, tmp_path)
+    acc = harness.evaluate(*args, progress=False)
+    assert [(a["level"], a["n"]) for a in acc] == [(0.5, 3), (1.0, 3)]
+    rows = list(csv.DictReader((tmp_path / "items.csv").open()))
+    assert len(rows) == 6 and (tmp_path / "accuracy.png").stat().st_size > 0
+    item = tasks.items("arc_easy", "report")[0]
+    prefix = harness.compress_prefix(engine, "arc_easy", 0.2)
+    question = engine.encode(item.question)
+    for row in rows:
+        if row["id"] != item.id:
+            continue
+        for option, got in zip(item.options, json.loads(row["scores"])):
+            ids = prefix + question + engine.encode(option)
+            logp = torch.log_softmax(reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(float(row["level"])))[0].double(), -1)
+            start = len(prefix) + len(question)
+            expected = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / len(option)
+            assert got == pytest.approx(expected, abs=2e-3)
+    assert harness.evaluate(*args, progress=False) == acc
+    assert len(list(csv.DictReader((tmp_path / "items.csv").open()))) == 6

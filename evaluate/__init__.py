@@ -1,0 +1,1 @@
+"""Accuracy harness: benchmark tasks with fixed splits, and scoring through the compiled engine."""

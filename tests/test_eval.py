@@ -1,0 +1,83 @@
+"""The accuracy harness: scoring arithmetic on a hand-computed case, the fixed splits, clear errors."""
+
+import math
+
+import numpy as np
+import pytest
+
+from elastilm import ElastiLMError
+from elastilm.evaluate import harness, tasks
+
+
+class ScriptedEngine:
+    """Returns fixed log-probabilities and records what it was asked, in place of the compiled model."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, []
+
+    def score(self, ids, past, level):
+        self.calls.append(("score", list(ids), past, level))
+        return np.log(np.array(self.rows[tuple(ids)], dtype="float64"))
+
+    def prefill(self, ids, level, past):
+        self.calls.append(("prefill", list(ids), past, level))
+        return np.log(np.array(self.rows[tuple(ids)][-1], dtype="float64"))
+
+
+def test_option_scores_match_the_hand_computed_answer():
+    """Question [0] after 10 cached tokens; option A = [1] (2 chars), option B = [2, 3] (4 chars).
+    P(first token | question) = (0.1, 0.2, 0.3, 0.4); P(3 | question, 2) = 0.25.
+    A: ln 0.2 / 2 = -0.8047. B: (ln 0.3 + ln 0.25) / 4 = -0.6476. B wins per character (A would win unnormalised)."""
+    engine = ScriptedEngine({(0,): [[0.1, 0.2, 0.3, 0.4]], (2,): [[0.25, 0.25, 0.25, 0.25]]})
+    scores = harness.option_scores(engine, 10, [0], [[1], [2, 3]], 0.5, [2, 4])
+    assert scores == pytest.approx([math.log(0.2) / 2, (math.log(0.3) + math.log(0.25)) / 4], abs=1e-9)
+    assert scores[1] > scores[0] and math.log(0.2) > math.log(0.3) + math.log(0.25)
+    # the question goes after the cached prefix, the option after the question; a one-token option needs no call
+    assert engine.calls == [("prefill", [0], 10, 0.5), ("score", [2], 11, 0.5)]
+
+
+def test_log_softmax_normalises_any_logits():
+    logits = np.array([[1000.0, 1001.0, 999.0], [-3.0, 0.0, 2.0]])
+    out = harness.log_softmax(logits)
+    np.testing.assert_allclose(np.exp(out).sum(-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(out[0], np.log(np.exp([0.0, 1.0, -1.0]) / np.exp([0.0, 1.0, -1.0]).sum()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_splits_are_fixed_disjoint_and_fewshot_comes_from_tune(task):
+    tune, report = tasks.items(task, "tune"), tasks.items(task, "report")
+    assert tune and report and not {i.id for i in tune} & {i.id for i in report}
+    assert [i.id for i in tasks.items(task, "report")] == [i.id for i in report]  # seeded: the same every time
+    prefix = tasks.fewshot_prefix(task)
+    assert all(f"{it.question}{it.options[it.answer]}" in prefix for it in tune[:5])
+    assert not any(it.question in prefix for it in report[:50])
+    assert all(0 <= it.answer < len(it.options) and all(o.startswith(" ") for o in it.options) for it in report)
+    assert 0 < tasks.chance(task) < 1
+
+
+def test_unknown_dataset_or_split_is_refused_with_the_valid_names(tmp_path):
+    with pytest.raises(ElastiLMError, match="unknown split 'validation' of arc_easy; known: tune, report"):
+        tasks.items("arc_easy", "validation")
+    with pytest.raises(ElastiLMError, match="unknown dataset 'mmlu'; known: arc_easy, obqa, piqa, sciq, droidtask"):
+        tasks.items("mmlu", "report")
+    with pytest.raises(ElastiLMError, match="unknown dataset 'hellaswag'"):
+        harness.evaluate([harness.Run("adapters", tmp_path)], ["hellaswag"], [1.0], [1.0], 1, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+class Words:
+    """A word-per-token encoder standing in for the tokenizer in the compressor test."""
+
+    def encode(self, text):
+        return text.split(" ")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.1, 0.0])
+def test_baseline_compressor_keeps_the_instruction_and_the_latest_examples(ratio):
+    engine = Words()
+    full = harness.compress_prefix(engine, "obqa", 1.0)
+    got = harness.compress_prefix(engine, "obqa", ratio)
+    head = engine.encode(tasks.TASKS["obqa"][1] + "\n\n")
+    assert got[: len(head)] == head
+    assert len(got) == max(len(head), math.ceil(ratio * len(full)))
+    assert got[len(head) :] == full[len(full) - (len(got) - len(head)) :]

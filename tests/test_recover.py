@@ -1,0 +1,153 @@
+"""Recovery adapters: the LoRA math on a prefix, resumable distillation, and the compiled model with adapter inputs
+against the torch oracle."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_ids, save_hf_folder
+from elastilm import ElastiLMError
+from elastilm.compile import artifact, recover, reference
+from elastilm.compile.build import build
+from elastilm.compile.elastify import ElastifyOptions, elastify
+from elastilm.runtime.engine import ElasticEngine
+
+TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16, batch=2, lr=1e-2, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def elastic(tmp_path_factory):
+    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
+    save_hf_folder(src, "llama-untied-bias")
+    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    return out
+
+
+def random_adapters(model, rank: int, seed: int) -> dict:
+    """Large random adapters for every level below 1.0: a wrong slice or a missing term shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for lv in model.levels[:-1]:
+        out[lv.fraction] = {}
+        for name in recover.projection_names(model.config):
+            rows, cols = model.params[name + ".weight"].shape
+            out[lv.fraction][name] = (torch.randn(rank, cols, generator=g) / cols**0.5, torch.randn(rows, rank, generator=g) / rank)
+    return out
+
+
+def test_adapter_on_a_prefix_equals_the_merged_weight_sliced(elastic):
+    """Independent check of the LoRA path: a level with adapter (A, B) equals the same level of a model whose
+    weights are W + B A, since a prefix of W + B A is W[:r, :c] + B[:r] A[:, :c]."""
+    model = artifact.load(elastic, with_tokenizer=False)
+    ids = random_ids(model.config, batch=2, length=7, seed=3)
+    for lv in model.levels[:-1:3]:
+        ad = random_adapters(model, 3, seed=int(lv.fraction * 10))[lv.fraction]
+        merged = dict(model.params)
+        for name, (a, b) in ad.items():
+            merged[name + ".weight"] = model.params[name + ".weight"] + b @ a
+        widths = model.widths(lv.fraction)
+        got = reference.logits(model.params, model.config, ids, widths, ad)
+        torch.testing.assert_close(got, reference.logits(merged, model.config, ids, widths), rtol=1e-4, atol=1e-4)
+        assert (got - reference.logits(model.params, model.config, ids, widths)).abs().max() > 0.1
+
+
+def test_recovery_lowers_the_kl_and_resumes_to_the_same_adapters(elastic, tmp_path, monkeypatch):
+    import shutil
+
+    straight = tmp_path / "straight"
+    shutil.copytree(elastic, straight)
+    summary = recover.recover(straight, TRAIN, progress=False)
+    for row in summary["levels"]:
+        assert row["kl_last"] < row["kl_first"], row
+    expected = recover.load_adapters(straight)
+    stamp = (straight / recover.ADAPTERS).stat().st_mtime_ns
+    assert recover.recover(straight, TRAIN, progress=False) == json.loads((straight / recover.SUMMARY).read_text())
+    assert (straight / recover.ADAPTERS).stat().st_mtime_ns == stamp  # same options: nothing retrained
+    assert sorted(expected) == [lv.fraction for lv in artifact.load(straight, with_tokenizer=False).levels[:-1]]
+
+    # the same run, interrupted in its fourth step and started again: it resumes from the checkpoint
+    resumed = tmp_path / "resumed"
+    shutil.copytree(elastic, resumed)
+    real, calls = reference.logits, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3 * (1 + len(expected)) + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "logits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recover.recover(resumed, TRAIN, progress=False)
+    assert (resumed / recover.CHECKPOINT).is_file() and not (resumed / recover.ADAPTERS).exists()
+    monkeypatch.setattr(reference, "logits", real)
+    with pytest.raises(ElastiLMError, match="other options"):
+        recover.recover(resumed, recover.RecoverOptions(**{**TRAIN.__dict__, "lr": 0.5}), progress=False)
+    recover.recover(resumed, TRAIN, progress=False)
+    got = recover.load_adapters(resumed)
+    for f in expected:
+        for name, (a, b) in expected[f].items():
+            torch.testing.assert_close(got[f][name][0], a, rtol=0, atol=0)
+            torch.testing.assert_close(got[f][name][1], b, rtol=0, atol=0)
+    assert not (resumed / recover.CHECKPOINT).exists()
+
+
+@pytest.fixture(scope="module")
+def adapted(elastic, tmp_path_factory):
+    """The tiny model with large random adapters, compiled; the build runs each level with its adapter."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("adapted")
+    shutil.copytree(elastic, folder, dirs_exist_ok=True)
+    model = artifact.load(folder, with_tokenizer=False)
+    adapters = random_adapters(model, 4, seed=11)
+    recover.save_adapters(folder, adapters, {"note": "random adapters for tests"})
+    return model, adapters, build(folder, "host-cpu", max_len=40)
+
+
+def oracle(model, ids, fraction, adapters):
+    return reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(fraction), adapters)[0].numpy()
+
+
+def test_compiled_adapters_match_the_oracle_at_every_level(adapted):
+    model, adapters, build_dir = adapted
+    ids = random_ids(model.config, batch=1, length=9, seed=5)[0].tolist()
+    with_adapters, plain = ElasticEngine(build_dir), ElasticEngine(build_dir, adapters=False)
+    for lv in reversed(model.levels):  # switching level swaps the adapter set between calls
+        ad = adapters.get(lv.fraction)
+        got = with_adapters.prefill(ids, lv.fraction)
+        assert np.abs(got - oracle(model, ids, lv.fraction, ad)[-1]).max() <= 1e-3, lv
+        if ad is not None:  # the adapter changes the output, and the plain engine runs without it
+            assert np.abs(got - oracle(model, ids, lv.fraction, None)[-1]).max() > 0.1
+        assert np.abs(plain.prefill(ids, lv.fraction) - oracle(model, ids, lv.fraction, None)[-1]).max() <= 1e-3
+
+
+def test_score_gives_every_position_after_a_cached_context(adapted):
+    """score(continuation, past) after prefill(context) equals the oracle over context + continuation (prefill
+    with `past` its last row), and several continuations of one context leave the context intact."""
+    model, adapters, build_dir = adapted
+    engine = ElasticEngine(build_dir)
+    ids = random_ids(model.config, batch=1, length=14, seed=8)[0].tolist()
+    for fraction in (0.2, 0.5, 1.0):
+        ad = adapters.get(fraction)
+        engine.prefill(ids[:6], fraction)
+        for cut in (11, 9, 14):  # continuations of different lengths, all after the same 6 cached tokens
+            expected = oracle(model, ids[:cut], fraction, ad)[6:]
+            np.testing.assert_allclose(engine.score(ids[6:cut], 6, fraction), expected, rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(engine.prefill(ids[6:cut], fraction, past=6), expected[-1], rtol=1e-3, atol=1e-3)
+
+
+def test_a_changed_adapter_file_is_refused(adapted, tmp_path):
+    import shutil
+
+    model, _, build_dir = adapted
+    folder = tmp_path / "m"
+    shutil.copytree(build_dir.parent, folder, ignore=shutil.ignore_patterns("host-cpu"))
+    data = bytearray((folder / recover.ADAPTERS).read_bytes())
+    data[-5] ^= 0xFF
+    (folder / recover.ADAPTERS).write_bytes(bytes(data))
+    with pytest.raises(ElastiLMError, match="checksum"):
+        build(folder, "host-cpu", max_len=40)
+    assert json.loads((folder / recover.SUMMARY).read_text())["sha256"]
