@@ -21,6 +21,7 @@ from pathlib import Path
 
 from elastilm import ElastiLMError, __version__
 from elastilm.compile import artifact, recover
+from elastilm.compile.config import PROJECTIONS
 from elastilm.compile.export import ExportShape, adapter_names, adapter_shapes, export, kernel_layout
 from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
 from elastilm.runtime.engine import MANIFEST_SCHEMA, MANIFEST_VERSION
@@ -28,7 +29,6 @@ from elastilm.runtime.files import sha256
 from elastilm.targets import preset
 
 MANIFEST = "manifest.json"
-BIAS_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int) -> ExportShape:
@@ -38,7 +38,7 @@ def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int) -> 
         # a divisor of the FFN size, so the full width is a whole number of blocks too
         neuron_block=math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size),
         max_len=max_len,
-        biases=frozenset(b for b in BIAS_LAYERS if f"model.layers.0.{b}.bias" in model.params),
+        biases=frozenset(b for b in PROJECTIONS if f"model.layers.0.{b}.bias" in model.params),
         lora_rank=lora_rank,
     )
 

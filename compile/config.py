@@ -80,3 +80,15 @@ class ModelConfig:
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(hf.tie_word_embeddings),
         )
+
+
+# the linear layers of a decoder layer, in the order the compiled model takes their adapters
+PROJECTIONS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+def projection_names(cfg: ModelConfig) -> list[str]:
+    """Every linear layer's parameter prefix, layer by layer, e.g. "model.layers.3.mlp.up_proj"."""
+    return [f"model.layers.{i}.{p}" for i in range(cfg.num_layers) for p in PROJECTIONS]

@@ -23,8 +23,7 @@ from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
-from elastilm.compile.config import ModelConfig
-from elastilm.compile.recover import PROJECTIONS, projection_names
+from elastilm.compile.config import PROJECTIONS, ModelConfig, projection_names
 from elastilm.elastic_ops import prefix
 from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
 

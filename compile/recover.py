@@ -26,13 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from elastilm import ElastiLMError
 from elastilm.compile import artifact, corpus, reference
-from elastilm.compile.config import ModelConfig
+from elastilm.compile.config import ModelConfig, projection_names
 from elastilm.runtime.files import sha256
 
-PROJECTIONS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
 ADAPTERS = "adapters.safetensors"
 SUMMARY = "recover.json"
 CHECKPOINT = "recover.ckpt"
@@ -52,10 +48,6 @@ class RecoverOptions:
     @property
     def steps(self) -> int:
         return max(1, self.tokens // (self.seq_len * self.batch))
-
-
-def projection_names(cfg: ModelConfig) -> list[str]:
-    return [f"model.layers.{i}.{p}" for i in range(cfg.num_layers) for p in PROJECTIONS]
 
 
 def _init(params: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, gen: torch.Generator) -> dict:

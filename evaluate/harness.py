@@ -2,8 +2,9 @@
 
 For each task the few-shot prefix is prefilled once per level and stays in the KV cache; each question is then
 scored after it (`ElasticEngine.score`), and each option after the question, so an option costs only its own
-tokens. An option's score is its log-likelihood per character (length-normalised, as lm-eval's acc_norm), and
-the prediction is the best-scoring option.
+tokens. An option's score is its log-likelihood per character (length-normalised, as lm-eval's acc_norm), minus
+its score after a content-free question for the tasks in `tasks.NULL_QUESTION`; the prediction is the
+best-scoring option.
 
 Variants: "adapters" (reordered model, each level with its recovery adapter), "no-adapters" (the same build,
 plain sub-models) and "original-order" (a model elastified without reordering: prefixes of the original order).
@@ -57,6 +58,18 @@ def option_scores(engine, past: int, question: list[int], options: list[list[int
             total += rest[np.arange(len(ids) - 1), ids[1:]].sum()
         out.append(float(total) / n)
     return out
+
+
+def item_scores(engine, task: str, past: int, item: tasks.Item, level: float, null: dict) -> list[float]:
+    """The option scores of `item` after `past` cached tokens, calibrated for the tasks in tasks.NULL_QUESTION
+    (`null` keeps the content-free scores of each option list, computed once per level)."""
+    options, chars = [engine.encode(o) for o in item.options], [len(o) for o in item.options]
+    scores = option_scores(engine, past, engine.encode(item.question), options, level, chars)
+    if task not in tasks.NULL_QUESTION:
+        return scores
+    if item.options not in null:
+        null[item.options] = option_scores(engine, past, engine.encode(tasks.NULL_QUESTION[task]), options, level, chars)
+    return [s - b for s, b in zip(scores, null[item.options])]
 
 
 def compress_prefix(engine, task: str, ratio: float) -> list[int]:
@@ -115,9 +128,9 @@ def evaluate(
                             engine = ElasticEngine(run.build, adapters=run.variant == "adapters")
                         prefix = compress_prefix(engine, t, ratio)
                         engine.prefill(prefix, level)
+                        null: dict = {}
                         for it in todo:
-                            options = [engine.encode(o) for o in it.options]
-                            scores = option_scores(engine, len(prefix), engine.encode(it.question), options, level, [len(o) for o in it.options])
+                            scores = item_scores(engine, t, len(prefix), it, level, null)
                             pred = int(np.argmax(scores))
                             writer.writerow({
                                 "task": t, "variant": run.variant, "level": f"{level:g}", "ratio": f"{ratio:g}", "id": it.id,

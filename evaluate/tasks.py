@@ -98,6 +98,13 @@ TASKS = {
 }
 
 
+# Calibrated tasks: each option's score minus its score after a content-free question, so a label the model
+# favours whatever the instruction (lm-eval's "mutual information" scoring). Chosen on DroidTask's tune split
+# (train.jsonl without the 5 few-shot items, full model): plain per-character scoring picked "app launcher" for
+# every instruction (1.1%, and 1.1% summed or per token too); calibrated, 43.0%.
+NULL_QUESTION = {"droidtask": "Instruction: (none)\nApp:"}
+
+
 def check(task: str, part: str) -> None:
     if task not in TASKS:
         raise ElastiLMError(f"unknown dataset '{task}'; known: {', '.join(TASKS)}")

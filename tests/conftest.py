@@ -74,6 +74,17 @@ def save_hf_folder(path, variant, seed: int = 0):
     return params, cfg
 
 
+def elastified_tiny(tmp_path_factory, variant: str, neuron_multiple: int = 1):
+    """A tiny random model saved as a Hugging Face folder and elastified (2 calibration windows); returns the
+    elastify output folder. Neuron blocks of 1 put levels on odd widths."""
+    from elastilm.compile.elastify import ElastifyOptions, elastify
+
+    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
+    save_hf_folder(src, variant)
+    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=neuron_multiple), progress=False)
+    return out
+
+
 def random_ids(cfg: ModelConfig, batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 

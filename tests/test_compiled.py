@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_ids, save_hf_folder
+from conftest import elastified_tiny, random_ids
 from elastilm import ElastiLMError
 from elastilm.compile import artifact, reference
 from elastilm.compile.build import build
-from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.export import ExportShape, export, kernel_layout
 from elastilm.runtime.engine import ElasticEngine, LevelWidths
 
@@ -18,9 +17,7 @@ from elastilm.runtime.engine import ElasticEngine, LevelWidths
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama-untied-bias"])
 def compiled(request, tmp_path_factory):
     """Elastified with neuron blocks of 1, so levels land on odd widths (e.g. 13 of 40 neurons)."""
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
-    save_hf_folder(src, request.param)
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    out = elastified_tiny(tmp_path_factory, request.param)
     build_dir = build(out, "host-cpu", max_len=40)
     return artifact.load(out, with_tokenizer=False), ElasticEngine(build_dir)
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_hf_folder
+from conftest import elastified_tiny
 from elastilm.compile.build import build
-from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.runtime.engine import ElasticEngine
 
 pytestmark = pytest.mark.device
@@ -44,9 +43,7 @@ def phone(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
-    save_hf_folder(src, "llama")
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    out = elastified_tiny(tmp_path_factory, "llama")
     return build(out, "host-cpu", max_len=40), build(out, "linux-arm64-cpu", max_len=40)
 
 

@@ -36,6 +36,21 @@ def test_option_scores_match_the_hand_computed_answer():
     assert engine.calls == [("prefill", [0], 10, 0.5), ("score", [2], 11, 0.5)]
 
 
+def test_calibrated_task_subtracts_the_content_free_scores():
+    """DroidTask options are scored against the content-free question once per option list. Question q -> ids [0],
+    null question -> [9]. Option A = [1] " a" (2 chars), B = [2] " b" (2 chars).
+    Raw: A ln0.6/2, B ln0.3/2 (A wins). Null: A ln0.8/2, B ln0.1/2. Calibrated: A ln(0.6/0.8)/2 = -0.1438,
+    B ln(0.3/0.1)/2 = +0.5493: B wins."""
+    engine = ScriptedEngine({(0,): [[0.05, 0.6, 0.3, 0.05]], (9,): [[0.05, 0.8, 0.1, 0.05]]})
+    engine.encode = {"q": [0], tasks.NULL_QUESTION["droidtask"]: [9], " a": [1], " b": [2]}.__getitem__
+    item, null = tasks.Item("x", "q", (" a", " b"), 1), {}
+    for _ in range(2):
+        got = harness.item_scores(engine, "droidtask", 4, item, 0.3, null)
+        assert got == pytest.approx([math.log(0.6 / 0.8) / 2, math.log(0.3 / 0.1) / 2], abs=1e-9)
+    assert [c[1] for c in engine.calls] == [[0], [9], [0]]  # the null question is scored once
+    assert harness.item_scores(engine, "arc_easy", 4, item, 0.3, {}) == pytest.approx([math.log(0.6) / 2, math.log(0.3) / 2])
+
+
 def test_log_softmax_normalises_any_logits():
     logits = np.array([[1000.0, 1001.0, 999.0], [-3.0, 0.0, 2.0]])
     out = harness.log_softmax(logits)

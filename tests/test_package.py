@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 
-from conftest import save_hf_folder
+from conftest import elastified_tiny
 from elastilm import ElastiLMError
 from elastilm.compile.build import build
-from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.package import APP_CONFIG, load_bundle, package
 from elastilm.runtime.engine import ElasticEngine
 from elastilm.runtime.profile import LATENCY, profile, write
@@ -16,9 +15,7 @@ from elastilm.runtime.profile import LATENCY, profile, write
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
-    save_hf_folder(src, "llama")
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=8), progress=False)
+    out = elastified_tiny(tmp_path_factory, "llama", neuron_multiple=8)
     host = build(out, "host-cpu", max_len=40)
     engine = ElasticEngine(host)
     write(profile(engine, prompt_lengths=(4, 16, 64), decode_tokens=3, repeat=1, progress=False), host)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_ids, save_hf_folder
+from conftest import elastified_tiny, random_ids
 from elastilm import ElastiLMError
 from elastilm.compile import artifact, recover, reference
 from elastilm.compile.build import build
-from elastilm.compile.elastify import ElastifyOptions, elastify
+from elastilm.compile.config import projection_names
 from elastilm.runtime.engine import ElasticEngine
 
 TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16, batch=2, lr=1e-2, checkpoint_every=1)
@@ -19,9 +19,7 @@ TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16,
 
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
-    save_hf_folder(src, "llama-untied-bias")
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    out = elastified_tiny(tmp_path_factory, "llama-untied-bias")
     return out
 
 
@@ -31,7 +29,7 @@ def random_adapters(model, rank: int, seed: int) -> dict:
     out = {}
     for lv in model.levels[:-1]:
         out[lv.fraction] = {}
-        for name in recover.projection_names(model.config):
+        for name in projection_names(model.config):
             rows, cols = model.params[name + ".weight"].shape
             out[lv.fraction][name] = (torch.randn(rank, cols, generator=g) / cols**0.5, torch.randn(rows, rank, generator=g) / rank)
     return out

@@ -5,19 +5,16 @@ import pytest
 from tvm import rpc
 from tvm.rpc.tracker import Tracker
 
-from conftest import save_hf_folder
+from conftest import elastified_tiny
 from elastilm import ElastiLMError
 from elastilm.compile.build import build
-from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.runtime import device
 from elastilm.runtime.engine import ElasticEngine
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
-    save_hf_folder(src, "llama")
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=1), progress=False)
+    out = elastified_tiny(tmp_path_factory, "llama")
     return build(out, "host-cpu", max_len=40)
 
 

@@ -6,10 +6,9 @@ import tarfile
 
 import pytest
 
-from conftest import save_hf_folder
+from conftest import elastified_tiny
 from elastilm import ElastiLMError
 from elastilm.compile.build import build
-from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.runtime.engine import ElasticEngine
 from elastilm.targets import names, preset
 
@@ -18,9 +17,7 @@ EM_AARCH64 = 183  # ELF e_machine
 
 @pytest.fixture(scope="module")
 def elastified(tmp_path_factory):
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
-    save_hf_folder(src, "llama")
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=8), progress=False)
+    out = elastified_tiny(tmp_path_factory, "llama", neuron_multiple=8)
     return out
 
 
