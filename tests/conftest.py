@@ -85,6 +85,21 @@ def elastified_tiny(tmp_path_factory, variant: str, neuron_multiple: int = 1):
     return out
 
 
+def random_adapters(model, rank: int, seed: int) -> dict:
+    """Large random LoRA adapters {fraction: {projection: (A, B)}} for every level below 1.0 of an ElasticModel: a
+    wrong slice or a missing term shows in the logits."""
+    from elastilm.compile.config import projection_names
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for lv in model.levels[:-1]:
+        out[lv.fraction] = {}
+        for name in projection_names(model.config):
+            rows, cols = model.params[name + ".weight"].shape
+            out[lv.fraction][name] = (torch.randn(rank, cols, generator=g) / cols**0.5, torch.randn(rows, rank, generator=g) / rank)
+    return out
+
+
 def random_ids(cfg: ModelConfig, batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 

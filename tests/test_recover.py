@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import elastified_tiny, random_ids
+from conftest import elastified_tiny, random_adapters, random_ids
 from elastilm import ElastiLMError
 from elastilm.compile import artifact, recover, reference
 from elastilm.compile.build import build
-from elastilm.compile.config import projection_names
 from elastilm.runtime.engine import ElasticEngine
 
 TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16, batch=2, lr=1e-2, checkpoint_every=1)
@@ -20,18 +19,6 @@ TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16,
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
     out = elastified_tiny(tmp_path_factory, "llama-untied-bias")
-    return out
-
-
-def random_adapters(model, rank: int, seed: int) -> dict:
-    """Large random adapters for every level below 1.0: a wrong slice or a missing term shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for lv in model.levels[:-1]:
-        out[lv.fraction] = {}
-        for name in projection_names(model.config):
-            rows, cols = model.params[name + ".weight"].shape
-            out[lv.fraction][name] = (torch.randn(rank, cols, generator=g) / cols**0.5, torch.randn(rows, rank, generator=g) / rank)
     return out
 
 

@@ -5,8 +5,9 @@ import pytest
 from tvm import rpc
 from tvm.rpc.tracker import Tracker
 
-from conftest import elastified_tiny
+from conftest import elastified_tiny, random_adapters
 from elastilm import ElastiLMError
+from elastilm.compile import artifact, recover
 from elastilm.compile.build import build
 from elastilm.runtime import device
 from elastilm.runtime.engine import ElasticEngine
@@ -14,7 +15,9 @@ from elastilm.runtime.engine import ElasticEngine
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """With recovery adapters, so that the device also holds and switches each level's adapter set."""
     out = elastified_tiny(tmp_path_factory, "llama")
+    recover.save_adapters(out, random_adapters(artifact.load(out, with_tokenizer=False), 4, seed=5), {"note": "random, for tests"})
     return build(out, "host-cpu", max_len=40)
 
 
@@ -49,6 +52,8 @@ def test_generate_over_rpc_equals_local_and_uploads_once(built, local, device_ca
         for level in (1.0, 0.5, 0.2):
             np.testing.assert_allclose(first.prefill(ids, level), local.prefill(ids, level), rtol=0, atol=1e-6)
             assert greedy(first, ids, level) == greedy(local, ids, level)
+        plain = ElasticEngine(built, adapters=False)  # the adapters took part on the device
+        assert np.abs(first.prefill(ids, 0.5) - plain.prefill(ids, 0.5)).max() > 1e-2
         assert first.session.uploaded_bytes > 0
         cached = sorted(p.name for p in device_cache.rglob("*") if p.is_file())
         assert "model.so" in cached and "tensor-cache.json" in cached
