@@ -41,6 +41,14 @@ def _elastify(args) -> None:
     print(f"wrote {Path(args.out) / 'elastic.json'}")
 
 
+def _train_tlm(args) -> None:
+    from elastilm.compile.train_tlm import TLMOptions, train_tlm
+
+    options = TLMOptions(layers=args.layers, epochs=args.epochs, grid_questions=args.grid_questions, seed=args.seed)
+    out = train_tlm(args.folder, args.build or args.folder / "host-cpu", options)
+    print("\n" + _train_tlm_summary(json.loads((out / "tlm.json").read_text())["training"]) + f"; wrote {out}")
+
+
 def _quality(args) -> None:
     from elastilm.compile.quality import evaluate, markdown
 
@@ -109,6 +117,8 @@ def _device_args(p) -> None:
 
 def _run(args) -> None:
     engine = _engine(args)
+    if args.slo_ttft is not None or args.slo_tpot is not None:
+        return _run_slo(args, engine)
     pieces = engine.generate(
         args.prompt, args.level, args.max_new_tokens, chat=not args.no_chat, stream=True,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -116,6 +126,46 @@ def _run(args) -> None:
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+
+
+def _run_slo(args, engine) -> None:
+    """Plan with the TLM under the SLO, compress --context, generate, report predicted vs measured latency."""
+    from elastilm.runtime.orchestrator import Answer, Orchestrator, describe
+    from elastilm.runtime.planner import SLO
+
+    if args.slo_ttft is None or args.slo_tpot is None:
+        raise ElastiLMError("give both --slo-ttft and --slo-tpot")
+    if getattr(args, "bundle", None) or args.rpc or args.tracker:
+        raise ElastiLMError("SLO-planned runs use a local --build for now (the TLM runs in this process)")
+    context = args.context.read_text() if args.context is not None and args.context.is_file() else (str(args.context) if args.context else "")
+    orch = Orchestrator(args.build, engine)
+    slo = SLO(args.slo_ttft, args.slo_tpot, relative=not args.slo_ms)
+    answer = None
+    for piece in orch.answer(orch.parts(args.prompt, context, chat=not args.no_chat), slo, args.max_new_tokens, stream=True,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        if isinstance(piece, Answer):
+            answer = piece
+        else:
+            print(piece, end="", flush=True)
+    print()
+    print(describe(answer))
+
+
+def _train_tlm_summary(info: dict) -> str:
+    s, d = info["score_head"], info["decision_head"]
+    return (f"score head: {s['passages']} passages, loss {s['loss_first']:.3f} -> {s['loss_last20']:.3f}; held-out keep/drop "
+            f"accuracy {s['heldout_keep_accuracy_before']:.1%} -> {s['heldout_keep_accuracy_after']:.1%}\n"
+            f"decision head: {d['questions']} tune questions, {d['examples']} (question, SLO) labels, "
+            f"loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}\ntime {info['seconds']:.0f}s")
+
+
+def _eval_slo(args) -> None:
+    from elastilm.evaluate.slo import evaluate, markdown
+
+    summary = evaluate(args.build, args.tasks, args.limit, args.out)
+    print()
+    print(markdown(summary))
+    print(f"wrote {args.out}/grid-report.csv, slo-plans.csv, slo.csv, slo.md, slo.png")
 
 
 def _profile(args) -> None:
@@ -185,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_recover)
 
+    p = sub.add_parser("train-tlm", help="train the TLM (compression + plan heads) from the elastic LLM's own answers (resumable)")
+    p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
+    p.add_argument("--build", type=Path, default=None, help="its host build with latency.json (default FOLDER/host-cpu)")
+    p.add_argument("--layers", type=int, default=3, help="BERT layers of the backbone (of 6)")
+    p.add_argument("--epochs", type=int, default=3, help="score-head epochs")
+    p.add_argument("--grid-questions", type=int, default=16, help="tune questions per task run at every (ratio, level)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_train_tlm)
+
     p = sub.add_parser("eval", help="accuracy per level on the benchmarks, through the compiled engine (resumable)")
     p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
     p.add_argument("--original-build", type=Path, default=None, help="a build of the not-reordered model (original-order)")
@@ -195,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items per task from the report split (default all)")
     p.add_argument("--out", type=Path, default=Path("dist/eval"))
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("eval-slo", help="accuracy under the paper's SLO pairs: TLM-planned vs baselines (resumable)")
+    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json")
+    p.add_argument("--tasks", type=_names, default=["arc_easy", "obqa", "piqa", "sciq", "droidtask"])
+    p.add_argument("--limit", type=int, default=30, help="report questions per task")
+    p.add_argument("--out", type=Path, default=Path("dist/eval-slo"))
+    p.set_defaults(run=_eval_slo)
 
     p = sub.add_parser("compile", help="compile an elastified model for a target (one library for all levels)")
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
@@ -219,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--slo-ttft", type=float, default=None, help="TTFT budget: a fraction of the full model's (or ms with --slo-ms); "
+                   "the TLM then picks the level and prompt ratio (needs a trained TLM in the build)")
+    p.add_argument("--slo-tpot", type=float, default=None, help="TPOT budget, likewise")
+    p.add_argument("--slo-ms", action="store_true", help="the SLO budgets are milliseconds")
+    p.add_argument("--context", type=Path, default=None, help="system / few-shot text (or a file of it) that may be compressed")
     p.set_defaults(run=_run)
 
     p = sub.add_parser("profile", help="measure TTFT and TPOT of every level on the device; writes latency.json")

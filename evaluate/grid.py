@@ -1,0 +1,83 @@
+"""Run the elastic LLM at every (prompt ratio, level) on benchmark questions: is each answer still correct?
+
+This one table feeds both the TLM's decision labels (on the tune parts: "self-induced" labels) and the SLO
+evaluation of every strategy (on the report parts): a strategy only picks a (ratio, level) per question, so its
+accuracy is a lookup. Each question's prompt is its task's 5-shot prefix (compressible) and the question (kept
+whole), compressed by the TLM's score head to the ratio of the whole prompt (runtime.compress), then scored as in
+the harness (per-character option log-likelihood, calibrated for DroidTask) with the level's recovery adapter.
+
+grid.csv rows: task, part, id, ratio, level, tokens (prompt after compression), original (before), correct.
+A rerun skips what is already there, so runs resume.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from elastilm.evaluate import harness, tasks
+from elastilm.runtime.compress import Part, compress
+
+FIELDS = ("task", "part", "id", "ratio", "level", "tokens", "original", "correct")
+SHOTS = 5
+
+
+def questions(task: str, part: str, limit: int | None) -> list[tasks.Item]:
+    """The questions of a part; on the tune part, never the few-shot examples of the prompt."""
+    items = tasks.items(task, part)
+    if part == "tune":
+        items = items[SHOTS:]
+    return items[:limit]
+
+
+def read(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with Path(path).open() as f:
+        return [
+            {**r, "ratio": float(r["ratio"]), "level": float(r["level"]), "tokens": int(r["tokens"]),
+             "original": int(r["original"]), "correct": int(r["correct"])}
+            for r in csv.DictReader(f)
+        ]
+
+
+def run_grid(
+    engine, tlm, task_names: list[str], part: str, ratios, levels, limit: int | None, out: Path, progress: bool = True
+) -> list[dict]:
+    """Fill `out` (grid.csv) for every (task, question, ratio, level) missing; returns all rows."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["task"], r["part"], r["id"], r["ratio"], r["level"]) for r in read(out)}
+    work = [(t, it) for t in task_names for it in questions(t, part, limit)]
+    bar = tqdm(total=len(work) * len(ratios) * len(levels), desc=f"grid {part}", unit="run", disable=not progress)
+    new_file = not out.is_file()
+    with out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new_file:
+            writer.writeheader()
+        for t, it in work:
+            prefix = tasks.fewshot_prefix(t, SHOTS)
+            question = engine.encode(it.question)
+            for ratio in ratios:
+                todo = [lv for lv in levels if (t, part, it.id, ratio, lv) not in done]
+                bar.update(len(levels) - len(todo))
+                if not todo:
+                    continue
+                c = compress([Part(prefix), Part(it.question, compress=False)], ratio, tlm, engine.tokenizer)
+                kept = c.ids[: len(c.ids) - len(question)]
+                for lv in todo:
+                    if kept:
+                        engine.prefill(kept, lv)
+                    scores = harness.item_scores(engine, t, len(kept), it, lv, {})
+                    writer.writerow({
+                        "task": t, "part": part, "id": it.id, "ratio": ratio, "level": lv, "tokens": c.achieved,
+                        "original": c.original, "correct": int(int(np.argmax(scores)) == it.answer),
+                    })
+                    f.flush()
+                    bar.update(1)
+    bar.close()
+    return read(out)

@@ -1,0 +1,137 @@
+"""Answer a request under its latency objective: plan with the TLM, compress, run the chosen level, measure.
+
+    request (context parts, query, SLO)
+      -> TLM decision head over the query + SLO -> planner (latency.json, the TLM's own measured cost)
+      -> compress the context to the plan's ratio (TLM score head; the query stays whole)
+      -> generate at the plan's level -> predicted vs measured TTFT/TPOT, and whether the SLO was met
+
+Everything here runs without torch: the LLM and the TLM are the TVM builds in one build folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from elastilm import ElastiLMError
+from elastilm.runtime import planner
+from elastilm.runtime.compress import Compressed, Part, compress
+from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime.tlm import CompiledTLM
+
+
+@dataclass
+class Answer:
+    text: str
+    plan: planner.Plan
+    compressed: Compressed
+    ttft_budget_ms: float
+    tpot_budget_ms: float
+    ttft_ms: float = 0.0  # measured: from the request to the first token, TLM included
+    tpot_ms: float = 0.0  # measured: mean time per token after the first
+    tokens: int = 0
+
+    @property
+    def slo_met(self) -> bool:
+        return self.ttft_ms <= self.ttft_budget_ms and (self.tokens < 2 or self.tpot_ms <= self.tpot_budget_ms)
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(), "prompt_tokens": {"original": self.compressed.original, "requested": self.compressed.requested,
+                                                           "achieved": self.compressed.achieved},
+            "budget_ms": {"ttft": round(self.ttft_budget_ms, 1), "tpot": round(self.tpot_budget_ms, 1)},
+            "measured_ms": {"ttft": round(self.ttft_ms, 1), "tpot": round(self.tpot_ms, 1)}, "tokens": self.tokens,
+            "slo_met": self.slo_met,
+        }
+
+
+class Orchestrator:
+    """One build folder (LLM, TLM, latency.json) serving requests with SLOs in this process."""
+
+    def __init__(self, build: str | Path, engine: ElasticEngine | None = None):
+        build = Path(build)
+        self.engine = engine or ElasticEngine(build)
+        self.tlm = CompiledTLM(build / "tlm")
+        self.latency = planner.LatencyModel.from_file(build / "latency.json")
+        missing = [lv for lv in self.tlm.levels if lv not in self.engine.levels]
+        if missing:
+            raise ElastiLMError(f"{build}: the TLM plans levels {missing} that the model does not have; retrain it")
+        self.cost = self.tlm.measure_cost()
+
+    def parts(self, query: str, context: str = "", chat: bool = True) -> list[Part]:
+        """The prompt as parts: the context (system text, few-shot examples) compressible, the rest whole."""
+        if not chat:
+            return [Part(context), Part(query, compress=False)] if context else [Part(query, compress=False)]
+        marker = "\x00CONTEXT\x00"
+        text = self.engine.chat_prompt(query, system=marker if context else None)
+        if not context:
+            return [Part(text, compress=False)]
+        before, after = text.split(marker)
+        return [Part(before, compress=False), Part(context), Part(after, compress=False)]
+
+    def plan(self, parts: list[Part], slo: planner.SLO) -> planner.Plan:
+        count = lambda text: len(self.engine.encode(text))  # noqa: E731
+        prompt = sum(count(p.text) for p in parts)
+        fixed = sum(count(p.text) for p in parts if not p.compress)
+        query = " ".join(p.text for p in parts if not p.compress)
+        ratio_lp, level_lp = self.tlm.decide(query, *self._fractions(slo, prompt))
+        index_r = {r: i for i, r in enumerate(self.tlm.ratios)}
+        index_l = {lv: i for i, lv in enumerate(self.tlm.levels)}
+        ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)
+        return planner.plan(
+            slo, self.latency, prompt, fixed, ratios, self.tlm.levels,
+            lambda r, lv: ratio_lp[index_r[r]] + level_lp[index_l[lv]], self.cost,
+        )
+
+    def _fractions(self, slo: planner.SLO, prompt_tokens: int) -> tuple[float, float]:
+        """The SLO as fractions of the full model (what the decision head reads)."""
+        ttft, tpot = planner.budgets(slo, self.latency, prompt_tokens)
+        full = max(self.latency.levels)
+        return ttft / self.latency.ttft(full, prompt_tokens), tpot / self.latency.tpot(full)
+
+    def answer(self, parts: list[Part], slo: planner.SLO, max_new_tokens: int = 64, stream: bool = False, **sampling):
+        """Plan, compress, generate. With stream=True, yields text pieces and finally the Answer; else the Answer."""
+        run = self._answer(parts, slo, max_new_tokens, **sampling)
+        if stream:
+            return run
+        text, answer = [], None
+        for piece in run:
+            if isinstance(piece, Answer):
+                answer = piece
+            else:
+                text.append(piece)
+        answer.text = "".join(text)
+        return answer
+
+    def _answer(self, parts, slo, max_new_tokens, **sampling) -> Iterator:
+        start = time.perf_counter()
+        p = self.plan(parts, slo)
+        c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
+        ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original)
+        answer = Answer("", p, c, ttft_budget, tpot_budget)
+        times = []
+        for piece in self.engine._stream_text(self.engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)):
+            times.append(time.perf_counter())
+            yield piece
+        answer.tokens = len(times)
+        if times:
+            answer.ttft_ms = 1000 * (times[0] - start)
+            answer.tpot_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        yield answer
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def describe(a: Answer) -> str:
+    p = a.plan
+    return (
+        f"plan: level {p.level:.0%}, prompt ratio {p.ratio:g} ({a.compressed.original} -> {a.compressed.achieved} tokens, "
+        f"requested {a.compressed.requested}); chosen by {p.chosen_by}\n"
+        f"TTFT predicted {p.ttft_ms:.0f} ms (TLM {p.tlm_ms:.0f} ms), measured {a.ttft_ms:.0f} ms, budget {a.ttft_budget_ms:.0f} ms\n"
+        f"TPOT predicted {p.tpot_ms:.1f} ms, measured {a.tpot_ms:.1f} ms, budget {a.tpot_budget_ms:.1f} ms\n"
+        f"SLO {'met' if a.slo_met else 'missed'}" + ("" if p.feasible else " (no plan was predicted to meet it; ran the fastest)")
+    )
+

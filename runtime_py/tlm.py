@@ -1,0 +1,133 @@
+"""The tiny language model (TLM) at run time: tokenization into windows and the two heads' outputs, no torch.
+
+The TLM is a small BERT (see compile/tlm.py) that reads text in fixed windows of `window` tokens ([CLS] text
+[SEP], padded and masked), so one compiled function with static shapes serves any length. It answers two
+questions for the planner:
+  token_scores(text)    keep probability of every TLM token of `text`, with its character span (compression)
+  decide(query, slo)    log-probabilities over prompt ratios and over levels, from [CLS] of the user's query
+                        and the SLO as fractions of the full model's TTFT and TPOT
+
+`TLMBase` holds everything but the forward pass; `CompiledTLM` runs the TVM build (`elastilm compile` writes it
+to <build>/tlm/), the torch model in compile/tlm.py is the other implementation and the parity reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from elastilm import ElastiLMError
+from elastilm.runtime.files import verify_files
+
+META = "tlm.json"
+TOKENIZER = "tokenizer.json"
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.tlm-build", 1
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x.astype("float64") - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+class TLMBase:
+    """Windows and heads; subclasses provide `_forward(ids, mask, slo)` -> (keep logits (W,), ratio logits,
+    level logits) for one window."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder = Path(folder)
+        self.meta = meta
+        self.window = meta["window"]
+        self.ratios = tuple(meta["ratios"])
+        self.levels = tuple(meta["levels"])
+        self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.cls_id, self.sep_id = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, slo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def windows(self, text: str) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+        """`text` as model inputs: (ids (1, W) int64, mask (1, W) int64, character spans of the real tokens)."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        per = self.window - 2
+        out = []
+        for start in range(0, max(len(enc.ids), 1), per):
+            ids, spans = enc.ids[start : start + per], enc.offsets[start : start + per]
+            row = [self.cls_id, *ids, self.sep_id]
+            padded = np.zeros((1, self.window), "int64")
+            padded[0, : len(row)] = row
+            mask = np.zeros((1, self.window), "int64")
+            mask[0, : len(row)] = 1
+            out.append((padded, mask, list(spans)))
+        return out
+
+    def token_scores(self, text: str) -> list[tuple[int, int, float]]:
+        """(start, end, keep probability) of every TLM token of `text`, in order."""
+        out = []
+        for ids, mask, spans in self.windows(text):
+            keep = self._forward(ids, mask, np.zeros((1, 2), "float32"))[0]
+            prob = 1.0 / (1.0 + np.exp(-keep[1 : 1 + len(spans)].astype("float64")))
+            out += [(s, e, float(p)) for (s, e), p in zip(spans, prob)]
+        return out
+
+    def decide(self, query: str, ttft: float, tpot: float) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probabilities over `self.ratios` and over `self.levels` for `query` under an SLO of `ttft` and
+        `tpot` (fractions of the full model's latency); a query longer than one window is cut to its start."""
+        ids, mask, _ = self.windows(query)[0]
+        _, ratio, level = self._forward(ids, mask, np.array([[ttft, tpot]], "float32"))
+        return log_softmax(ratio.reshape(-1)), log_softmax(level.reshape(-1))
+
+
+    def measure_cost(self, repeat: int = 5):
+        """planner.TLMCost of this TLM here: the median time of one window (a decision or a scored window are
+        each one forward pass)."""
+        from elastilm.runtime.planner import TLMCost
+
+        ids, mask, _ = self.windows("measure " * (self.window - 2))[0]
+        slo = np.zeros((1, 2), "float32")
+        self._forward(ids, mask, slo)  # warm-up
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            self._forward(ids, mask, slo)
+            times.append(1000 * (time.perf_counter() - t))
+        ms = float(np.median(times))
+        return TLMCost(ms, ms, self.window - 2)
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ElastiLMError(f"{folder}: no compiled TLM ({MANIFEST} missing); train it with `elastilm train-tlm` and rebuild")
+    doc = json.loads(path.read_text())
+    if (doc.get("schema"), doc.get("schema_version")) != (MANIFEST_SCHEMA, MANIFEST_VERSION):
+        raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {MANIFEST_SCHEMA} v{MANIFEST_VERSION}")
+    if verify:
+        verify_files(folder, doc["files"], MANIFEST)
+    return doc
+
+
+class CompiledTLM(TLMBase):
+    """The TVM build of the TLM (<build>/tlm/), in this process."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        from elastilm.runtime.session import LocalSession
+
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        super().__init__(folder, json.loads((folder / META).read_text()))
+        self.session = LocalSession(device)
+        self.vm = self.session.load(folder, manifest)
+        self.main = self.vm["main"]
+        self.params = self.session.arrays(manifest["param_names"])
+
+    def _forward(self, ids, mask, slo):
+        s = self.session
+        keep, ratio, level = self.main(s.tensor(ids), s.tensor(mask), s.tensor(slo), *self.params)
+        return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]

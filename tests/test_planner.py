@@ -1,0 +1,139 @@
+"""The planner on synthetic latency tables: predictions, feasibility (property-based), fallbacks, baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elastilm import ElastiLMError
+from elastilm.evaluate import slo as slo_eval
+from elastilm.runtime import planner
+
+LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+RATIOS = [1.0, 0.8, 0.6, 0.4, 0.2]
+LENGTHS = [32, 128, 512]
+
+
+def table(base: float = 10.0, per_token: float = 2.0, tpot_floor: float = 0.6, noise: np.ndarray | None = None) -> dict:
+    """A latency profile where time grows with the level: TTFT = level-scaled (base + per_token * tokens)."""
+    rows = []
+    for i, f in enumerate(LEVELS):
+        scale = tpot_floor + (1 - tpot_floor) * f
+        ttft = [scale * (base + per_token * n) for n in LENGTHS]
+        if noise is not None:
+            ttft = [t * (1 + noise[i]) for t in ttft]
+        rows.append({"fraction": f, "ttft_ms": ttft, "tpot_ms": 40.0 * scale})
+    return {"schema": "elastilm.latency", "prompt_lengths": LENGTHS, "levels": rows}
+
+
+def test_predictions_interpolate_and_extrapolate():
+    lat = planner.LatencyModel(table())
+    scale = 0.6 + 0.4 * 0.5
+    assert lat.ttft(0.5, 128) == pytest.approx(scale * (10 + 2 * 128))
+    assert lat.ttft(0.5, 300) == pytest.approx(scale * (10 + 2 * 300))  # linear in between
+    assert lat.ttft(0.5, 900) == pytest.approx(scale * (10 + 2 * 900))  # along the last segment
+    assert lat.ttft(0.5, 16) == pytest.approx(scale * (10 + 2 * 16))
+    assert lat.tpot(1.0) == pytest.approx(40.0)
+    with pytest.raises(ElastiLMError, match="0.25 is not in the latency profile"):
+        lat.tpot(0.25)
+
+
+def test_noisy_profile_is_made_monotone_over_levels():
+    """Pool-adjacent-violators against a hand computation: a dip at 0.8 is averaged with 0.7."""
+    doc = table()
+    doc["levels"][6]["tpot_ms"] = doc["levels"][5]["tpot_ms"] - 0.5  # 0.8 measured faster than 0.7 (not than 0.6)
+    lat = planner.LatencyModel(doc)
+    expected = (doc["levels"][5]["tpot_ms"] + doc["levels"][6]["tpot_ms"]) / 2
+    assert lat.tpot(0.7) == pytest.approx(expected) and lat.tpot(0.8) == pytest.approx(expected)
+    assert all(lat.tpot(a) <= lat.tpot(b) for a, b in zip(LEVELS, LEVELS[1:]))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "0.5"])
+def test_bad_slo_is_refused(bad):
+    with pytest.raises(ElastiLMError, match="positive number"):
+        planner.SLO(bad, 0.9)
+
+
+def test_compressed_tokens_are_the_compressor_budget():
+    assert planner.compressed_tokens(300, 20, 1.0) == 300
+    assert planner.compressed_tokens(300, 20, 0.6) == 180
+    assert planner.compressed_tokens(300, 100, 0.2) == 100  # the query alone is longer than the budget
+
+
+def _random_preference(seed: int):
+    rng = np.random.default_rng(seed)
+    scores = {(r, lv): float(rng.normal()) for r in RATIOS for lv in LEVELS}
+    return lambda r, lv: scores[(r, lv)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ttft=st.floats(0.05, 1.5), tpot=st.floats(0.3, 1.5), prompt=st.integers(8, 1500), query_share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000), noise=st.lists(st.floats(-0.1, 0.1), min_size=9, max_size=9),
+    window_ms=st.floats(0.0, 50.0), relative=st.booleans(),
+)
+def test_plan_never_breaks_a_feasible_slo(ttft, tpot, prompt, query_share, seed, noise, window_ms, relative):
+    """Whatever the TLM prefers: if some plan meets the SLO, the chosen one does (by the same predictions,
+    recomputed here from the table); if none does, the plan says so and is the fastest."""
+    lat = planner.LatencyModel(table(noise=np.array(noise)))
+    query = int(query_share * prompt)
+    cost = planner.TLMCost(window_ms / 2, window_ms, 126)
+    slo = planner.SLO(ttft * (1 if relative else 600), tpot * (1 if relative else 40), relative)
+    p = planner.plan(slo, lat, prompt, query, RATIOS, LEVELS, _random_preference(seed), cost)
+    ttft_budget = slo.ttft * lat.ttft(1.0, prompt) if relative else slo.ttft
+    tpot_budget = slo.tpot * lat.tpot(1.0) if relative else slo.tpot
+
+    def meets(r, lv):
+        tokens = prompt if r == 1 else max(round(r * prompt), query)
+        tlm = cost.decide_ms + (np.ceil((prompt - query) / 126) * window_ms if r < 1 and prompt > query else 0)
+        return lat.ttft(lv, tokens) + tlm <= ttft_budget * (1 + 1e-9) and lat.tpot(lv) <= tpot_budget * (1 + 1e-9)
+
+    any_feasible = any(meets(r, lv) for r in RATIOS for lv in LEVELS)
+    assert p.feasible == any_feasible
+    if any_feasible:
+        assert meets(p.ratio, p.level)
+        assert p.ttft_ms <= ttft_budget * (1 + 1e-9) and p.tpot_ms <= tpot_budget * (1 + 1e-9)
+    else:
+        assert p.chosen_by == "fastest (SLO infeasible)"
+        assert p.level == min(LEVELS)
+
+
+def test_the_tlm_choice_wins_when_feasible_and_the_best_feasible_otherwise():
+    lat = planner.LatencyModel(table())
+    slo = planner.SLO(0.5, 0.95)
+    favourite = lambda r, lv: 10.0 if (r, lv) == (0.6, 0.5) else (5.0 if (r, lv) == (1.0, 1.0) else 0.0)  # noqa: E731
+    p = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, favourite, planner.NO_TLM)
+    assert (p.ratio, p.level, p.chosen_by) == (0.6, 0.5, "tlm")
+    wants_full = lambda r, lv: 10.0 if (r, lv) == (1.0, 1.0) else (1.0 if (r, lv) == (0.4, 0.8) else 0.0)  # noqa: E731
+    p = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, wants_full, planner.NO_TLM)
+    assert (p.ratio, p.level, p.chosen_by) == (0.4, 0.8, "best feasible")
+
+
+def test_tlm_cost_counts_inside_ttft():
+    """A plan that fits without the TLM's time does not fit with it."""
+    lat = planner.LatencyModel(table())
+    full = lat.ttft(1.0, 400)
+    needed = lat.ttft(0.5, 240)  # ratio 0.6 at level 0.5
+    slo = planner.SLO((needed + 5.0) / full, 1.0)
+    pref = lambda r, lv: 1.0 if (r, lv) == (0.6, 0.5) else 0.0  # noqa: E731
+    assert planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.TLMCost(1.0, 1.0, 126)).ratio == 0.6
+    slow = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.TLMCost(1.0, 10.0, 126))
+    assert (slow.ratio, slow.level) != (0.6, 0.5) and slow.tlm_ms > 0
+
+
+def test_baselines_pick_their_own_dimension():
+    lat = planner.LatencyModel(table())
+    slo = planner.SLO(0.7, 0.9)
+    args = (lat, 400, 20, RATIOS, LEVELS, planner.TLMCost(1.0, 1.0, 126))
+    model_only = slo_eval.choose("model-only", slo, *args)
+    assert model_only.ratio == 1.0 and model_only.feasible
+    assert not planner.candidates(slo, lat, 400, 20, (1.0,), [lv for lv in LEVELS if lv > model_only.level], planner.NO_TLM, False)[0].feasible
+    prompt_only = slo_eval.choose("prompt-only", slo, *args)
+    assert prompt_only.level == 1.0
+    assert not prompt_only.feasible  # TPOT 0.9 of the full model: the full model never meets it
+    smallest = slo_eval.choose("smallest", slo, *args)
+    assert (smallest.ratio, smallest.level) == (1.0, 0.2)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        slo_eval.choose("oracle", slo, *args)
