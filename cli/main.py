@@ -44,7 +44,8 @@ def _elastify(args) -> None:
 def _train_tlm(args) -> None:
     from elastilm.compile.train_tlm import TLMOptions, train_tlm
 
-    options = TLMOptions(layers=args.layers, epochs=args.epochs, grid_questions=args.grid_questions, seed=args.seed)
+    options = TLMOptions(layers=args.layers, epochs=args.epochs, grid_questions=args.grid_questions, seed=args.seed,
+                         passages_per_task=args.passages, essay_chunks=args.essays)
     out = train_tlm(args.folder, args.build or args.folder / "host-cpu", options)
     print("\n" + _train_tlm_summary(json.loads((out / "tlm.json").read_text())["training"]) + f"; wrote {out}")
 
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build", type=Path, default=None, help="its host build with latency.json (default FOLDER/host-cpu)")
     p.add_argument("--layers", type=int, default=3, help="BERT layers of the backbone (of 6)")
     p.add_argument("--epochs", type=int, default=3, help="score-head epochs")
+    p.add_argument("--passages", type=int, default=24, help="few-shot prompts per task labelled for the score head")
+    p.add_argument("--essays", type=int, default=40, help="essay chunks labelled for the score head")
     p.add_argument("--grid-questions", type=int, default=16, help="tune questions per task run at every (ratio, level)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_train_tlm)

@@ -1,7 +1,7 @@
 """Build the TLM for a target with TVM, beside the LLM: <build>/tlm/ (library, weights, tokenizer, manifest).
 
-The torch model goes through torch.export and TVM's Relax frontend (`from_exported_program`) for one window
-of static shape; its weights stay inputs (a tensor cache, as for the LLM) rather than constants in the
+The torch model goes through torch.export and TVM's Relax frontend (`from_exported_program`) twice, for the
+two static window lengths (`score` and `decide`, one library, one set of weights); its weights stay inputs (a tensor cache, as for the LLM) rather than constants in the
 library. Linear layers are exported with their weights stored transposed ([in, out]), so the matmul kernels
 read the output axis contiguously and no transpose runs per call. CPU presets use `schedule_cpu.schedule_dense`,
 GPU presets the same dlight pipeline as the LLM.
@@ -52,17 +52,23 @@ def _transposed_linears(model):
 
 
 def export(model, meta: dict):
-    """(Relax module with `main(ids, mask, slo, *weights)`, weights as numpy arrays in call order)."""
+    """(Relax module with `score` and `decide`, each (ids, mask, slo, *weights) for its window length, weights
+    as numpy arrays in call order, the same for both)."""
     import torch
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    inputs = tuple(torch.from_numpy(a) for a in tlm_model.export_inputs(meta))
-    with torch.no_grad():
-        program = torch.export.export(_transposed_linears(model), inputs)
-    mod = from_exported_program(program, keep_params_as_input=True)
-    mod, params = relax.frontend.detach_params(mod)
-    return mod, [p.numpy() for p in params["main"]]
+    model = _transposed_linears(model)
+    functions, weights = {}, None
+    for name, window in (("score", meta["window"]), ("decide", meta["decide_window"])):
+        inputs = tuple(torch.from_numpy(a) for a in tlm_model.export_inputs(window))
+        with torch.no_grad():
+            program = torch.export.export(model, inputs)
+        mod, params = relax.frontend.detach_params(from_exported_program(program, keep_params_as_input=True))
+        functions[name] = mod["main"].with_attr("global_symbol", name)
+        weights = [p.numpy() for p in params["main"]]
+    return tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in functions.items()}), weights
 
 
 def build_tlm(folder: Path, spec, out: Path) -> Path | None:

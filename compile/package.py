@@ -2,8 +2,8 @@
 
 dist/<bundle>/
   <model>-<target>/        a build folder (library, params/ with the weights and each level's recovery adapter,
-                           tokenizer, elastic.json, manifest.json, latency.json when profiled); the TLM joins
-                           here in a later step
+                           tokenizer, elastic.json, manifest.json, latency.json when profiled, and tlm/: the
+                           TLM built for the same target, when trained)
   elastilm-app-config.json the models, their libraries and system-library prefixes, context windows, levels
   manifest.json            TVM version and the sha256 of every file above; checked before anything loads
 """
@@ -50,8 +50,9 @@ def package(builds: list[Path], out: Path) -> Path:
             "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
             # levels with a recovery adapter; its tensors are "adapter/<fraction>/..." in the params tensor cache
             "adapters": {"levels": manifest["adapter_levels"], "prefix": "adapter/"} if manifest["adapter_levels"] else None,
+            "tlm": _tlm_entry(build, model_id) if manifest.get("tlm") else None,
         })
-    (staged / APP_CONFIG).write_text(json.dumps({"schema": "elastilm.app", "schema_version": 1, "models": entries, "tlm": None}, indent=2) + "\n")
+    (staged / APP_CONFIG).write_text(json.dumps({"schema": "elastilm.app", "schema_version": 1, "models": entries}, indent=2) + "\n")
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     (staged / MANIFEST).write_text(json.dumps({
         "schema": SCHEMA,
@@ -63,6 +64,14 @@ def package(builds: list[Path], out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)  # a failed packaging never leaves a half-written bundle under the final name
     return out
+
+
+def _tlm_entry(build: Path, model_id: str) -> dict:
+    """Where the app finds the model's TLM and what its heads choose between."""
+    manifest = json.loads((build / "tlm" / "manifest.json").read_text())
+    meta = json.loads((build / "tlm" / "tlm.json").read_text())
+    return {"library": f"{model_id}/tlm/{manifest['library']}", "tokenizer": f"{model_id}/tlm/tokenizer.json",
+            "window": meta["window"], "ratios": meta["ratios"], "levels": meta["levels"]}
 
 
 def read_bundle(bundle: Path) -> dict:

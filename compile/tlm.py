@@ -27,7 +27,8 @@ from elastilm.runtime.tlm import META, TOKENIZER, TLMBase
 FOLDER = "tlm"
 WEIGHTS = "tlm.safetensors"
 RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2)  # the decision head's prompt-ratio classes (README: why five)
-WINDOW = 128
+WINDOW = 128  # tokens per scored window
+DECIDE_WINDOW = 32  # tokens of the query the decision head reads
 LAYERS = 3  # of MiniLM's 6: half the cost (README: TLM overhead); the heads are fine-tuned on top
 DECISION_HIDDEN = 64
 
@@ -80,7 +81,7 @@ def create(levels: list[float], layers: int = LAYERS, ratios=RATIOS, seed: int =
     """A fresh TLM (pretrained backbone, random heads) and its metadata."""
     torch.manual_seed(seed)
     model = TLM(_bert(layers), len(ratios), len(levels))
-    meta = {"layers": layers, "window": WINDOW, "ratios": list(ratios), "levels": list(levels), "hidden": model.bert.config.hidden_size}
+    meta = {"layers": layers, "window": WINDOW, "decide_window": DECIDE_WINDOW, "ratios": list(ratios), "levels": list(levels), "hidden": model.bert.config.hidden_size}
     return model, meta
 
 
@@ -131,7 +132,6 @@ class TorchTLM(TLMBase):
         return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]
 
 
-def export_inputs(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Example inputs of the compiled function (static shapes: one window)."""
-    w = meta["window"]
-    return np.zeros((1, w), "int64"), np.ones((1, w), "int64"), np.zeros((1, 2), "float32")
+def export_inputs(window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Example inputs of a compiled function (static shapes: one window of `window` tokens)."""
+    return np.zeros((1, window), "int64"), np.ones((1, window), "int64"), np.zeros((1, 2), "float32")

@@ -103,7 +103,7 @@ def _token_targets(tlm, text: str, labels: list[tuple[int, int, int]]):
     return out
 
 
-def train_scores(model, tlm, examples, opts: TLMOptions, progress: bool) -> list[float]:
+def train_scores(model, examples, opts: TLMOptions, progress: bool) -> list[float]:
     from tqdm import tqdm
 
     head = [p for n, p in model.named_parameters() if not n.startswith("bert.")]
@@ -216,7 +216,7 @@ def query_features(model, tlm, queries: dict) -> dict:
     out = {}
     with torch.no_grad():
         for key, text in queries.items():
-            ids, mask, _ = tlm.windows(text)[0]
+            ids, mask, _ = tlm.windows(text, tlm.decide_window)[0]
             out[key] = model.encode(torch.from_numpy(ids), torch.from_numpy(mask))[0, 0]
     return out
 
@@ -256,7 +256,7 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
         score_losses = state["losses"]
     else:
         before = keep_accuracy(model, held)
-        score_losses = train_scores(model, tlm, train, opts, progress)
+        score_losses = train_scores(model, train, opts, progress)
         torch.save({"options": asdict(opts), "model": model.state_dict(), "losses": score_losses, "before": before}, stage1)
     before = torch.load(stage1)["before"]
     after = keep_accuracy(model, held)

@@ -210,10 +210,11 @@ class ElasticEngine:
     def generate(self, prompt: str, level: float = 1.0, max_new_tokens: int = 64, chat: bool = True, stream: bool = False, **sampling):
         """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come."""
         ids = self.encode(self.chat_prompt(prompt) if chat else prompt)
-        pieces = self._stream_text(self.generate_ids(ids, level, max_new_tokens, **sampling))
+        pieces = self.stream_text(self.generate_ids(ids, level, max_new_tokens, **sampling))
         return pieces if stream else "".join(pieces)
 
-    def _stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+    def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Text pieces for generated token ids, holding back incomplete UTF-8 sequences; stops at end-of-sequence."""
         out: list[int] = []
         shown = ""
         for token in tokens:

@@ -112,7 +112,7 @@ class Orchestrator:
         ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original)
         answer = Answer("", p, c, ttft_budget, tpot_budget)
         times = []
-        for piece in self.engine._stream_text(self.engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)):
+        for piece in self.engine.stream_text(self.engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)):
             times.append(time.perf_counter())
             yield piece
         answer.tokens = len(times)

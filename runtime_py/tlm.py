@@ -1,7 +1,9 @@
 """The tiny language model (TLM) at run time: tokenization into windows and the two heads' outputs, no torch.
 
-The TLM is a small BERT (see compile/tlm.py) that reads text in fixed windows of `window` tokens ([CLS] text
-[SEP], padded and masked), so one compiled function with static shapes serves any length. It answers two
+The TLM is a small BERT (see compile/tlm.py) that reads text in fixed windows ([CLS] text [SEP], padded and
+masked), so compiled functions with static shapes serve any length: `score` over windows of `window` tokens for
+compression, `decide` over one short window of `decide_window` tokens for the query (queries are short; a
+longer one is cut to its start), so a decision costs a fraction of a scored window. It answers two
 questions for the planner:
   token_scores(text)    keep probability of every TLM token of `text`, with its character span (compression)
   decide(query, slo)    log-probabilities over prompt ratios and over levels, from [CLS] of the user's query
@@ -36,12 +38,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 class TLMBase:
     """Windows and heads; subclasses provide `_forward(ids, mask, slo)` -> (keep logits (W,), ratio logits,
-    level logits) for one window."""
+    level logits) for one window of either length."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder = Path(folder)
         self.meta = meta
         self.window = meta["window"]
+        self.decide_window = meta["decide_window"]
         self.ratios = tuple(meta["ratios"])
         self.levels = tuple(meta["levels"])
         self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
@@ -52,17 +55,19 @@ class TLMBase:
     def _forward(self, ids: np.ndarray, mask: np.ndarray, slo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def windows(self, text: str) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
-        """`text` as model inputs: (ids (1, W) int64, mask (1, W) int64, character spans of the real tokens)."""
+    def windows(self, text: str, window: int | None = None) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+        """`text` as model inputs of `window` tokens (default: the scoring window): (ids (1, W) int64, mask
+        (1, W) int64, character spans of the real tokens)."""
+        window = window or self.window
         enc = self.tokenizer.encode(text, add_special_tokens=False)
-        per = self.window - 2
+        per = window - 2
         out = []
         for start in range(0, max(len(enc.ids), 1), per):
             ids, spans = enc.ids[start : start + per], enc.offsets[start : start + per]
             row = [self.cls_id, *ids, self.sep_id]
-            padded = np.zeros((1, self.window), "int64")
+            padded = np.zeros((1, window), "int64")
             padded[0, : len(row)] = row
-            mask = np.zeros((1, self.window), "int64")
+            mask = np.zeros((1, window), "int64")
             mask[0, : len(row)] = 1
             out.append((padded, mask, list(spans)))
         return out
@@ -78,27 +83,29 @@ class TLMBase:
 
     def decide(self, query: str, ttft: float, tpot: float) -> tuple[np.ndarray, np.ndarray]:
         """Log-probabilities over `self.ratios` and over `self.levels` for `query` under an SLO of `ttft` and
-        `tpot` (fractions of the full model's latency); a query longer than one window is cut to its start."""
-        ids, mask, _ = self.windows(query)[0]
+        `tpot` (fractions of the full model's latency); a query longer than the decision window is cut to its
+        start."""
+        ids, mask, _ = self.windows(query, self.decide_window)[0]
         _, ratio, level = self._forward(ids, mask, np.array([[ttft, tpot]], "float32"))
         return log_softmax(ratio.reshape(-1)), log_softmax(level.reshape(-1))
 
 
     def measure_cost(self, repeat: int = 5):
-        """planner.TLMCost of this TLM here: the median time of one window (a decision or a scored window are
-        each one forward pass)."""
+        """planner.TLMCost of this TLM here: the median time of a decision and of one scored window."""
         from elastilm.runtime.planner import TLMCost
 
-        ids, mask, _ = self.windows("measure " * (self.window - 2))[0]
         slo = np.zeros((1, 2), "float32")
-        self._forward(ids, mask, slo)  # warm-up
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            self._forward(ids, mask, slo)
-            times.append(1000 * (time.perf_counter() - t))
-        ms = float(np.median(times))
-        return TLMCost(ms, ms, self.window - 2)
+        ms = []
+        for window in (self.decide_window, self.window):
+            ids, mask, _ = self.windows("measure " * window, window)[0]
+            self._forward(ids, mask, slo)  # warm-up
+            times = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                self._forward(ids, mask, slo)
+                times.append(1000 * (time.perf_counter() - t))
+            ms.append(float(np.median(times)))
+        return TLMCost(ms[0], ms[1], self.window - 2)
 
 
 def read_manifest(folder: Path, verify: bool = True) -> dict:
@@ -124,10 +131,10 @@ class CompiledTLM(TLMBase):
         super().__init__(folder, json.loads((folder / META).read_text()))
         self.session = LocalSession(device)
         self.vm = self.session.load(folder, manifest)
-        self.main = self.vm["main"]
+        self.functions = {self.window: self.vm["score"], self.decide_window: self.vm["decide"]}
         self.params = self.session.arrays(manifest["param_names"])
 
     def _forward(self, ids, mask, slo):
         s = self.session
-        keep, ratio, level = self.main(s.tensor(ids), s.tensor(mask), s.tensor(slo), *self.params)
+        keep, ratio, level = self.functions[ids.shape[1]](s.tensor(ids), s.tensor(mask), s.tensor(slo), *self.params)
         return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]

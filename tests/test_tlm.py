@@ -242,9 +242,15 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     assert answer.compressed.ids == expected.ids
     engine = ElasticEngine(out)
     want = list(engine.generate_ids(expected.ids, p.level, 4))
-    assert answer.text == "".join(engine._stream_text(iter(want)))
+    assert answer.text == "".join(engine.stream_text(iter(want)))
     report = answer.to_dict()
     assert report["prompt_tokens"]["achieved"] == len(expected.ids) and report["measured_ms"]["ttft"] > 0
     assert set(report) >= {"plan", "budget_ms", "measured_ms", "slo_met"}
     orch.close()
     engine.close()
+
+    from elastilm.compile.package import package, read_bundle
+
+    bundle = package([out], tmp_path_factory.mktemp("bundle") / "app")
+    entry = read_bundle(bundle)["models"][0]["tlm"]
+    assert (bundle / entry["library"]).is_file() and entry["levels"] == levels and entry["window"] == meta["window"]
