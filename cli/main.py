@@ -169,6 +169,14 @@ def _eval_slo(args) -> None:
     print(f"wrote {args.out}/grid-report.csv, slo-plans.csv, slo.csv, slo.md, slo.png")
 
 
+def _serve(args) -> None:
+    from elastilm.runtime.service import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"elastilm: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    serve(args.build, args.host, args.port, queue=args.queue, max_tokens=args.max_tokens, api_key=args.api_key, strict=not args.lenient)
+
+
 def _profile(args) -> None:
     from elastilm.runtime.profile import markdown, profile, write
 
@@ -305,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="prefills per point (the median is kept)")
     _device_args(p)
     p.set_defaults(run=_profile, bundle=None)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP service with latency objectives (loopback by default)")
+    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 429")
+    p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens per request")
+    p.add_argument("--lenient", action="store_true", help="ignore unknown request fields instead of answering 400")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("package", help="bundle build folders with an app config for app assets")
     p.add_argument("builds", type=Path, nargs="+", help="compile output folders")

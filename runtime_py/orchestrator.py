@@ -68,6 +68,8 @@ class Orchestrator:
         text = self.engine.chat_prompt(query, system=marker if context else None)
         if not context:
             return [Part(text, compress=False)]
+        if marker not in text:  # a template without a system turn (or none): the context goes first
+            return [Part(context), Part(text, compress=False)]
         before, after = text.split(marker)
         return [Part(before, compress=False), Part(context), Part(after, compress=False)]
 

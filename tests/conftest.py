@@ -85,6 +85,38 @@ def elastified_tiny(tmp_path_factory, variant: str, neuron_multiple: int = 1):
     return out
 
 
+def small_tlm(levels, layers: int = 1, seed: int = 0):
+    """A TLM: the pretrained MiniLM backbone cut to `layers`, with large random heads (so scores and decisions
+    vary); returns (torch model, metadata)."""
+    from elastilm.compile import tlm as tlm_model
+
+    model, meta = tlm_model.create(levels, layers, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in (model.score, model.decide[0], model.ratio, model.level):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5 * 3)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return model.eval(), meta
+
+
+def tiny_build_with_tlm(tmp_path_factory):
+    """A tiny elastified model and a random TLM built together for the host, with a synthetic latency.json in
+    which time grows with the level and the prompt; returns (build folder, TLM metadata)."""
+    import json
+
+    from elastilm.compile import tlm as tlm_model
+    from elastilm.compile.build import build
+
+    folder = elastified_tiny(tmp_path_factory, "llama")
+    levels = [lv["fraction"] for lv in json.loads((folder / "elastic.json").read_text())["levels"]]
+    model, meta = small_tlm(levels)
+    tlm_model.save(model, meta, folder)
+    out = build(folder, "host-cpu", max_len=64)
+    (out / "latency.json").write_text(json.dumps({"schema": "elastilm.latency", "prompt_lengths": [4, 32], "levels": [
+        {"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels]}))
+    return out, meta
+
+
 def random_adapters(model, rank: int, seed: int) -> dict:
     """Large random LoRA adapters {fraction: {projection: (A, B)}} for every level below 1.0 of an ElasticModel: a
     wrong slice or a missing term shows in the logits."""

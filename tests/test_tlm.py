@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import small_tlm, tiny_build_with_tlm
 
 from elastilm import ElastiLMError
 from elastilm.compile import tlm as tlm_model
@@ -16,17 +16,6 @@ from elastilm.runtime import planner
 from elastilm.runtime.compress import WORD, Part, compress
 
 LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-
-
-def small_tlm(levels=LEVELS, layers: int = 1, seed: int = 0):
-    """The pretrained backbone cut to `layers`, with large random heads (so scores and decisions vary)."""
-    model, meta = tlm_model.create(levels, layers, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in (model.score, model.decide[0], model.ratio, model.level):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5 * 3)
-            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model.eval(), meta
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def llm_tokenizer():
 
 @pytest.fixture(scope="module")
 def torch_tlm():
-    model, meta = small_tlm()
+    model, meta = small_tlm(LEVELS)
     return tlm_model.TorchTLM(model, meta)
 
 
@@ -130,7 +119,7 @@ def test_compiled_tlm_equals_torch_tlm(tmp_path, torch_tlm):
     from elastilm.runtime.tlm import CompiledTLM
     from elastilm.targets import preset
 
-    model, meta = small_tlm(layers=2, seed=3)
+    model, meta = small_tlm(LEVELS, layers=2, seed=3)
     tlm_model.save(model, meta, tmp_path / "elastic")
     out = build_tlm(tmp_path / "elastic", preset("host-cpu"), tmp_path / "build")
     compiled = CompiledTLM(out)
@@ -216,21 +205,12 @@ def test_decision_label_prefers_reliable_correct_feasible_plans():
 def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     """A tiny elastified model with a (random) TLM, built together; the answer is the engine's own greedy output
     for the compressed prompt at the planned level, and the report carries predictions and measurements."""
-    from conftest import elastified_tiny
-
-    from elastilm.compile.build import build
     from elastilm.runtime.engine import ElasticEngine
     from elastilm.runtime.orchestrator import Orchestrator
 
-    folder = elastified_tiny(tmp_path_factory, "llama")
-    levels = [lv["fraction"] for lv in json.loads((folder / "elastic.json").read_text())["levels"]]
-    model, meta = small_tlm(levels)
-    tlm_model.save(model, meta, folder)
-    out = build(folder, "host-cpu", max_len=64)
+    out, meta = tiny_build_with_tlm(tmp_path_factory)
+    levels = meta["levels"]
     assert json.loads((out / "manifest.json").read_text())["tlm"] == "tlm"
-    lengths = [4, 32]
-    (out / "latency.json").write_text(json.dumps({"schema": "elastilm.latency", "prompt_lengths": lengths, "levels": [
-        {"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels]}))
     orch = Orchestrator(out)
     context = " ".join(f"w{i}" for i in range(3, 30))
     parts = orch.parts("w5 w6 w7", context, chat=False)

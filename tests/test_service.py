@@ -1,0 +1,207 @@
+"""The HTTP service on loopback, driven by a real HTTP client (httpx) against a real uvicorn server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import tiny_build_with_tlm
+
+from elastilm.runtime import planner
+from elastilm.runtime.orchestrator import Orchestrator
+from elastilm.runtime.service import FairQueue, Service, create_app
+
+
+class Server:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, service: Service):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class Gate:
+    """The real orchestrator, held at the start of each answer until `open` (to fill the queue on purpose)."""
+
+    def __init__(self, orch):
+        self.orch, self.gate = orch, threading.Event()
+        self.tlm, self.engine = orch.tlm, orch.engine
+
+    def parts(self, *a, **k):
+        return self.orch.parts(*a, **k)
+
+    def answer(self, *a, **k):
+        self.gate.wait(timeout=60)
+        yield from self.orch.answer(*a, **k)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out, _ = tiny_build_with_tlm(tmp_path_factory)
+    orch = Orchestrator(out)
+    yield orch
+    orch.close()
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    service = Service(built, "tiny", queue=4, max_tokens=8)
+    srv = Server(service)
+    yield srv, service
+    srv.stop()
+    service.close()
+
+
+CHAT = {"messages": [{"role": "system", "content": " ".join(f"w{i}" for i in range(3, 25))},
+                     {"role": "user", "content": "w5 w6 w7"}], "max_tokens": 6, "slo": {"ttft": 0.6, "tpot": 0.9}}
+
+
+def test_chat_answer_is_the_orchestrators_and_reports_the_plan(server, built):
+    srv, _ = server
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    text = body["choices"][0]["message"]["content"]
+    ext = body["elastilm"]
+    assert set(ext) >= {"level", "prompt_ratio", "predicted_ms", "measured_ms", "slo_met", "budget_ms", "chosen_by"}
+    assert ext["measured_ms"]["ttft"] > 0 and body["usage"]["completion_tokens"] == ext["tokens"] <= 6
+    # the same request through the library gives the same plan and text (greedy)
+    parts = built.parts("w5 w6 w7", CHAT["messages"][0]["content"])
+    direct = built.answer(parts, planner.SLO(0.6, 0.9), 6)
+    assert (direct.plan.level, direct.plan.ratio) == (ext["level"], ext["prompt_ratio"])
+    assert direct.text == text
+
+
+def test_streaming_matches_the_whole_answer(server):
+    srv, _ = server
+    whole = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, timeout=60).json()
+    chunks = []
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    events = [json.loads(c) for c in chunks[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole["choices"][0]["message"]["content"]
+    assert events[-1]["elastilm"]["level"] == whole["elastilm"]["level"] and events[-1]["choices"][0]["finish_reason"]
+
+
+def test_completions_models_health_metrics(server):
+    srv, _ = server
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "w9 w10", "context": "w11 w12 w13", "max_tokens": 3,
+                                                      "slo": {"ttft_ms": 500, "tpot_ms": 50}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "text_completion" and isinstance(r.json()["choices"][0]["text"], str)
+    models = httpx.get(f"{srv.url}/v1/models").json()["data"][0]
+    assert models["id"] == "tiny" and len(models["levels"]) == 9
+    assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    assert 'elastilm_requests_total{endpoint="/v1/completions",status="200"}' in metrics
+    assert "elastilm_slo_total" in metrics and "elastilm_ttft_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"{not json", "malformed JSON"),
+    (b"[1, 2]", "JSON object"),
+    ({**CHAT, "slo": {"ttft_ms": -5, "tpot_ms": 40}}, "greater than 0"),
+    ({**CHAT, "slo": {"ttft_ms": 300, "tpot": 0.5}}, "either ttft_ms and tpot_ms"),
+    ({**CHAT, "frequency_penality": 1}, "unknown field"),
+    ({**CHAT, "messages": [{"role": "user", "content": " ".join(["w5"] * 80)}]}, "context window"),
+    ({**CHAT, "messages": [{"role": "assistant", "content": "w5"}]}, "last message must be from the user"),
+    ({**CHAT, "model": "gpt-9"}, "unknown model"),
+    ({"messages": []}, "at least 1"),
+])
+def test_bad_requests_get_400_with_the_reason_and_the_server_goes_on(server, body, reason):
+    srv, _ = server
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", headers={"content-type": "application/json"}, timeout=30, **kwargs)
+    assert r.status_code == 400, r.text
+    assert reason in r.json()["error"]["message"]
+    assert httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1}, timeout=60).status_code == 200
+
+
+def test_api_key_full_queue_and_disconnect(built):
+    gate = Gate(built)
+    service = Service(gate, "tiny", queue=2, max_tokens=4, api_key="secret")
+    srv = Server(service)
+    auth = {"Authorization": "Bearer secret"}
+    try:
+        assert httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 401
+        assert httpx.get(f"{srv.url}/health").status_code == 200  # health needs no key
+
+        results = {}
+
+        def call(name, timeout=60.0):
+            try:
+                results[name] = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "user": name}, headers=auth, timeout=timeout)
+            except httpx.ReadTimeout as e:
+                results[name] = e
+
+        first = threading.Thread(target=call, args=("a",))
+        first.start()
+        _wait(lambda: service.busy)  # "a" holds the model (at the gate)
+        second = threading.Thread(target=call, args=("b",))
+        second.start()
+        leaver = threading.Thread(target=call, args=("c", 3.0))  # gives up after 3 s
+        leaver.start()
+        _wait(lambda: len(service.queue) == 2)
+        full = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, headers=auth, timeout=10)
+        assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+        assert "queue is full" in full.json()["error"]["message"]
+
+        leaver.join(30)  # a waiting client that goes away frees its place in the queue
+        assert isinstance(results["c"], httpx.ReadTimeout)
+        _wait(lambda: len(service.queue) == 1)
+        gate.gate.set()
+        first.join(60)
+        second.join(60)
+        assert results["a"].status_code == 200 and results["b"].status_code == 200
+        _wait(lambda: len(service.queue) == 0 and not service.busy)
+    finally:
+        gate.gate.set()
+        srv.stop()
+        service.close()
+
+
+def _wait(cond, timeout: float = 30):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_fair_queue_round_robin_capacity_and_removal():
+    class J:
+        def __init__(self, app, n):
+            self.app, self.n = app, n
+
+    q = FairQueue(5)
+    jobs = [J("a", 1), J("a", 2), J("a", 3), J("b", 1), J("c", 1)]
+    assert all(q.put(j) for j in jobs)
+    assert not q.put(J("d", 1))  # full
+    assert q.remove(jobs[1]) and not q.remove(jobs[1])
+    order = [q.get(timeout=0) for _ in range(4)]
+    assert [(j.app, j.n) for j in order] == [("a", 1), ("b", 1), ("c", 1), ("a", 3)]
+    assert q.get(timeout=0.01) is None and len(q) == 0
