@@ -5,11 +5,8 @@ grid (evaluate/grid.py: the compiled LLM run at every point, prompts compressed 
 whether it meets the SLO from the planner's prediction (latency.json plus the TLM's measured cost, which only
 the strategies that run the TLM pay). Strategies:
 
-  elastilm      the TLM's decision head through the planner (its choice, else the best feasible, else fastest)
-  model-only    the largest level that meets the SLO, prompt uncompressed
-  prompt-only   the full model, prompt compressed (by the TLM's score head) to the largest ratio that fits
-  smallest      the smallest level, prompt uncompressed
-A strategy with no feasible point runs its fastest one and misses the SLO.
+elastilm (TLM-planned), model-only, prompt-only and the smallest level (runtime.planner.STRATEGIES; "full",
+the full model always, is left out here: it meets none of these SLOs).
 
 Reported per SLO, strategy and task: accuracy, SLO attainment (predicted), and "accuracy within SLO": the share
 of questions answered correctly by a plan that meets the SLO (a miss counts as a failure), the headline.
@@ -25,41 +22,10 @@ import numpy as np
 
 from elastilm.evaluate import grid, tasks
 from elastilm.runtime import planner
+from elastilm.runtime.planner import STRATEGIES, choose
 
 PAPER_SLOS = ((0.8, 0.9), (0.6, 0.8), (0.4, 0.7), (0.2, 0.6), (0.2, 0.5))  # <TTFT, TPOT> fractions (the paper)
-STRATEGIES = {
-    "elastilm": "ElastiLM (TLM-planned)",
-    "model-only": "model-only (largest feasible level)",
-    "prompt-only": "prompt-only (full model, compressed)",
-    "smallest": "fixed smallest level",
-}
-
-
-def _best(plans: list[planner.Plan], key, name: str) -> planner.Plan:
-    feasible = [p for p in plans if p.feasible]
-    chosen = max(feasible, key=key) if feasible else planner.fastest(plans)
-    return planner.Plan(**{**chosen.__dict__, "chosen_by": name})
-
-
-def choose(
-    strategy: str, slo: planner.SLO, latency: planner.LatencyModel, prompt_tokens: int, query_tokens: int,
-    ratios, levels, cost: planner.TLMCost, preference=None,
-) -> planner.Plan:
-    """The plan `strategy` picks; `preference(ratio, level)` is the TLM's (elastilm only)."""
-    if strategy == "elastilm":
-        return planner.plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost)
-    if strategy == "model-only":
-        plans = planner.candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, planner.NO_TLM, False)
-        return _best(plans, lambda p: p.level, strategy)
-    if strategy == "prompt-only":
-        plans = planner.candidates(slo, latency, prompt_tokens, query_tokens, ratios, (max(levels),), cost, False)
-        return _best(plans, lambda p: p.ratio, strategy)
-    if strategy == "smallest":
-        plans = planner.candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), planner.NO_TLM, False)
-        return _best(plans, lambda p: 0, strategy)
-    raise ValueError(f"unknown strategy {strategy}; known: {', '.join(STRATEGIES)}")
-
-
+EVALUATED = ("elastilm", "model-only", "prompt-only", "smallest")
 def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, slos=PAPER_SLOS, progress: bool = True) -> list[dict]:
     """Fill the report grid (resumable), then score every strategy at every SLO; returns the summary rows."""
     from elastilm.runtime.engine import ElasticEngine
@@ -86,7 +52,7 @@ def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, s
                 slo = planner.SLO(ttft, tpot)
                 ratio_lp, level_lp = tlm.decide(it.question, ttft, tpot)
                 pref = lambda r, lv: ratio_lp[tlm.ratios.index(r)] + level_lp[tlm.levels.index(lv)]  # noqa: E731
-                for s in STRATEGIES:
+                for s in EVALUATED:
                     p = choose(s, slo, latency, original[key], query_tokens, tlm.ratios, tlm.levels, cost, pref)
                     correct = outcome[key][(p.ratio, p.level)]
                     plans.append({"task": t, "id": it.id, "ttft": ttft, "tpot": tpot, "strategy": s, "ratio": p.ratio,
@@ -137,14 +103,14 @@ def markdown(summary: list[dict]) -> str:
     lines.append("|---" * (len(names) + 2) + "|")
     cell = {(r["ttft"], r["tpot"], r["strategy"], r["task"]): r for r in summary}
     for ttft, tpot in slos:
-        for s in STRATEGIES:
+        for s in EVALUATED:
             vals = []
             for t in names:
                 r = cell.get((ttft, tpot, s, t))
                 vals.append("" if r is None else f"{100 * r['accuracy_within_slo']:.1f}" if t != "mean" else
                             f"**{100 * r['accuracy_within_slo']:.1f}** ({100 * r['accuracy']:.1f}, met {100 * r['slo_met']:.0f}%)")
             lines.append(f"| <{ttft:g}, {tpot:g}> | {STRATEGIES[s]} | " + " | ".join(vals) + " |")
-    means = {s: np.mean([r["accuracy_within_slo"] for r in summary if r["strategy"] == s and r["task"] == "mean"]) for s in STRATEGIES}
+    means = {s: np.mean([r["accuracy_within_slo"] for r in summary if r["strategy"] == s and r["task"] == "mean"]) for s in EVALUATED}
     lines += ["", "Average over the SLOs (accuracy within SLO): " + ", ".join(f"{STRATEGIES[s]} {100 * v:.1f}" for s, v in means.items()), ""]
     return "\n".join(lines)
 
@@ -157,10 +123,10 @@ def _plot(summary: list[dict], path: Path) -> None:
 
     slos = sorted({(r["ttft"], r["tpot"]) for r in summary}, reverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(STRATEGIES)
-    for k, s in enumerate(STRATEGIES):
+    width = 0.8 / len(EVALUATED)
+    for k, s in enumerate(EVALUATED):
         rows = {(r["ttft"], r["tpot"]): r for r in summary if r["strategy"] == s and r["task"] == "mean"}
-        x = np.arange(len(slos)) + (k - (len(STRATEGIES) - 1) / 2) * width
+        x = np.arange(len(slos)) + (k - (len(EVALUATED) - 1) / 2) * width
         axes[0].bar(x, [100 * rows[q]["accuracy_within_slo"] for q in slos], width, label=STRATEGIES[s])
         axes[1].bar(x, [100 * rows[q]["slo_met"] for q in slos], width, label=STRATEGIES[s])
     for ax, title in zip(axes, ("accuracy within SLO (%), mean over tasks", "SLO met (%), predicted")):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from elastilm import ElastiLMError
 from elastilm.runtime import planner
 from elastilm.runtime.compress import Compressed, Part, compress
@@ -32,6 +34,8 @@ class Answer:
     ttft_ms: float = 0.0  # measured: from the request to the first token, TLM included
     tpot_ms: float = 0.0  # measured: mean time per token after the first
     tokens: int = 0
+    choice: int | None = None  # multiple-choice requests: the best option
+    option_scores: list[float] | None = None
 
     @property
     def slo_met(self) -> bool:
@@ -44,6 +48,7 @@ class Answer:
             "budget_ms": {"ttft": round(self.ttft_budget_ms, 1), "tpot": round(self.tpot_budget_ms, 1)},
             "measured_ms": {"ttft": round(self.ttft_ms, 1), "tpot": round(self.tpot_ms, 1)}, "tokens": self.tokens,
             "slo_met": self.slo_met,
+            **({"choice": self.choice, "option_scores": [round(x, 4) for x in self.option_scores]} if self.choice is not None else {}),
         }
 
 
@@ -73,19 +78,20 @@ class Orchestrator:
         before, after = text.split(marker)
         return [Part(before, compress=False), Part(context), Part(after, compress=False)]
 
-    def plan(self, parts: list[Part], slo: planner.SLO) -> planner.Plan:
+    def plan(self, parts: list[Part], slo: planner.SLO, strategy: str = "elastilm") -> planner.Plan:
+        """The plan for `parts` under `slo`: the TLM's (strategy "elastilm") or a baseline's (planner.STRATEGIES)."""
         count = lambda text: len(self.engine.encode(text))  # noqa: E731
         prompt = sum(count(p.text) for p in parts)
         fixed = sum(count(p.text) for p in parts if not p.compress)
-        query = " ".join(p.text for p in parts if not p.compress)
-        ratio_lp, level_lp = self.tlm.decide(query, *self._fractions(slo, prompt))
-        index_r = {r: i for i, r in enumerate(self.tlm.ratios)}
-        index_l = {lv: i for i, lv in enumerate(self.tlm.levels)}
         ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)
-        return planner.plan(
-            slo, self.latency, prompt, fixed, ratios, self.tlm.levels,
-            lambda r, lv: ratio_lp[index_r[r]] + level_lp[index_l[lv]], self.cost,
-        )
+        preference = None
+        if strategy == "elastilm":
+            query = " ".join(p.text for p in parts if not p.compress)
+            ratio_lp, level_lp = self.tlm.decide(query, *self._fractions(slo, prompt))
+            index_r = {r: i for i, r in enumerate(self.tlm.ratios)}
+            index_l = {lv: i for i, lv in enumerate(self.tlm.levels)}
+            preference = lambda r, lv: ratio_lp[index_r[r]] + level_lp[index_l[lv]]  # noqa: E731
+        return planner.choose(strategy, slo, self.latency, prompt, fixed, ratios, self.tlm.levels, self.cost, preference)
 
     def _fractions(self, slo: planner.SLO, prompt_tokens: int) -> tuple[float, float]:
         """The SLO as fractions of the full model (what the decision head reads)."""
@@ -93,9 +99,15 @@ class Orchestrator:
         full = max(self.latency.levels)
         return ttft / self.latency.ttft(full, prompt_tokens), tpot / self.latency.tpot(full)
 
-    def answer(self, parts: list[Part], slo: planner.SLO, max_new_tokens: int = 64, stream: bool = False, **sampling):
-        """Plan, compress, generate. With stream=True, yields text pieces and finally the Answer; else the Answer."""
-        run = self._answer(parts, slo, max_new_tokens, **sampling)
+    def answer(
+        self, parts: list[Part], slo: planner.SLO, max_new_tokens: int = 64, stream: bool = False, strategy: str = "elastilm",
+        options: list[str] | None = None, calibration: str | None = None, **sampling,
+    ):
+        """Plan, compress, generate. With stream=True, yields text pieces and finally the Answer; else the Answer.
+        With `options` (a multiple-choice request), the Answer also carries the best option by per-character
+        log-likelihood after the compressed prompt at the planned level, minus its score after the compressed
+        context and `calibration` (a content-free question) when given; scoring comes after the timed generation."""
+        run = self._answer(parts, slo, max_new_tokens, strategy, options, calibration, **sampling)
         if stream:
             return run
         text, answer = [], None
@@ -107,21 +119,41 @@ class Orchestrator:
         answer.text = "".join(text)
         return answer
 
-    def _answer(self, parts, slo, max_new_tokens, **sampling) -> Iterator:
+    def _answer(self, parts, slo, max_new_tokens, strategy, options, calibration, **sampling) -> Iterator:
         start = time.perf_counter()
-        p = self.plan(parts, slo)
+        p = self.plan(parts, slo, strategy)
         c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
         ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original)
         answer = Answer("", p, c, ttft_budget, tpot_budget)
-        times = []
-        for piece in self.engine.stream_text(self.engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)):
-            times.append(time.perf_counter())
-            yield piece
+        times: list[float] = []
+
+        def timed(tokens):
+            for t in tokens:
+                times.append(time.perf_counter())
+                yield t
+
+        yield from self.engine.stream_text(timed(self.engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)))
         answer.tokens = len(times)
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
             answer.tpot_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        if options:
+            answer.option_scores = self._option_scores(parts, c, p.level, options, calibration)
+            answer.choice = int(np.argmax(answer.option_scores))
         yield answer
+
+    def _option_scores(self, parts, c: Compressed, level: float, options: list[str], calibration: str | None) -> list[float]:
+        from elastilm.evaluate.harness import option_scores
+
+        ids = [self.engine.encode(o) for o in options]
+        chars = [len(o) for o in options]
+        scores = option_scores(self.engine, 0, c.ids, ids, level, chars)
+        if calibration is None:
+            return scores
+        query = 0 if parts[-1].compress else len(self.engine.encode(parts[-1].text))
+        context = c.ids[: len(c.ids) - query]  # the compressed prompt without its last part, the query
+        null = option_scores(self.engine, 0, context + self.engine.encode(calibration), ids, level, chars)
+        return [s - b for s, b in zip(scores, null)]
 
     def close(self) -> None:
         self.engine.close()

@@ -173,3 +173,42 @@ def plan(
 
 def _named(p: Plan, how: str) -> Plan:
     return Plan(**{**asdict(p), "chosen_by": how})
+
+
+# Plan policies: ElastiLM's and the baselines it is compared with. A baseline with no feasible point runs its
+# fastest one (and misses the SLO).
+STRATEGIES = {
+    "elastilm": "ElastiLM (TLM-planned)",
+    "full": "full model always",
+    "model-only": "model-only (largest feasible level)",
+    "prompt-only": "prompt-only (full model, compressed)",
+    "smallest": "fixed smallest level",
+}
+
+
+def _best(plans: list[Plan], key, name: str) -> Plan:
+    feasible = [p for p in plans if p.feasible]
+    return _named(max(feasible, key=key) if feasible else fastest(plans), name)
+
+
+def choose(
+    strategy: str, slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
+    cost: TLMCost, preference: Callable[[float, float], float] | None = None,
+) -> Plan:
+    """The plan `strategy` picks; `preference(ratio, level)` is the TLM's (elastilm only); baselines that do not
+    compress do not run the TLM, prompt-only pays for its scoring but not for a decision."""
+    full = (max(levels),)
+    if strategy == "elastilm":
+        return plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost)
+    if strategy == "full":
+        return _named(candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), full, NO_TLM, False)[0], strategy)
+    if strategy == "model-only":
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, NO_TLM, False)
+        return _best(plans, lambda p: p.level, strategy)
+    if strategy == "prompt-only":
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, full, cost, False)
+        return _best(plans, lambda p: p.ratio, strategy)
+    if strategy == "smallest":
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False)
+        return _best(plans, lambda p: 0, strategy)
+    raise ElastiLMError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")

@@ -1,10 +1,13 @@
 """`elastilm serve`: an OpenAI-compatible HTTP service over one elastic model, with a latency objective per request.
 
-    POST /v1/chat/completions, /v1/completions   OpenAI request bodies (stream or not) plus an extension field
+    POST /v1/chat/completions, /v1/completions   OpenAI request bodies (stream or not) plus extension fields:
                                                  "slo": {"ttft_ms": 300, "tpot_ms": 60} or {"ttft": 0.4, "tpot": 0.8}
-                                                 (fractions of the full model on this device); every response
+                                                 (fractions of the full model on this device); "strategy" (a
+                                                 baseline plan policy, for comparisons); on completions "context"
+                                                 (compressible text before the prompt) and "options" (+
+                                                 "calibration"): multiple choice by likelihood. Every response
                                                  carries "elastilm": the plan (level, prompt ratio), predicted vs
-                                                 measured TTFT/TPOT and whether the SLO was met
+                                                 measured TTFT/TPOT, whether the SLO was met (and the choice)
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 One model, one KV cache, so one request runs at a time on a worker thread. Requests wait in a fair queue: one FIFO
@@ -69,6 +72,7 @@ class Message(BaseModel):
 
 class _Common(BaseModel):
     model: str | None = None
+    strategy: str = "elastilm"  # elastilm extension: a baseline plan policy instead (runtime.planner.STRATEGIES)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -86,6 +90,8 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str
     context: str = ""  # elastilm extension: text before the prompt that may be compressed
+    options: list[str] | None = Field(None, min_length=2)  # extension: multiple choice, answered by likelihood
+    calibration: str | None = None  # extension: a content-free prompt whose option scores are subtracted
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Job:
     max_tokens: int
     sampling: dict
     loop: asyncio.AbstractEventLoop
+    extra: dict = field(default_factory=dict)  # strategy, options, calibration
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then the Answer or an exception
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -211,7 +218,7 @@ class Service:
             self.busy = True
             start = time.perf_counter()
             try:
-                run = self.orch.answer(job.parts, job.slo, job.max_tokens, stream=True, **job.sampling)
+                run = self.orch.answer(job.parts, job.slo, job.max_tokens, stream=True, **job.extra, **job.sampling)
                 for item in run:
                     if job.cancelled.is_set():
                         run.close()  # the client left: stop generating, free the model
@@ -308,11 +315,16 @@ def create_app(service: Service) -> FastAPI:
             if prompt_tokens + max_tokens > orch.engine.max_len:
                 raise ElastiLMError(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the context window of {orch.engine.max_len}")
             slo = body.slo.to_slo() if body.slo else DEFAULT_SLO
+            if body.strategy not in planner.STRATEGIES:
+                raise ElastiLMError(f"unknown strategy '{body.strategy}'; known: {', '.join(planner.STRATEGIES)}")
+            extra = {"strategy": body.strategy}
+            if isinstance(body, CompletionRequest) and body.options:
+                extra.update(options=body.options, calibration=body.calibration)
         except (ElastiLMError, ValueError) as e:
             service.metrics.requests.labels(endpoint, "400").inc()
             return _error(400, str(e))
         sampling = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed or 0}
-        job = Job(_app_name(request, body), parts, slo, max_tokens, sampling, asyncio.get_running_loop())
+        job = Job(_app_name(request, body), parts, slo, max_tokens, sampling, asyncio.get_running_loop(), extra)
         if not service.submit(job):
             service.metrics.requests.labels(endpoint, "429").inc()
             return _error(429, f"the queue is full ({service.queue.capacity} waiting); retry later", "rate_limit_error",

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastilm import ElastiLMError
-from elastilm.evaluate import slo as slo_eval
 from elastilm.runtime import planner
 
 LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -127,13 +126,15 @@ def test_baselines_pick_their_own_dimension():
     lat = planner.LatencyModel(table())
     slo = planner.SLO(0.7, 0.9)
     args = (lat, 400, 20, RATIOS, LEVELS, planner.TLMCost(1.0, 1.0, 126))
-    model_only = slo_eval.choose("model-only", slo, *args)
+    model_only = planner.choose("model-only", slo, *args)
     assert model_only.ratio == 1.0 and model_only.feasible
     assert not planner.candidates(slo, lat, 400, 20, (1.0,), [lv for lv in LEVELS if lv > model_only.level], planner.NO_TLM, False)[0].feasible
-    prompt_only = slo_eval.choose("prompt-only", slo, *args)
+    prompt_only = planner.choose("prompt-only", slo, *args)
     assert prompt_only.level == 1.0
     assert not prompt_only.feasible  # TPOT 0.9 of the full model: the full model never meets it
-    smallest = slo_eval.choose("smallest", slo, *args)
+    smallest = planner.choose("smallest", slo, *args)
     assert (smallest.ratio, smallest.level) == (1.0, 0.2)
-    with pytest.raises(ValueError, match="unknown strategy"):
-        slo_eval.choose("oracle", slo, *args)
+    full = planner.choose("full", slo, *args)
+    assert (full.ratio, full.level, full.tlm_ms) == (1.0, 1.0, 0.0)
+    with pytest.raises(ElastiLMError, match="unknown strategy 'oracle'; known: elastilm, full"):
+        planner.choose("oracle", slo, *args)

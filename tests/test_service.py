@@ -205,3 +205,33 @@ def test_fair_queue_round_robin_capacity_and_removal():
     order = [q.get(timeout=0) for _ in range(4)]
     assert [(j.app, j.n) for j in order] == [("a", 1), ("b", 1), ("c", 1), ("a", 3)]
     assert q.get(timeout=0.01) is None and len(q) == 0
+
+
+def test_multiple_choice_and_baseline_strategies(server, built):
+    """Options are scored like the harness scores them (per-character log-likelihood after the compressed prompt,
+    calibrated by a content-free prompt); a baseline strategy plans its own way."""
+    from elastilm.evaluate.harness import option_scores
+    from elastilm.runtime.compress import compress
+
+    srv, _ = server
+    body = {"prompt": "w5 w6", "context": " ".join(f"w{i}" for i in range(20, 40)), "options": [" w7", " w8 w9", " w10"],
+            "calibration": "w2", "max_tokens": 2, "slo": {"ttft": 0.5, "tpot": 0.9}}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    ext = r.json()["elastilm"]
+    parts = built.parts("w5 w6", body["context"], chat=False)
+    c = compress(parts, ext["prompt_ratio"], built.tlm, built.engine.tokenizer)
+    enc = built.engine.encode
+    opts = [enc(o) for o in body["options"]]
+    chars = [len(o) for o in body["options"]]
+    plain = option_scores(built.engine, 0, c.ids, opts, ext["level"], chars)
+    context = c.ids[: len(c.ids) - len(enc("w5 w6"))]
+    null = option_scores(built.engine, 0, context + enc("w2"), opts, ext["level"], chars)
+    expected = [a - b for a, b in zip(plain, null)]
+    assert ext["option_scores"] == pytest.approx(expected, abs=1e-3)
+    assert ext["choice"] == int(max(range(3), key=lambda i: expected[i]))
+
+    full = httpx.post(f"{srv.url}/v1/completions", json={**body, "strategy": "full"}, timeout=60).json()["elastilm"]
+    assert (full["level"], full["prompt_ratio"], full["chosen_by"]) == (1.0, 1.0, "full")
+    bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "strategy": "oracle"}, timeout=30)
+    assert bad.status_code == 400 and "unknown strategy 'oracle'" in bad.json()["error"]["message"]
