@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -25,15 +23,10 @@ from pathlib import Path
 import httpx
 
 from elastilm.evaluate import tasks
+from elastilm.runtime.service import spawn
 
 SLOS = [{"ttft": 0.8, "tpot": 0.9}, {"ttft": 0.6, "tpot": 0.8}, {"ttft": 0.4, "tpot": 0.7}, {"ttft": 0.2, "tpot": 0.6},
         {"ttft": 0.2, "tpot": 0.5}, {"ttft_ms": 400, "tpot_ms": 40}, {"ttft_ms": 150, "tpot_ms": 30}, None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request_body(rng: random.Random, n: int) -> tuple[str, dict]:
@@ -77,22 +70,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    port = free_port()
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "load-test-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "elastilm", "serve", "--build", str(args.build), "--port", str(port),
-                               "--queue", str(args.queue), "--max-tokens", "16"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            sys.exit(f"server did not start; see {args.out / 'load-test-server.log'}")
-        time.sleep(0.5)
+    server, url = spawn(args.build, args.out / "load-test-server.log", queue=args.queue, max_tokens=16)
 
     results: list[dict] = []
     lock = threading.Lock()

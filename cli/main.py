@@ -177,6 +177,25 @@ def _serve(args) -> None:
     serve(args.build, args.host, args.port, queue=args.queue, max_tokens=args.max_tokens, api_key=args.api_key, strict=not args.lenient)
 
 
+def _bench_trace(args) -> None:
+    from elastilm.evaluate.trace import run, summary_lines
+
+    server = None
+    if args.url is None:  # start the service on the build, on loopback
+        from elastilm.runtime.service import spawn
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        server, args.url = spawn(args.build, args.out / "server.log", queue=64, max_tokens=16)
+    try:
+        table = run(args.url, args.requests, list(args.alphas), args.strategies, args.rate, args.seed, args.out, args.api_key)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+    print("\n".join(summary_lines(table)))
+    print(f"wrote {args.out}/trace-requests.csv, trace.csv, trace.md, trace.png")
+
+
 def _profile(args) -> None:
     from elastilm.runtime.profile import markdown, profile, write
 
@@ -323,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens per request")
     p.add_argument("--lenient", action="store_true", help="ignore unknown request fields instead of answering 400")
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("bench", help="benchmarks against the service")
+    bench = p.add_subparsers(dest="benchmark", required=True)
+    p = bench.add_parser("trace", help="replay app requests (Poisson arrivals) per strategy; accuracy and SLO attainment")
+    p.add_argument("--url", default=None, help="a running `elastilm serve` (default: start one on --build)")
+    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"))
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--requests", type=int, default=36, help="requests per trace")
+    p.add_argument("--alphas", type=_fractions, default=(0.0, 0.25, -0.25), help="app-share skews e^(alpha i)")
+    p.add_argument("--strategies", type=_names, default=["elastilm", "full", "model-only", "prompt-only", "smallest"])
+    p.add_argument("--rate", type=float, default=0.5, help="arrivals per second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("dist/trace"))
+    p.set_defaults(run=_bench_trace)
 
     p = sub.add_parser("package", help="bundle build folders with an app config for app assets")
     p.add_argument("builds", type=Path, nargs="+", help="compile output folders")

@@ -131,6 +131,12 @@ def items(task: str, part: str) -> list[Item]:
     return [everything[i] for i in (order[:cut] if part == "tune" else order[cut:])]
 
 
+@functools.cache
+def sciq_support() -> dict[str, str]:
+    """SciQ's support passage of each item id (the closed-book prompt leaves it out; a long-prompt app uses it)."""
+    return {f"sciq-{i}": r["support"].strip() for i, r in enumerate(_load_olmo("sciq/none/validation"))}
+
+
 def chance(task: str) -> float:
     """Accuracy of a uniform guess over the report part."""
     report = items(task, "report")

@@ -435,6 +435,34 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def spawn(build, log_path, **options) -> tuple["subprocess.Popen", str]:
+    """`elastilm serve` in a subprocess on a free loopback port, once it answers /health: (process, base URL)."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v is not None]
+    process = subprocess.Popen([sys.executable, "-m", "elastilm", "serve", "--build", str(build), "--port", str(port), *flags],
+                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or process.poll() is not None:
+            process.kill()
+            raise ElastiLMError(f"the service did not start; see {log_path}")
+        time.sleep(0.5)
+
+
 def serve(build, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Run the service on `build` until interrupted (uvicorn)."""
     import uvicorn

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from conftest import tiny_build_with_tlm
 
@@ -235,3 +236,44 @@ def test_multiple_choice_and_baseline_strategies(server, built):
     assert (full["level"], full["prompt_ratio"], full["chosen_by"]) == (1.0, 1.0, "full")
     bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "strategy": "oracle"}, timeout=30)
     assert bad.status_code == 400 and "unknown strategy 'oracle'" in bad.json()["error"]["message"]
+
+
+def test_trace_arrivals_and_shares():
+    from elastilm.evaluate import trace
+
+    for alpha in (0.0, 0.25, -0.25):
+        t = trace.make_trace(60, alpha, rate=2.0, seed=1)
+        assert len(t) == 60 and t == trace.make_trace(60, alpha, rate=2.0, seed=1)
+        times = [r.at for r in t]
+        assert times == sorted(times) and 10 < times[-1] < 60  # Poisson at 2/s: about 30 s
+        counts = [sum(r.app == a for r in t) for a in trace.APPS]
+        w = np.exp(alpha * np.arange(6))
+        assert np.all(np.abs(np.array(counts) - 60 * w / w.sum()) < 1)  # largest-remainder rounding of the shares
+    body = trace.request_body(trace.make_trace(12, 0.0, 1.0, 0)[0], "model-only")
+    assert body["strategy"] == "model-only" and body["max_tokens"] == trace.GENERATED and len(body["options"]) >= 2
+    docs = next(r for r in trace.make_trace(60, 0.25, 1.0, 0) if r.app.passage)
+    assert "Passage: " in trace.request_body(docs, "elastilm")["context"]
+
+
+def test_trace_replay_over_http_and_summary(server, monkeypatch, tmp_path):
+    """A short trace through the real service (prompts shortened to the tiny model's window), then the summary
+    figures against a hand count."""
+    from elastilm.evaluate import trace, tasks
+
+    srv, _ = server
+    item = tasks.Item("x", "w5 w6", (" w7", " w8"), 1)
+    requests = [trace.Request(0.05 * i, trace.APPS[i % 2], item) for i in range(4)]
+    monkeypatch.setattr(trace, "request_body", lambda r, s: {
+        "prompt": "w5 w6", "context": "w9 w10 w11 w12", "options": [" w7", " w8"], "max_tokens": 3, "strategy": s,
+        "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot}, "user": r.app.name})
+    rows = [{**r, "alpha": 0.0} for s in ("elastilm", "smallest") for r in trace.replay(srv.url, requests, s, progress=False)]
+    assert len(rows) == 8 and all(r["ok"] for r in rows)
+    assert all(r["level"] == 0.2 and r["ratio"] == 1.0 for r in rows if r["strategy"] == "smallest")
+    table = trace.summarize(rows, tmp_path)
+    overall = {r["strategy"]: r for r in table if r["app"] == "all"}
+    for s in ("elastilm", "smallest"):
+        sel = [r for r in rows if r["strategy"] == s]
+        assert overall[s]["n"] == 4
+        assert overall[s]["accuracy"] == pytest.approx(sum(r["correct"] for r in sel) / 4)
+        assert overall[s]["accuracy_within_slo"] == pytest.approx(sum(r["correct"] * r["slo_met"] for r in sel) / 4)
+    assert (tmp_path / "trace.png").is_file() and "accuracy within slo" in (tmp_path / "trace.md").read_text().lower()
