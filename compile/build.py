@@ -124,7 +124,9 @@ def build(
     if tlm_dir is None:
         shutil.rmtree(out / tlm_model.FOLDER, ignore_errors=True)
 
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    # latency profiles are measurements added to the folder later (`elastilm profile`), not part of the build
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.is_file() and p.name != MANIFEST and not (p.parent == out and p.name.startswith("latency")))
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "schema_version": MANIFEST_VERSION,

@@ -9,10 +9,12 @@
    calibration corpus; nothing from the report parts. The backbone and head are fine-tuned with BCE per token.
 2. Decision head (plan). Self-induced labels: the elastic LLM answers every tune question at every (ratio,
    level) with prompts compressed by the stage-1 TLM (evaluate/grid.py). For sampled SLOs, the label is, among
-   the plans predicted to meet the SLO that still answer correctly, the one most reliable on that task's tune
-   questions (highest accuracy across them; ties to the larger level, then the larger ratio); if no feasible
-   plan answers correctly, the most reliable feasible one; an SLO nothing meets gives no example. The head
-   reads the query's [CLS] vector from the frozen stage-1 backbone plus the SLO fractions.
+   the plans predicted to meet the SLO that still answer correctly, the one with the most capacity: the largest
+   level, then the largest ratio; if no feasible plan answers correctly, the largest feasible one likewise; an
+   SLO nothing meets gives no example. (Ranking by each plan's accuracy over the task's 16 tune questions was
+   tried first: those accuracies differ by a few questions, and the head learned to pick the smallest plan
+   almost everywhere; README "TLM" has both results.) The head reads the query's [CLS] vector from the frozen
+   stage-1 backbone plus the SLO fractions.
 
 Everything is resumable: labels, the stage-1 checkpoint and the grid are files in <folder>/tlm-work/.
 """
@@ -149,24 +151,16 @@ def keep_accuracy(model, examples) -> float:
 
 
 # -- stage 2: self-induced decision labels ---------------------------------------------------------------
-def reliability(rows: list[dict]) -> dict[tuple, float]:
-    """Accuracy of each (task, ratio, level) across the grid's questions."""
-    acc: dict[tuple, list[int]] = {}
-    for r in rows:
-        acc.setdefault((r["task"], r["ratio"], r["level"]), []).append(r["correct"])
-    return {k: sum(v) / len(v) for k, v in acc.items()}
-
-
 def decision_label(
     task: str, correct: dict[tuple, int], prompt_tokens: int, query_tokens: int, slo: planner.SLO,
-    latency: planner.LatencyModel, ratios, levels, cost: planner.TLMCost, prior: dict[tuple, float],
+    latency: planner.LatencyModel, ratios, levels, cost: planner.TLMCost,
 ) -> tuple[float, float] | None:
     """The self-induced (ratio, level) for one question under `slo`, or None when no plan meets it."""
     feasible = [p for p in planner.candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, cost, True) if p.feasible]
     if not feasible:
         return None
     right = [p for p in feasible if correct.get((p.ratio, p.level))]
-    best = max(right or feasible, key=lambda p: (prior.get((task, p.ratio, p.level), 0.0), p.level, p.ratio))
+    best = max(right or feasible, key=lambda p: (p.level, p.ratio))
     return best.ratio, best.level
 
 
@@ -176,7 +170,6 @@ def sample_slos(rng: random.Random, count: int) -> list[tuple[float, float]]:
 
 def decision_examples(rows, queries: dict, latency, ratios, levels, cost, opts: TLMOptions, tokenizer_count) -> list[tuple]:
     """(task, id, ttft, tpot, ratio index, level index) for every tune question and sampled SLO."""
-    prior = reliability(rows)
     by_question: dict[tuple, dict] = {}
     tokens: dict[tuple, int] = {}
     for r in rows:
@@ -187,7 +180,7 @@ def decision_examples(rows, queries: dict, latency, ratios, levels, cost, opts: 
     for (t, qid), correct in sorted(by_question.items()):
         q_tokens = tokenizer_count(queries[(t, qid)])
         for ttft, tpot in sample_slos(rng, opts.slos_per_question):
-            label = decision_label(t, correct, tokens[(t, qid)], q_tokens, planner.SLO(ttft, tpot), latency, ratios, levels, cost, prior)
+            label = decision_label(t, correct, tokens[(t, qid)], q_tokens, planner.SLO(ttft, tpot), latency, ratios, levels, cost)
             if label is not None:
                 out.append((t, qid, ttft, tpot, ratios.index(label[0]), levels.index(label[1])))
     return out

@@ -111,7 +111,9 @@ def markdown(summary: list[dict]) -> str:
                             f"**{100 * r['accuracy_within_slo']:.1f}** ({100 * r['accuracy']:.1f}, met {100 * r['slo_met']:.0f}%)")
             lines.append(f"| <{ttft:g}, {tpot:g}> | {STRATEGIES[s]} | " + " | ".join(vals) + " |")
     means = {s: np.mean([r["accuracy_within_slo"] for r in summary if r["strategy"] == s and r["task"] == "mean"]) for s in EVALUATED}
-    lines += ["", "Average over the SLOs (accuracy within SLO): " + ", ".join(f"{STRATEGIES[s]} {100 * v:.1f}" for s, v in means.items()), ""]
+    lines += ["", "Average over the SLOs (accuracy within SLO): " + ", ".join(f"{STRATEGIES[s]} {100 * v:.1f}" for s, v in means.items()),
+              "", "ElastiLM minus each baseline (points): " + ", ".join(
+                  f"{STRATEGIES[s]} {100 * (means['elastilm'] - v):+.1f}" for s, v in means.items() if s != "elastilm"), ""]
     return "\n".join(lines)
 
 

@@ -183,11 +183,17 @@ def summarize(rows: list[dict], out: Path) -> list[dict]:
 
 
 def summary_lines(table: list[dict]) -> list[str]:
+    """One line per (alpha, strategy) over all apps, then ElastiLM's gap to each baseline averaged over alphas."""
     lines = []
-    for r in [r for r in table if r["app"] == "all"]:
+    overall = [r for r in table if r["app"] == "all"]
+    for r in overall:
         lines.append(f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']]}: accuracy {100 * r['accuracy']:.1f}%, SLO met "
                      f"{100 * r['slo_met']:.1f}%, accuracy within SLO {100 * r['accuracy_within_slo']:.1f}%, TTFT p50/p99 "
                      f"{r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} ms, end-to-end p50/p99 {r['e2e_ms_p50']:.0f}/{r['e2e_ms_p99']:.0f} ms")
+    mean = {s: statistics.fmean(r["accuracy_within_slo"] for r in overall if r["strategy"] == s) for s in {r["strategy"] for r in overall}}
+    if "elastilm" in mean and len(mean) > 1:
+        lines.append("ElastiLM minus each baseline, accuracy within SLO averaged over the alphas (points): " + ", ".join(
+            f"{STRATEGIES[s]} {100 * (mean['elastilm'] - v):+.1f}" for s, v in sorted(mean.items()) if s != "elastilm"))
     return lines
 
 

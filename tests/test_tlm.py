@@ -186,20 +186,20 @@ def test_word_labels_follow_the_llm_surprisal(llm_tokenizer):
     assert [(s, e) for s, e, _ in labels] == words
 
 
-def test_decision_label_prefers_reliable_correct_feasible_plans():
+def test_decision_label_is_the_most_capable_correct_feasible_plan():
     lat = planner.LatencyModel({"schema": "elastilm.latency", "prompt_lengths": [32, 512], "levels": [
         {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS]})
     ratios = [1.0, 0.5]
-    prior = {("t", r, lv): lv + r / 10 for r in ratios for lv in LEVELS}  # bigger is more reliable here
     correct = {(r, lv): int(lv <= 0.6) for r in ratios for lv in LEVELS}
-    slo = planner.SLO(0.7, 1.0)
-    label = train_tlm.decision_label("t", correct, 400, 20, slo, lat, ratios, LEVELS, planner.NO_TLM, prior)
-    assert label == (1.0, 0.6)  # feasible and correct: ratio 1.0 at <= 0.7, and only <= 0.6 answers right
+    slo = planner.SLO(0.7, 1.0)  # TTFT 280 ms of 400: ratio 1.0 fits up to level 0.7, ratio 0.5 every level
+    args = (400, 20, slo, lat, ratios, LEVELS, planner.NO_TLM)
+    assert train_tlm.decision_label("t", correct, *args) == (1.0, 0.6)  # only <= 0.6 answers right
+    compressed_right = {(r, lv): int(r == 0.5 and lv == 0.9) for r in ratios for lv in LEVELS}
+    assert train_tlm.decision_label("t", compressed_right, *args) == (0.5, 0.9)
     none_right = {k: 0 for k in correct}
-    # none answers right: the most reliable feasible plan, here the full model on half the prompt (200 ms <= 280)
-    assert train_tlm.decision_label("t", none_right, 400, 20, slo, lat, ratios, LEVELS, planner.NO_TLM, prior) == (0.5, 1.0)
+    assert train_tlm.decision_label("t", none_right, *args) == (0.5, 1.0)  # the largest feasible plan
     impossible = planner.SLO(0.01, 0.01)
-    assert train_tlm.decision_label("t", correct, 400, 20, impossible, lat, ratios, LEVELS, planner.NO_TLM, prior) is None
+    assert train_tlm.decision_label("t", correct, 400, 20, impossible, lat, ratios, LEVELS, planner.NO_TLM) is None
 
 
 def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
