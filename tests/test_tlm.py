@@ -231,6 +231,13 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
 
     from elastilm.compile.package import package, read_bundle
 
+    # a build re-made in a folder that has a latency profile stays loadable when the profile is re-measured
+    from elastilm.compile.build import build
+
+    build(out.parent, "host-cpu", out, max_len=64)
+    (out / "latency.json").write_text((out / "latency.json").read_text().replace('"tpot_ms": 1', '"tpot_ms": 2'))
+    ElasticEngine(out).close()
+
     bundle = package([out], tmp_path_factory.mktemp("bundle") / "app")
     entry = read_bundle(bundle)["models"][0]["tlm"]
     assert (bundle / entry["library"]).is_file() and entry["levels"] == levels and entry["window"] == meta["window"]
