@@ -64,6 +64,10 @@ class Orchestrator:
         if missing:
             raise ElastiLMError(f"{build}: the TLM plans levels {missing} that the model does not have; retrain it")
         self.cost = self.tlm.measure_cost()
+        # measured / predicted TTFT and TPOT, a running mean over answered requests: the profile is measured in a
+        # quiet process, a serving process shares the cores (HTTP, clients) and runs slower, so plans use
+        # predictions scaled by what this process actually sees
+        self.scale = [1.0, 1.0]
 
     def parts(self, query: str, context: str = "", chat: bool = True) -> list[Part]:
         """The prompt as parts: the context (system text, few-shot examples) compressible, the rest whole."""
@@ -91,7 +95,7 @@ class Orchestrator:
             index_r = {r: i for i, r in enumerate(self.tlm.ratios)}
             index_l = {lv: i for i, lv in enumerate(self.tlm.levels)}
             preference = lambda r, lv: ratio_lp[index_r[r]] + level_lp[index_l[lv]]  # noqa: E731
-        return planner.choose(strategy, slo, self.latency, prompt, fixed, ratios, self.tlm.levels, self.cost, preference)
+        return planner.choose(strategy, slo, self.latency, prompt, fixed, ratios, self.tlm.levels, self.cost, preference, tuple(self.scale))
 
     def _fractions(self, slo: planner.SLO, prompt_tokens: int) -> tuple[float, float]:
         """The SLO as fractions of the full model (what the decision head reads)."""
@@ -137,10 +141,19 @@ class Orchestrator:
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
             answer.tpot_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+            self._calibrate(0, answer.ttft_ms, p.ttft_ms)
+            if len(times) > 1:
+                self._calibrate(1, answer.tpot_ms, p.tpot_ms)
         if options:
             answer.option_scores = self._option_scores(parts, c, p.level, options, calibration)
             answer.choice = int(np.argmax(answer.option_scores))
         yield answer
+
+    def _calibrate(self, k: int, measured: float, predicted: float, weight: float = 0.3) -> None:
+        """Move scale[k] towards measured / (the profile's own prediction), clamped to [0.5, 3]."""
+        if predicted > 0:
+            ratio = measured / (predicted / self.scale[k])
+            self.scale[k] = min(3.0, max(0.5, (1 - weight) * self.scale[k] + weight * ratio))
 
     def _option_scores(self, parts, c: Compressed, level: float, options: list[str], calibration: str | None) -> list[float]:
         from elastilm.evaluate.harness import option_scores

@@ -136,17 +136,19 @@ def budgets(slo: SLO, latency: LatencyModel, prompt_tokens: int) -> tuple[float,
 
 
 def candidates(
-    slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels, tlm: TLMCost, decides: bool
+    slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels, tlm: TLMCost, decides: bool,
+    scale: tuple[float, float] = (1.0, 1.0),
 ) -> list[Plan]:
-    """Every (ratio, level) with its predictions and feasibility."""
+    """Every (ratio, level) with its predictions and feasibility; `scale` multiplies the predicted TTFT and TPOT
+    (the runtime's measured / predicted ratios, see Orchestrator)."""
     ttft_budget, tpot_budget = budgets(slo, latency, prompt_tokens)
     out = []
     for r in ratios:
         tokens = compressed_tokens(prompt_tokens, query_tokens, r)
         tlm_ms = tlm(prompt_tokens - query_tokens if r < 1 else 0, decides)
         for lv in levels:
-            ttft = latency.ttft(lv, tokens) + tlm_ms
-            tpot = latency.tpot(lv)
+            ttft = scale[0] * (latency.ttft(lv, tokens) + tlm_ms)
+            tpot = scale[1] * latency.tpot(lv)
             ok = ttft <= ttft_budget * (1 + 1e-9) and tpot <= tpot_budget * (1 + 1e-9)
             out.append(Plan(r, lv, tokens, ttft, tpot, tlm_ms, ok, ""))
     return out
@@ -158,10 +160,10 @@ def fastest(plans: list[Plan]) -> Plan:
 
 def plan(
     slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
-    preference: Callable[[float, float], float], tlm: TLMCost,
+    preference: Callable[[float, float], float], tlm: TLMCost, scale: tuple[float, float] = (1.0, 1.0),
 ) -> Plan:
     """The plan for one request. `preference(ratio, level)`: the TLM decision head's joint log-probability."""
-    plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, tlm, decides=True)
+    plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, tlm, True, scale)
     best = max(plans, key=lambda p: (preference(p.ratio, p.level), p.level, p.ratio))
     if best.feasible:
         return _named(best, "tlm")
@@ -193,22 +195,22 @@ def _best(plans: list[Plan], key, name: str) -> Plan:
 
 def choose(
     strategy: str, slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
-    cost: TLMCost, preference: Callable[[float, float], float] | None = None,
+    cost: TLMCost, preference: Callable[[float, float], float] | None = None, scale: tuple[float, float] = (1.0, 1.0),
 ) -> Plan:
     """The plan `strategy` picks; `preference(ratio, level)` is the TLM's (elastilm only); baselines that do not
     compress do not run the TLM, prompt-only pays for its scoring but not for a decision."""
     full = (max(levels),)
     if strategy == "elastilm":
-        return plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost)
+        return plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost, scale)
     if strategy == "full":
-        return _named(candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), full, NO_TLM, False)[0], strategy)
+        return _named(candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), full, NO_TLM, False, scale)[0], strategy)
     if strategy == "model-only":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, NO_TLM, False)
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, NO_TLM, False, scale)
         return _best(plans, lambda p: p.level, strategy)
     if strategy == "prompt-only":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, full, cost, False)
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, full, cost, False, scale)
         return _best(plans, lambda p: p.ratio, strategy)
     if strategy == "smallest":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False)
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False, scale)
         return _best(plans, lambda p: 0, strategy)
     raise ElastiLMError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")

@@ -426,7 +426,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_id, "queued": len(service.queue), "busy": service.busy}
+        return {"status": "ok", "model": service.model_id, "queued": len(service.queue), "busy": service.busy,
+                "latency_scale": {"ttft": round(orch.scale[0], 3), "tpot": round(orch.scale[1], 3)}}
 
     @app.get("/metrics")
     async def metrics():

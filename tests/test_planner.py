@@ -138,3 +138,29 @@ def test_baselines_pick_their_own_dimension():
     assert (full.ratio, full.level, full.tlm_ms) == (1.0, 1.0, 0.0)
     with pytest.raises(ElastiLMError, match="unknown strategy 'oracle'; known: elastilm, full"):
         planner.choose("oracle", slo, *args)
+
+
+def test_scaled_predictions_tighten_plans():
+    """The runtime's measured/predicted ratio scales every prediction: a plan that fits the profile does not fit
+    a process running 1.5x slower."""
+    lat = planner.LatencyModel(table())
+    slo = planner.SLO(0.8, 0.95)
+    pref = lambda r, lv: lv  # noqa: E731  (prefers big levels)
+    quiet = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.NO_TLM)
+    slow = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.NO_TLM, scale=(1.5, 1.0))
+    assert quiet.feasible and slow.feasible and slow.level < quiet.level
+    assert slow.ttft_ms == pytest.approx(1.5 * lat.ttft(slow.level, slow.tokens))
+
+
+def test_orchestrator_calibration_is_a_running_ratio():
+    from elastilm.runtime.orchestrator import Orchestrator
+
+    orch = Orchestrator.__new__(Orchestrator)  # only the calibration state
+    orch.scale = [1.0, 1.0]
+    orch._calibrate(0, measured=120.0, predicted=100.0)  # the plan was predicted at scale 1.0
+    assert orch.scale[0] == pytest.approx(0.7 * 1.0 + 0.3 * 1.2)
+    before = orch.scale[0]
+    orch._calibrate(0, measured=120.0, predicted=100.0 * before)  # predicted with the current scale: same profile value
+    assert orch.scale[0] == pytest.approx(0.7 * before + 0.3 * 1.2)
+    orch._calibrate(1, measured=1e6, predicted=1.0)
+    assert orch.scale[1] == 3.0  # clamped
