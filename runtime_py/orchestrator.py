@@ -55,7 +55,7 @@ class Answer:
 class Orchestrator:
     """One build folder (LLM, TLM, latency.json) serving requests with SLOs in this process."""
 
-    def __init__(self, build: str | Path, engine: ElasticEngine | None = None):
+    def __init__(self, build: str | Path, engine: ElasticEngine | None = None, calibrate: bool = True):
         build = Path(build)
         self.engine = engine or ElasticEngine(build)
         self.tlm = CompiledTLM(build / "tlm")
@@ -68,6 +68,7 @@ class Orchestrator:
         # quiet process, a serving process shares the cores (HTTP, clients) and runs slower, so plans use
         # predictions scaled by what this process actually sees
         self.scale = [1.0, 1.0]
+        self.calibrate = calibrate
 
     def parts(self, query: str, context: str = "", chat: bool = True) -> list[Part]:
         """The prompt as parts: the context (system text, few-shot examples) compressible, the rest whole."""
@@ -141,9 +142,10 @@ class Orchestrator:
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
             answer.tpot_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-            self._calibrate(0, answer.ttft_ms, p.ttft_ms)
-            if len(times) > 1:
-                self._calibrate(1, answer.tpot_ms, p.tpot_ms)
+            if self.calibrate:
+                self._calibrate(0, answer.ttft_ms, p.ttft_ms)
+                if len(times) > 1:
+                    self._calibrate(1, answer.tpot_ms, p.tpot_ms)
         if options:
             answer.option_scores = self._option_scores(parts, c, p.level, options, calibration)
             answer.choice = int(np.argmax(answer.option_scores))

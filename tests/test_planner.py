@@ -148,7 +148,9 @@ def test_scaled_predictions_tighten_plans():
     pref = lambda r, lv: lv  # noqa: E731  (prefers big levels)
     quiet = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.NO_TLM)
     slow = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.NO_TLM, scale=(1.5, 1.0))
-    assert quiet.feasible and slow.feasible and slow.level < quiet.level
+    budget = 0.8 * lat.ttft(1.0, 400)
+    assert quiet.feasible and slow.feasible and (slow.ratio, slow.level) != (quiet.ratio, quiet.level)
+    assert 1.5 * lat.ttft(quiet.level, quiet.tokens) > budget >= slow.ttft_ms  # the quiet plan no longer fits
     assert slow.ttft_ms == pytest.approx(1.5 * lat.ttft(slow.level, slow.tokens))
 
 
