@@ -16,6 +16,6 @@ if [[ ! -f $DIR/.smoke-done ]]; then
 fi
 DIR=$(cd "$DIR" && pwd); ROOT=$DIR/rootfs
 # Host settings that must not leak into the arm64 python.
-exec env -u PYTHONHOME -u LD_LIBRARY_PATH -u LD_PRELOAD -u TVM_LIBRARY_PATH -u VIRTUAL_ENV \
+exec env -u PYTHONHOME -u LD_LIBRARY_PATH -u LD_PRELOAD -u TVM_LIBRARY_PATH -u VIRTUAL_ENV -u TVM_NUM_THREADS \
   PYTHONNOUSERSITE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/opt/tvm-site" \
   "$QEMU" -L "$ROOT" "$ROOT/usr/bin/python3" "$HERE/serve.py" --host 127.0.0.1 --port "$PORT" "$@"
