@@ -50,6 +50,17 @@ def _train_tlm(args) -> None:
     print("\n" + _train_tlm_summary(json.loads((out / "tlm.json").read_text())["training"]) + f"; wrote {out}")
 
 
+def _layer_drop(args) -> None:
+    from elastilm.compile.layer_drop import layer_drop
+
+    doc = layer_drop(args.folder)
+    bi = doc["block_influence"]
+    print("\nblock influence per layer: " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(bi)))
+    for n, layers in doc["variants"].items():
+        print(f"drop {n:>2} of {len(bi)} layers: {layers}")
+    print(f"{doc['seconds']:.0f}s; wrote {args.folder}/layer_drop.json; compile again to add the variants")
+
+
 def _quality(args) -> None:
     from elastilm.compile.quality import evaluate, markdown
 
@@ -136,10 +147,8 @@ def _run_slo(args, engine) -> None:
 
     if args.slo_ttft is None or args.slo_tpot is None:
         raise ElastiLMError("give both --slo-ttft and --slo-tpot")
-    if getattr(args, "bundle", None) or args.rpc or args.tracker:
-        raise ElastiLMError("SLO-planned runs use a local --build for now (the TLM runs in this process)")
     context = args.context.read_text() if args.context is not None and args.context.is_file() else (str(args.context) if args.context else "")
-    orch = Orchestrator(args.build, engine)
+    orch = Orchestrator(engine.folder, engine, latency=args.latency)
     slo = SLO(args.slo_ttft, args.slo_tpot, relative=not args.slo_ms)
     answer = None
     for piece in orch.answer(orch.parts(args.prompt, context, chat=not args.no_chat), slo, args.max_new_tokens, stream=True,
@@ -170,11 +179,16 @@ def _eval_slo(args) -> None:
 
 
 def _serve(args) -> None:
+    from elastilm.runtime.orchestrator import Orchestrator
     from elastilm.runtime.service import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"elastilm: warning: serving on {args.host} without --api-key", file=sys.stderr)
-    serve(args.build, args.host, args.port, queue=args.queue, max_tokens=args.max_tokens, api_key=args.api_key, strict=not args.lenient)
+    engine = _engine(args)
+    orch = Orchestrator(engine.folder, engine, latency=args.latency)
+    print(f"serving {engine.manifest['model']} ({engine.folder}) on {engine.session.endpoint}; latency profile: "
+          f"{orch.latency.device or 'unknown device'}", file=sys.stderr)
+    serve(orch, args.host, args.port, queue=args.queue, max_tokens=args.max_tokens, api_key=args.api_key, strict=not args.lenient)
 
 
 def _bench_trace(args) -> None:
@@ -252,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(run=_quality)
 
+    p = sub.add_parser("layer-drop", help="the layer-dropping baseline (ShortGPT): which layers to skip, per level's budget")
+    p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
+    p.set_defaults(run=_layer_drop)
+
     p = sub.add_parser("recover", help="train one LoRA adapter per level by distillation from the full model (resumable)")
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
     p.add_argument("--tokens", type=int, default=49152, help="training tokens per level (the time budget)")
@@ -320,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot", type=float, default=None, help="TPOT budget, likewise")
     p.add_argument("--slo-ms", action="store_true", help="the SLO budgets are milliseconds")
     p.add_argument("--context", type=Path, default=None, help="system / few-shot text (or a file of it) that may be compressed")
+    p.add_argument("--latency", type=Path, default=None, help="the latency profile to plan with (default: the build's latency.json)")
     p.set_defaults(run=_run)
 
     p = sub.add_parser("profile", help="measure TTFT and TPOT of every level on the device; writes latency.json")
@@ -335,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP service with latency objectives (loopback by default)")
     p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json")
+    p.add_argument("--bundle", type=Path, default=None, help="an `elastilm package` folder (instead of --build)")
+    p.add_argument("--model", default=None, help="model id inside a bundle with several")
+    _device_args(p)
+    p.add_argument("--latency", type=Path, default=None, help="the latency profile to plan with (default: the build's "
+                   "latency.json; over RPC give one measured over that link, `elastilm profile --rpc ... --out`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -351,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--requests", type=int, default=36, help="requests per trace")
     p.add_argument("--alphas", type=_fractions, default=(0.0, 0.25, -0.25), help="app-share skews e^(alpha i)")
-    p.add_argument("--strategies", type=_names, default=["elastilm", "full", "model-only", "prompt-only", "smallest"])
+    p.add_argument("--strategies", type=_names, default=None, help="comma-separated (default: all of runtime.planner.STRATEGIES)")
     p.add_argument("--rate", type=float, default=0.5, help="arrivals per second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("dist/trace"))

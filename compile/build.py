@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from elastilm import ElastiLMError, __version__
-from elastilm.compile import artifact, recover
+from elastilm.compile import artifact, layer_drop, recover
 from elastilm.compile import tlm as tlm_model
 from elastilm.compile.build_tlm import build_tlm
 from elastilm.compile.config import PROJECTIONS
@@ -34,7 +34,7 @@ from elastilm.targets import preset
 MANIFEST = "manifest.json"
 
 
-def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int) -> ExportShape:
+def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int, drops: dict[int, tuple[int, ...]] | None = None) -> ExportShape:
     cfg = model.config
     return ExportShape(
         anchors=tuple(model.anchors),
@@ -43,6 +43,7 @@ def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int) -> 
         max_len=max_len,
         biases=frozenset(b for b in PROJECTIONS if f"model.layers.0.{b}.bias" in model.params),
         lora_rank=lora_rank,
+        layer_drops=tuple(sorted((drops or {}).items())),
     )
 
 
@@ -90,7 +91,8 @@ def build(
     max_len = min(max_len, model.config.max_position_embeddings)
     adapters = recover.load_adapters(folder)  # {} before `elastilm recover`: the model runs with zero adapters
     rank = recover.adapter_rank(adapters)
-    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank)
+    drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
+    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops)
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
@@ -153,6 +155,8 @@ def build(
         "adapter_shapes": adapter_shapes(model.config, rank),
         "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
         "compile_seconds": round(compile_seconds, 2),
+        # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
+        "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},
         "tlm": tlm_model.FOLDER if tlm_dir is not None else None,  # its own manifest inside; its files are listed here too
         "files": {f: sha256(out / f) for f in files},
     }

@@ -12,6 +12,8 @@ buffers only, and an all-zero set runs the model without adapters.
 Methods (batch 1): `embed` turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached
 positions, `decode` one. Both return the logits of the last position only (the LM head over all T positions would
 be wasted work) and the caches; `score` is `prefill` returning the logits of all T positions, for likelihoods.
+The layer-dropping baseline (compile/layer_drop.py) adds `prefill_drop<n>`, `decode_drop<n>` and `score_drop<n>`
+per variant: the same signature, its dropped layers skipped (their caches passed through untouched).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ExportShape:
     max_len: int  # context window = KV cache rows
     biases: frozenset[str] = frozenset()  # per-layer parameter suffixes that have a bias, e.g. "self_attn.q_proj"
     lora_rank: int = 8
+    layer_drops: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (n, dropped layers): the layer-dropping baseline
 
 
 class _Linear(nn.Module):
@@ -161,11 +164,14 @@ class ElasticRelaxModel(nn.Module):
         """Token embeddings (T, d): a gather of T rows, separate so callers may edit or compress them."""
         return op.take(self.model.embed_tokens.weight, input_ids, axis=0)
 
-    def _forward(self, x, caches, adapters, past, heads, nb, all_positions=False):
+    def _forward(self, x, caches, adapters, past, heads, nb, all_positions=False, skip=()):
         cfg = self.cfg
         new_caches = []
         per_layer = 2 * len(PROJECTIONS)
         for i, layer in enumerate(self.model.layers):
+            if i in skip:
+                new_caches += [caches[2 * i], caches[2 * i + 1]]
+                continue
             full = i in self.shape.anchors
             widths = (cfg.num_heads, cfg.intermediate_size) if full else (heads, nb * self.shape.neuron_block)
             mine = adapters[i * per_layer : (i + 1) * per_layer]
@@ -188,6 +194,14 @@ class ElasticRelaxModel(nn.Module):
     def score(self, embeddings, caches, adapters, past, heads, nb):
         return self._forward(embeddings, caches, adapters, past, heads, nb, all_positions=True)
 
+    def _dropped(self, all_positions: bool, skip: tuple[int, ...]):
+        """A method like `prefill` (or `score`) with the layers `skip` dropped."""
+
+        def method(embeddings, caches, adapters, past, heads, nb):
+            return self._forward(embeddings, caches, adapters, past, heads, nb, all_positions, skip)
+
+        return method
+
     def get_default_spec(self):
         cfg = self.cfg
         width = cfg.num_kv_heads * cfg.head_dim
@@ -198,15 +212,25 @@ class ElasticRelaxModel(nn.Module):
         common = {"caches": caches, "adapters": adapters, "past": int, "heads": int, "nb": int}
         mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
         d = cfg.hidden_size
-        return nn.spec.ModuleSpec.from_raw(
-            {
-                "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), **mode},
-                "prefill": {"embeddings": spec.Tensor(["seq_len", d], "float32"), **common, **mode},
-                "decode": {"embeddings": spec.Tensor([1, d], "float32"), **common, **mode},
-                "score": {"embeddings": spec.Tensor(["seq_len", d], "float32"), **common, **mode},
-            },
-            self,
-        )
+        prompt, token = spec.Tensor(["seq_len", d], "float32"), spec.Tensor([1, d], "float32")
+        methods = {
+            "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), **mode},
+            "prefill": {"embeddings": prompt, **common, **mode},
+            "decode": {"embeddings": token, **common, **mode},
+            "score": {"embeddings": prompt, **common, **mode},
+        }
+        for n, skip in self.shape.layer_drops:
+            for name, embeddings, all_positions in (("prefill", prompt, False), ("decode", token, False), ("score", prompt, True)):
+                # nn export looks methods up on the module by name
+                object.__setattr__(self, f"{name}_drop{n}", self._dropped(all_positions, skip))
+                methods[f"{name}_drop{n}"] = {"embeddings": embeddings, **common, **mode}
+        return nn.spec.ModuleSpec.from_raw(methods, self)
+
+
+def function_names(shape: ExportShape) -> list[str]:
+    """The library's functions: the model's four and each layer-drop variant's three."""
+    drops = [f"{m}_drop{n}" for n, _ in shape.layer_drops for m in ("prefill", "decode", "score")]
+    return ["embed", "prefill", "decode", "score"] + drops
 
 
 def adapter_names(cfg: ModelConfig) -> list[str]:
@@ -236,6 +260,6 @@ def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str
         "heads": cfg.num_heads,
         "nb": cfg.intermediate_size // shape.neuron_block,
     }
-    for name in ("embed", "prefill", "decode", "score"):
+    for name in function_names(shape):
         mod[name] = mod[name].with_attr("tir_var_upper_bound", bounds)
     return mod, [name for name, _ in named_params]

@@ -88,8 +88,9 @@ def _ffn(x, params, prefix: str, neurons: int, adapters=None):
     return _linear(h, params, prefix + "down_proj", cols=neurons, adapters=adapters)
 
 
-def hidden_states(params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Widths | None = None, adapters=None):
-    """Final-norm hidden states (B, T, hidden) of `input_ids` (B, T) at the given per-layer widths."""
+def hidden_states(params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Widths | None = None, adapters=None, residuals=None):
+    """Final-norm hidden states (B, T, hidden) of `input_ids` (B, T) at the given per-layer widths. A list
+    `residuals` receives the residual stream before every layer and after the last (L + 1 tensors)."""
     widths = full_widths(cfg) if widths is None else widths
     if len(widths) != cfg.num_layers:
         raise ValueError(f"widths has {len(widths)} layers, model has {cfg.num_layers}")
@@ -97,12 +98,16 @@ def hidden_states(params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Wid
     cos, sin = _rope(cfg, torch.arange(input_ids.shape[1]), x.dtype)
     for i, (heads, neurons) in enumerate(widths):
         p = f"model.layers.{i}."
+        if residuals is not None:
+            residuals.append(x)
         if heads:
             h = _rms_norm(x, params[p + "input_layernorm.weight"], cfg.rms_norm_eps)
             x = x + _attention(h, params, cfg, p + "self_attn.", heads, cos, sin, adapters)
         if neurons:
             h = _rms_norm(x, params[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
             x = x + _ffn(h, params, p + "mlp.", neurons, adapters)
+    if residuals is not None:
+        residuals.append(x)
     return _rms_norm(x, params["model.norm.weight"], cfg.rms_norm_eps)
 
 

@@ -118,7 +118,7 @@ def replay(url: str, trace: list[Request], strategy: str, api_key: str | None = 
                 ok=1, correct=int(ext["choice"] == r.item.answer), slo_met=int(ext["slo_met"]),
                 ttft_met=int(ext["measured_ms"]["ttft"] <= ext["budget_ms"]["ttft"]),
                 tpot_met=int(ext["measured_ms"]["tpot"] <= ext["budget_ms"]["tpot"]),
-                level=ext["level"], ratio=ext["prompt_ratio"], ttft_ms=ext["measured_ms"]["ttft"], tpot_ms=ext["measured_ms"]["tpot"],
+                level=ext["level"], layers_dropped=ext["layers_dropped"], ratio=ext["prompt_ratio"], ttft_ms=ext["measured_ms"]["ttft"], tpot_ms=ext["measured_ms"]["tpot"],
                 predicted_ttft_ms=ext["predicted_ms"]["ttft"], e2e_ms=round(1000 * (time.perf_counter() - sent), 1),
             )
         except (ElastiLMError, httpx.HTTPError, KeyError) as e:
@@ -248,9 +248,10 @@ def run(url: str, requests: int, alphas: list[float], strategies: list[str], rat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "trace-requests.csv"
-    fields = ("alpha", "app", "task", "id", "strategy", "arrival_s", "ok", "correct", "slo_met", "ttft_met", "tpot_met", "level",
+    fields = ("alpha", "app", "task", "id", "strategy", "arrival_s", "ok", "correct", "slo_met", "ttft_met", "tpot_met", "level", "layers_dropped",
               "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "error")
     done = _read(path)
+    strategies = strategies or list(STRATEGIES)
     for alpha in alphas:
         trace = make_trace(requests, alpha, rate, seed)
         for s in strategies:

@@ -7,6 +7,7 @@ requests moves no weights. The KV cache is allocated once, at the library's cont
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class ElasticEngine:
         its recovery adapter where the build has one (False: the plain sub-models)."""
         self.folder = Path(folder)
         self.use_adapters = adapters
+        self.dropped_layers = 0  # > 0 on a view from `dropped`
         remote = rpc is not None or tracker is not None
         self.manifest = read_build_manifest(self.folder, runs="rpc" if remote else "here")
         self.elastic = json.loads((self.folder / "elastic.json").read_text())
@@ -100,7 +102,8 @@ class ElasticEngine:
         m, s = self.manifest, self.session
         with s.guard():
             self.vm = s.load(self.folder, m)
-            self.functions = {name: self.vm[name] for name in ("embed", "prefill", "decode", "score")}  # one lookup each
+            suffix = f"_drop{self.dropped_layers}" if self.dropped_layers else ""
+            self.functions = {"embed": self.vm["embed"], **{name: self.vm[name + suffix] for name in ("prefill", "decode", "score")}}
             self.params = s.arrays(m["param_names"])
             # switching level swaps these buffers only; levels without an adapter share one all-zero set
             self.no_adapter = s.zeros(m["adapter_shapes"], "lora0")
@@ -109,6 +112,27 @@ class ElasticEngine:
         rows, width = m["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]
         # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
         self.caches = s.zeros([(width, rows), (rows, width)] * cfg["num_layers"], "kv")
+
+    @property
+    def layer_drops(self) -> dict[int, list[int]]:
+        """The build's layer-dropping variants: {layers dropped: which} (ShortGPT baseline, compile/layer_drop.py)."""
+        return {int(n): layers for n, layers in self.manifest.get("layer_drop", {}).items()}
+
+    def dropped(self, n: int) -> "ElasticEngine":
+        """This engine with n layers dropped (one of `layer_drops`; 0: this engine). A view: it shares the library,
+        weights and KV cache, runs at full width (its only level is 1.0) and without adapters."""
+        if n == 0:
+            return self
+        if n not in self.layer_drops:
+            have = ", ".join(map(str, self.layer_drops)) or "none; run `elastilm layer-drop` and recompile"
+            raise ElastiLMError(f"{self.folder}: no variant with {n} layers dropped (variants: {have})")
+        view = copy.copy(self)
+        view.dropped_layers = n
+        suffix = f"_drop{n}"
+        view.functions = {**self.functions, **{name: self.vm[name + suffix] for name in ("prefill", "decode", "score")}}
+        view.levels = {1.0: self.levels[1.0]}
+        view.adapters = {}
+        return view
 
     def close(self) -> None:
         """Release the library, weights and cache; over RPC this ends the session (a TVM RPC server serves one

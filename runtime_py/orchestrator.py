@@ -5,7 +5,8 @@
       -> compress the context to the plan's ratio (TLM score head; the query stays whole)
       -> generate at the plan's level -> predicted vs measured TTFT/TPOT, and whether the SLO was met
 
-Everything here runs without torch: the LLM and the TLM are the TVM builds in one build folder.
+Everything here runs without torch: the LLM and the TLM are the TVM builds in one build folder, run where the
+engine runs (this process or a device over RPC).
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ class Answer:
 
 
 class Orchestrator:
-    """One build folder (LLM, TLM, latency.json) serving requests with SLOs in this process."""
+    """One build folder (LLM, TLM, latency.json) serving requests with SLOs: in this process, or with an RPC
+    engine on a device, where the TLM runs too (then `latency` should be a profile measured over that link)."""
 
-    def __init__(self, build: str | Path, engine: ElasticEngine | None = None, calibrate: bool = True):
+    def __init__(self, build: str | Path, engine: ElasticEngine | None = None, calibrate: bool = True, latency: Path | None = None):
         build = Path(build)
         self.engine = engine or ElasticEngine(build)
-        self.tlm = CompiledTLM(build / "tlm")
-        self.latency = planner.LatencyModel.from_file(build / "latency.json")
+        self.tlm = CompiledTLM(build / "tlm", self.engine.session)
+        self.latency = planner.LatencyModel.from_file(latency or build / "latency.json")
         missing = [lv for lv in self.tlm.levels if lv not in self.engine.levels]
         if missing:
             raise ElastiLMError(f"{build}: the TLM plans levels {missing} that the model does not have; retrain it")
@@ -137,7 +139,8 @@ class Orchestrator:
                 times.append(time.perf_counter())
                 yield t
 
-        yield from self.engine.stream_text(timed(self.engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)))
+        engine = self.engine.dropped(p.dropped)  # the layer-dropping baseline runs a variant; everything else: itself
+        yield from engine.stream_text(timed(engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)))
         answer.tokens = len(times)
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
@@ -147,7 +150,7 @@ class Orchestrator:
                 if len(times) > 1:
                     self._calibrate(1, answer.tpot_ms, p.tpot_ms)
         if options:
-            answer.option_scores = self._option_scores(parts, c, p.level, options, calibration)
+            answer.option_scores = self._option_scores(engine, parts, c, p.level, options, calibration)
             answer.choice = int(np.argmax(answer.option_scores))
         yield answer
 
@@ -157,27 +160,29 @@ class Orchestrator:
             ratio = measured / (predicted / self.scale[k])
             self.scale[k] = min(3.0, max(0.5, (1 - weight) * self.scale[k] + weight * ratio))
 
-    def _option_scores(self, parts, c: Compressed, level: float, options: list[str], calibration: str | None) -> list[float]:
+    def _option_scores(self, engine, parts, c: Compressed, level: float, options: list[str], calibration: str | None) -> list[float]:
         from elastilm.evaluate.harness import option_scores
 
-        ids = [self.engine.encode(o) for o in options]
+        ids = [engine.encode(o) for o in options]
         chars = [len(o) for o in options]
-        scores = option_scores(self.engine, 0, c.ids, ids, level, chars)
+        scores = option_scores(engine, 0, c.ids, ids, level, chars)
         if calibration is None:
             return scores
         query = 0 if parts[-1].compress else len(self.engine.encode(parts[-1].text))
         context = c.ids[: len(c.ids) - query]  # the compressed prompt without its last part, the query
-        null = option_scores(self.engine, 0, context + self.engine.encode(calibration), ids, level, chars)
+        null = option_scores(engine, 0, context + engine.encode(calibration), ids, level, chars)
         return [s - b for s, b in zip(scores, null)]
 
     def close(self) -> None:
+        self.tlm.close()
         self.engine.close()
 
 
 def describe(a: Answer) -> str:
     p = a.plan
+    model = f"{p.dropped} layers dropped" if p.dropped else f"level {p.level:.0%}"
     return (
-        f"plan: level {p.level:.0%}, prompt ratio {p.ratio:g} ({a.compressed.original} -> {a.compressed.achieved} tokens, "
+        f"plan: {model}, prompt ratio {p.ratio:g} ({a.compressed.original} -> {a.compressed.achieved} tokens, "
         f"requested {a.compressed.requested}); chosen by {p.chosen_by}\n"
         f"TTFT predicted {p.ttft_ms:.0f} ms (TLM {p.tlm_ms:.0f} ms), measured {a.ttft_ms:.0f} ms, budget {a.ttft_budget_ms:.0f} ms\n"
         f"TPOT predicted {p.tpot_ms:.1f} ms, measured {a.tpot_ms:.1f} ms, budget {a.tpot_budget_ms:.1f} ms\n"

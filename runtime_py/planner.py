@@ -47,6 +47,7 @@ class Plan:
     tlm_ms: float
     feasible: bool  # predicted to meet the SLO
     chosen_by: str  # "tlm", "best feasible", "fastest (SLO infeasible)" or a baseline's name
+    dropped: int = 0  # layers skipped (the layer-dropping baseline; it runs at level 1.0)
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -76,6 +77,13 @@ class LatencyModel:
         self._ttft = np.stack([_monotone(ttft[:, j]) for j in range(ttft.shape[1])], 1)
         self._tpot = _monotone(np.array([r["tpot_ms"] for r in rows], float))
         self.device = doc.get("device", "")
+        # the layer-dropping variants as a model of their own, over the share of layers kept (1.0: the full model)
+        self.layer_drop: LatencyModel | None = None
+        self.dropped: dict[float, int] = {}  # share of layers kept -> layers dropped
+        drops = doc.get("layer_drop")
+        if drops:
+            self.layer_drop = LatencyModel({**doc, "levels": [rows[-1], *drops], "layer_drop": None})
+            self.layer_drop.dropped = {1.0: 0, **{r["fraction"]: r["dropped"] for r in drops}}
 
     @classmethod
     def from_file(cls, path: Path) -> "LatencyModel":
@@ -185,6 +193,7 @@ STRATEGIES = {
     "model-only": "model-only (largest feasible level)",
     "prompt-only": "prompt-only (full model, compressed)",
     "smallest": "fixed smallest level",
+    "layer-drop": "layer dropping (ShortGPT, fewest layers dropped that fit)",
 }
 
 
@@ -213,4 +222,11 @@ def choose(
     if strategy == "smallest":
         plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False, scale)
         return _best(plans, lambda p: 0, strategy)
+    if strategy == "layer-drop":
+        drops = latency.layer_drop
+        if drops is None:
+            raise ElastiLMError("this build has no layer-drop variants: run `elastilm layer-drop`, then compile and profile again")
+        plans = candidates(slo, drops, prompt_tokens, query_tokens, (1.0,), drops.levels, NO_TLM, False, scale)
+        best = _best(plans, lambda p: p.level, strategy)
+        return Plan(**{**asdict(best), "level": 1.0, "dropped": drops.dropped[best.level]})
     raise ElastiLMError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")

@@ -254,7 +254,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
 def _report(answer: Answer) -> dict:
     d = answer.to_dict()
     plan = d.pop("plan")
-    return {"level": plan["level"], "prompt_ratio": plan["ratio"], "chosen_by": plan["chosen_by"], "feasible": plan["feasible"],
+    return {"level": plan["level"], "layers_dropped": plan["dropped"], "prompt_ratio": plan["ratio"], "chosen_by": plan["chosen_by"], "feasible": plan["feasible"],
             "predicted_ms": {"ttft": plan["ttft_ms"], "tpot": plan["tpot_ms"], "tlm": plan["tlm_ms"]}, **d}
 
 
@@ -464,13 +464,10 @@ def spawn(build, log_path, **options) -> tuple["subprocess.Popen", str]:
         time.sleep(0.5)
 
 
-def serve(build, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Run the service on `build` until interrupted (uvicorn)."""
+def serve(orch, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Run the service on an Orchestrator until interrupted (uvicorn)."""
     import uvicorn
 
-    from elastilm.runtime.orchestrator import Orchestrator
-
-    orch = Orchestrator(build)
     service = Service(orch, orch.engine.manifest["model"], **options)
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="info")

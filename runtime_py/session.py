@@ -39,12 +39,17 @@ class LocalSession:
         from tvm.contrib.tvmjs import load_tensor_cache
 
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / manifest["library"])), self.device)
-        self._tensors, _ = load_tensor_cache(str(folder / "params"), self.device)
+        tensors, _ = load_tensor_cache(str(folder / "params"), self.device)
+        self._tensors = {**getattr(self, "_tensors", {}), **tensors}  # a second build (the TLM) adds its own
         return vm
 
     def arrays(self, names: list[str]):
         """The loaded tensors `names`, in order, as one argument."""
         return [self._tensors[n] for n in names]
+
+    def tensors(self, names: list[str]) -> list:
+        """The loaded tensors `names`, one argument each."""
+        return self.arrays(names)
 
     def zeros(self, shapes: list[tuple[int, int]], tag: str):
         """Zeroed tensors of `shapes` as one argument; equal shapes share one tensor unless `tag` is "kv"
@@ -61,7 +66,10 @@ class LocalSession:
         return tvm.runtime.ShapeTuple([n])
 
     def first(self, outputs) -> np.ndarray:
-        return outputs[0].numpy()
+        return self.item(outputs, 0)
+
+    def item(self, outputs, i: int) -> np.ndarray:
+        return outputs[i].numpy()
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -142,6 +150,10 @@ class RemoteSession:
         key = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:32]
         has, commit, path = (self.function(f"elastilm.device.{n}", required=False) for n in ("has", "commit", "path"))
         if has is None:  # a stock TVM RPC server: files go to its session folder, names without folders
+            if getattr(self, "_staged", key) != key:
+                raise ElastiLMError(f"the device at {self.endpoint} is a stock TVM RPC server, where a second build's "
+                                    "files would overwrite the first's; run `elastilm device serve` there")
+            self._staged = key
             for f in self._progress(files, "upload (device has no cache)"):
                 self.call(self.remote.upload, str(folder / f), Path(f).name)
                 self.uploaded_bytes += (folder / f).stat().st_size
@@ -162,8 +174,9 @@ class RemoteSession:
 
     def load(self, folder: Path, manifest: dict):
         library, params_dir = self._stage(folder, manifest)
-        self.device_type = tvm.device(manifest["target"].get("device", "cpu")).dlpack_device_type()
-        self.device = self.remote.device(self.device_type)
+        if isinstance(manifest["target"], dict):  # an LLM build names its device; a TLM build runs beside it
+            self.device_type = tvm.device(manifest["target"].get("device", "cpu")).dlpack_device_type()
+            self.device = self.remote.device(self.device_type)
         lib = self.call(self.remote.load_module, library)
         vm = relax.VirtualMachine(lib, self.device)
         # looked up once: each lookup is a round trip, and these run for every token
@@ -193,8 +206,16 @@ class RemoteSession:
     def shape(self, n: int):
         return self.call(self._shape, n)
 
+    def tensors(self, names: list[str]) -> list:
+        """Tensors of the device's tensor cache, one handle each."""
+        get = self.function("vm.builtin.tensor_cache.get")
+        return [self.call(get, n) for n in names]
+
     def first(self, outputs) -> np.ndarray:
-        return self.call(self._get_item, outputs, 0).numpy()
+        return self.item(outputs, 0)
+
+    def item(self, outputs, i: int) -> np.ndarray:
+        return self.call(self._get_item, outputs, i).numpy()
 
 
 class DeviceLost(ElastiLMError):

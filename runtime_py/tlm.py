@@ -121,20 +121,27 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
 
 
 class CompiledTLM(TLMBase):
-    """The TVM build of the TLM (<build>/tlm/), in this process."""
+    """The TVM build of the TLM (<build>/tlm/): in this process, or in the LLM engine's `session` (over RPC the TLM
+    then runs on the device beside the LLM, as it would in a phone app)."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, session=None):
         from elastilm.runtime.session import LocalSession
 
         folder = Path(folder)
         manifest = read_manifest(folder)
         super().__init__(folder, json.loads((folder / META).read_text()))
-        self.session = LocalSession(device)
-        self.vm = self.session.load(folder, manifest)
-        self.functions = {self.window: self.vm["score"], self.decide_window: self.vm["decide"]}
-        self.params = self.session.arrays(manifest["param_names"])
+        self.session = session or LocalSession()
+        with self.session.guard():
+            self.vm = self.session.load(folder, manifest)
+            self.functions = {self.window: self.vm["score"], self.decide_window: self.vm["decide"]}
+            self.params = self.session.tensors(manifest["param_names"])
+
+    def close(self) -> None:
+        """Drop the handles (over RPC they hold the device session open)."""
+        self.vm = self.functions = self.params = None
 
     def _forward(self, ids, mask, slo):
         s = self.session
-        keep, ratio, level = self.functions[ids.shape[1]](s.tensor(ids), s.tensor(mask), s.tensor(slo), *self.params)
-        return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]
+        with s.guard():
+            out = self.functions[ids.shape[1]](s.tensor(ids), s.tensor(mask), s.tensor(slo), *self.params)
+            return tuple(s.item(out, i)[0] for i in range(3))

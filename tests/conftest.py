@@ -100,10 +100,12 @@ def small_tlm(levels, layers: int = 1, seed: int = 0):
 
 
 def tiny_build_with_tlm(tmp_path_factory):
-    """A tiny elastified model and a random TLM built together for the host, with a synthetic latency.json in
-    which time grows with the level and the prompt; returns (build folder, TLM metadata)."""
+    """A tiny elastified model with its layer-drop variants and a random TLM built together for the host, with a
+    synthetic latency.json in which time grows with the level (or the layers kept) and the prompt; returns
+    (build folder, TLM metadata)."""
     import json
 
+    from elastilm.compile import layer_drop
     from elastilm.compile import tlm as tlm_model
     from elastilm.compile.build import build
 
@@ -111,9 +113,12 @@ def tiny_build_with_tlm(tmp_path_factory):
     levels = [lv["fraction"] for lv in json.loads((folder / "elastic.json").read_text())["levels"]]
     model, meta = small_tlm(levels)
     tlm_model.save(model, meta, folder)
+    layers = layer_drop.layer_drop(folder, progress=False)["variants"]
     out = build(folder, "host-cpu", max_len=64)
+    kept = {int(n): 1 - int(n) / len(json.loads((folder / "layer_drop.json").read_text())["block_influence"]) for n in layers}
     (out / "latency.json").write_text(json.dumps({"schema": "elastilm.latency", "prompt_lengths": [4, 32], "levels": [
-        {"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels]}))
+        {"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels], "layer_drop": [
+        {"fraction": k, "dropped": n, "layers": layers[str(n)], "ttft_ms": [k * 4, k * 32], "tpot_ms": 1 + k} for n, k in kept.items()]}))
     return out, meta
 
 

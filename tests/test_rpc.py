@@ -126,3 +126,47 @@ def test_cli_device_serve_runs_until_interrupted(built, local, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory, device_cache, tmp_path):
+    """The LLM and the TLM both run on the device; plans, compressed prompts and answers equal a local run's."""
+    import httpx
+
+    from conftest import tiny_build_with_tlm
+    from elastilm.compile.package import package
+    from elastilm.runtime.orchestrator import Orchestrator
+    from elastilm.runtime.planner import SLO
+    from elastilm.runtime.service import spawn
+
+    out, _ = tiny_build_with_tlm(tmp_path_factory)
+    bundle = package([out], tmp_path / "bundle")
+    local = Orchestrator(out, calibrate=False)
+    server = start_server(port=9600)
+    endpoint = f"127.0.0.1:{server.port}"
+    try:
+        remote = Orchestrator(out, ElasticEngine(out, rpc=endpoint), calibrate=False)
+        query = "w5 w6 w7 w30"
+        for ttft, tpot in ((0.9, 0.9), (0.3, 0.6)):
+            np.testing.assert_allclose(np.concatenate(remote.tlm.decide(query, ttft, tpot)),
+                                       np.concatenate(local.tlm.decide(query, ttft, tpot)), rtol=0, atol=1e-5)
+        parts = local.parts(query, " ".join(f"w{i}" for i in range(9, 40)), chat=False)
+        for slo, strategy in ((SLO(0.6, 0.9), "elastilm"), (SLO(1.0, 1.0), "full"), (SLO(0.5, 0.8), "layer-drop")):
+            a, b = local.answer(parts, slo, 5, strategy=strategy), remote.answer(parts, slo, 5, strategy=strategy)
+            assert (a.plan.level, a.plan.ratio, a.plan.dropped) == (b.plan.level, b.plan.ratio, b.plan.dropped)
+            assert a.compressed.ids == b.compressed.ids and a.text == b.text
+        remote.close()  # the RPC server serves one session at a time
+
+        process, url = spawn(out, tmp_path / "serve.log", bundle=bundle, rpc=endpoint)
+        try:
+            body = {"prompt": query, "context": " ".join(f"w{i}" for i in range(9, 40)), "max_tokens": 5, "slo": {"ttft": 0.6, "tpot": 0.9}}
+            got = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+            expected = local.answer(parts, SLO(0.6, 0.9), 5)
+            assert got["choices"][0]["text"] == expected.text
+            assert (got["elastilm"]["level"], got["elastilm"]["prompt_ratio"]) == (expected.plan.level, expected.plan.ratio)
+        finally:
+            process.terminate()
+            process.wait(30)
+        assert "rpc 127.0.0.1" in (tmp_path / "serve.log").read_text()
+    finally:
+        server.terminate()
+        local.close()
