@@ -239,9 +239,21 @@ def _plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def warm_up(url: str, count: int, seed: int, api_key: str | None = None) -> None:
+    """`count` requests, one at a time and not recorded, so that the service's latency calibration (planner.Calibration)
+    has seen this machine under load before the first recorded strategy: otherwise that strategy alone would plan
+    with the quiet profile."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    for r in make_trace(count, 0.0, 1.0, seed + 1):
+        httpx.post(f"{url}/v1/completions", json=request_body(r, "full"), headers=headers, timeout=600).raise_for_status()
+
+
 def run(url: str, requests: int, alphas: list[float], strategies: list[str], rate: float, seed: int, out: Path,
-        api_key: str | None = None, progress: bool = True) -> list[dict]:
-    """Replay one trace per alpha for every strategy; resumable per (alpha, strategy) through trace-requests.csv."""
+        api_key: str | None = None, progress: bool = True, warmup: int = 8) -> list[dict]:
+    """Replay one trace per alpha for every strategy; resumable per (alpha, strategy) through trace-requests.csv.
+    A service that has not answered `warmup` requests yet gets them first (see warm_up)."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ElastiLMError(f"unknown strategy {unknown}; known: {', '.join(STRATEGIES)}")
@@ -252,6 +264,11 @@ def run(url: str, requests: int, alphas: list[float], strategies: list[str], rat
               "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "error")
     done = _read(path)
     strategies = strategies or list(STRATEGIES)
+    import httpx
+
+    answered = httpx.get(f"{url}/health", timeout=30).json().get("calibration", {}).get("answers", 0)
+    if answered < warmup:
+        warm_up(url, warmup - answered, seed, api_key)
     for alpha in alphas:
         trace = make_trace(requests, alpha, rate, seed)
         for s in strategies:

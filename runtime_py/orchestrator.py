@@ -66,10 +66,8 @@ class Orchestrator:
         if missing:
             raise ElastiLMError(f"{build}: the TLM plans levels {missing} that the model does not have; retrain it")
         self.cost = self.tlm.measure_cost()
-        # measured / predicted TTFT and TPOT, a running mean over answered requests: the profile is measured in a
-        # quiet process, a serving process shares the cores (HTTP, clients) and runs slower, so plans use
-        # predictions scaled by what this process actually sees
-        self.scale = [1.0, 1.0]
+        # what this process measures against the profile (planner.Calibration); calibrate=False keeps the profile
+        self.calibration = planner.Calibration()
         self.calibrate = calibrate
 
     def parts(self, query: str, context: str = "", chat: bool = True) -> list[Part]:
@@ -98,13 +96,15 @@ class Orchestrator:
             index_r = {r: i for i, r in enumerate(self.tlm.ratios)}
             index_l = {lv: i for i, lv in enumerate(self.tlm.levels)}
             preference = lambda r, lv: ratio_lp[index_r[r]] + level_lp[index_l[lv]]  # noqa: E731
-        return planner.choose(strategy, slo, self.latency, prompt, fixed, ratios, self.tlm.levels, self.cost, preference, tuple(self.scale))
+        c = self.calibration
+        return planner.choose(strategy, slo, self.latency, prompt, fixed, ratios, self.tlm.levels, self.cost, preference, c.plan_scale, c.served)
 
     def _fractions(self, slo: planner.SLO, prompt_tokens: int) -> tuple[float, float]:
-        """The SLO as fractions of the full model (what the decision head reads)."""
-        ttft, tpot = planner.budgets(slo, self.latency, prompt_tokens)
+        """The SLO as fractions of the full model as served here (what the decision head reads)."""
+        served = self.calibration.served
+        ttft, tpot = planner.budgets(slo, self.latency, prompt_tokens, served)
         full = max(self.latency.levels)
-        return ttft / self.latency.ttft(full, prompt_tokens), tpot / self.latency.tpot(full)
+        return ttft / (served[0] * self.latency.ttft(full, prompt_tokens)), tpot / (served[1] * self.latency.tpot(full))
 
     def answer(
         self, parts: list[Part], slo: planner.SLO, max_new_tokens: int = 64, stream: bool = False, strategy: str = "elastilm",
@@ -128,9 +128,10 @@ class Orchestrator:
 
     def _answer(self, parts, slo, max_new_tokens, strategy, options, calibration, **sampling) -> Iterator:
         start = time.perf_counter()
+        scale, served = self.calibration.plan_scale, self.calibration.served
         p = self.plan(parts, slo, strategy)
         c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
-        ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original)
+        ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original, served)
         answer = Answer("", p, c, ttft_budget, tpot_budget)
         times: list[float] = []
 
@@ -145,20 +146,14 @@ class Orchestrator:
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
             answer.tpot_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-            if self.calibrate:
-                self._calibrate(0, answer.ttft_ms, p.ttft_ms)
+            if self.calibrate:  # against the profile's own predictions, unscaled
+                self.calibration.add(0, answer.ttft_ms, p.ttft_ms / scale[0])
                 if len(times) > 1:
-                    self._calibrate(1, answer.tpot_ms, p.tpot_ms)
+                    self.calibration.add(1, answer.tpot_ms, p.tpot_ms / scale[1])
         if options:
             answer.option_scores = self._option_scores(engine, parts, c, p.level, options, calibration)
             answer.choice = int(np.argmax(answer.option_scores))
         yield answer
-
-    def _calibrate(self, k: int, measured: float, predicted: float, weight: float = 0.3) -> None:
-        """Move scale[k] towards measured / (the profile's own prediction), clamped to [0.5, 3]."""
-        if predicted > 0:
-            ratio = measured / (predicted / self.scale[k])
-            self.scale[k] = min(3.0, max(0.5, (1 - weight) * self.scale[k] + weight * ratio))
 
     def _option_scores(self, engine, parts, c: Compressed, level: float, options: list[str], calibration: str | None) -> list[float]:
         from elastilm.evaluate.harness import option_scores

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -135,21 +136,55 @@ def compressed_tokens(prompt_tokens: int, query_tokens: int, ratio: float) -> in
     return prompt_tokens if ratio >= 1 else max(round(ratio * prompt_tokens), query_tokens)
 
 
-def budgets(slo: SLO, latency: LatencyModel, prompt_tokens: int) -> tuple[float, float]:
-    """(TTFT, TPOT) budgets in ms."""
+def budgets(slo: SLO, latency: LatencyModel, prompt_tokens: int, served: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
+    """(TTFT, TPOT) budgets in ms. Relative SLOs are fractions of the full model's latency as served here: the
+    profile's times `served` (Calibration.served)."""
     if not slo.relative:
         return slo.ttft, slo.tpot
     full = max(latency.levels)
-    return slo.ttft * latency.ttft(full, prompt_tokens), slo.tpot * latency.tpot(full)
+    return slo.ttft * served[0] * latency.ttft(full, prompt_tokens), slo.tpot * served[1] * latency.tpot(full)
+
+
+class Calibration:
+    """How the latency this process measures compares with the profile's predictions: the ratios measured /
+    predicted of the last `window` answers, for TTFT and for TPOT. The profile is measured in a quiet process; a
+    serving process shares its cores with HTTP and clients and runs slower, and single requests scatter. Plans
+    use a high quantile of the ratios (`plan_scale`: room for the scatter, so that a plan predicted to fit
+    mostly does), relative budgets the median (`served`: the full model as it typically runs here). Both are 1.0
+    until `minimum` answers were seen, and clamped to [0.5, 3]."""
+
+    def __init__(self, window: int = 32, quantile: float = 0.75, minimum: int = 4):
+        self.ratios = (deque(maxlen=window), deque(maxlen=window))
+        self.quantile, self.minimum = quantile, minimum
+
+    def add(self, k: int, measured_ms: float, predicted_ms: float) -> None:
+        """One answer's measured time against the profile's own prediction (unscaled); k = 0 TTFT, 1 TPOT."""
+        if measured_ms > 0 and predicted_ms > 0:
+            self.ratios[k].append(measured_ms / predicted_ms)
+
+    def _stat(self, q: float) -> tuple[float, float]:
+        return tuple(float(np.clip(np.quantile(r, q), 0.5, 3.0)) if len(r) >= self.minimum else 1.0 for r in self.ratios)
+
+    @property
+    def plan_scale(self) -> tuple[float, float]:
+        return self._stat(self.quantile)
+
+    @property
+    def served(self) -> tuple[float, float]:
+        return self._stat(0.5)
+
+    def to_dict(self) -> dict:
+        return {"answers": len(self.ratios[0]), "plan_scale": [round(x, 3) for x in self.plan_scale],
+                "served": [round(x, 3) for x in self.served]}
 
 
 def candidates(
     slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels, tlm: TLMCost, decides: bool,
-    scale: tuple[float, float] = (1.0, 1.0),
+    scale: tuple[float, float] = (1.0, 1.0), served: tuple[float, float] = (1.0, 1.0),
 ) -> list[Plan]:
-    """Every (ratio, level) with its predictions and feasibility; `scale` multiplies the predicted TTFT and TPOT
-    (the runtime's measured / predicted ratios, see Orchestrator)."""
-    ttft_budget, tpot_budget = budgets(slo, latency, prompt_tokens)
+    """Every (ratio, level) with its predictions and feasibility; `scale` multiplies the predicted TTFT and TPOT,
+    `served` the relative budgets (see Calibration)."""
+    ttft_budget, tpot_budget = budgets(slo, latency, prompt_tokens, served)
     out = []
     for r in ratios:
         tokens = compressed_tokens(prompt_tokens, query_tokens, r)
@@ -169,9 +204,10 @@ def fastest(plans: list[Plan]) -> Plan:
 def plan(
     slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
     preference: Callable[[float, float], float], tlm: TLMCost, scale: tuple[float, float] = (1.0, 1.0),
+    served: tuple[float, float] = (1.0, 1.0),
 ) -> Plan:
     """The plan for one request. `preference(ratio, level)`: the TLM decision head's joint log-probability."""
-    plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, tlm, True, scale)
+    plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, tlm, True, scale, served)
     best = max(plans, key=lambda p: (preference(p.ratio, p.level), p.level, p.ratio))
     if best.feasible:
         return _named(best, "tlm")
@@ -205,28 +241,29 @@ def _best(plans: list[Plan], key, name: str) -> Plan:
 def choose(
     strategy: str, slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
     cost: TLMCost, preference: Callable[[float, float], float] | None = None, scale: tuple[float, float] = (1.0, 1.0),
+    served: tuple[float, float] = (1.0, 1.0),
 ) -> Plan:
     """The plan `strategy` picks; `preference(ratio, level)` is the TLM's (elastilm only); baselines that do not
     compress do not run the TLM, prompt-only pays for its scoring but not for a decision."""
     full = (max(levels),)
     if strategy == "elastilm":
-        return plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost, scale)
+        return plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost, scale, served)
     if strategy == "full":
-        return _named(candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), full, NO_TLM, False, scale)[0], strategy)
+        return _named(candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), full, NO_TLM, False, scale, served)[0], strategy)
     if strategy == "model-only":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, NO_TLM, False, scale)
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, NO_TLM, False, scale, served)
         return _best(plans, lambda p: p.level, strategy)
     if strategy == "prompt-only":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, full, cost, False, scale)
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, full, cost, False, scale, served)
         return _best(plans, lambda p: p.ratio, strategy)
     if strategy == "smallest":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False, scale)
+        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False, scale, served)
         return _best(plans, lambda p: 0, strategy)
     if strategy == "layer-drop":
         drops = latency.layer_drop
         if drops is None:
             raise ElastiLMError("this build has no layer-drop variants: run `elastilm layer-drop`, then compile and profile again")
-        plans = candidates(slo, drops, prompt_tokens, query_tokens, (1.0,), drops.levels, NO_TLM, False, scale)
+        plans = candidates(slo, drops, prompt_tokens, query_tokens, (1.0,), drops.levels, NO_TLM, False, scale, served)
         best = _best(plans, lambda p: p.level, strategy)
         return Plan(**{**asdict(best), "level": 1.0, "dropped": drops.dropped[best.level]})
     raise ElastiLMError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")

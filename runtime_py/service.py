@@ -427,7 +427,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": service.model_id, "queued": len(service.queue), "busy": service.busy,
-                "latency_scale": {"ttft": round(orch.scale[0], 3), "tpot": round(orch.scale[1], 3)}}
+                "calibration": orch.calibration.to_dict()}
 
     @app.get("/metrics")
     async def metrics():

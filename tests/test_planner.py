@@ -154,15 +154,27 @@ def test_scaled_predictions_tighten_plans():
     assert slow.ttft_ms == pytest.approx(1.5 * lat.ttft(slow.level, slow.tokens))
 
 
-def test_orchestrator_calibration_is_a_running_ratio():
-    from elastilm.runtime.orchestrator import Orchestrator
+def test_calibration_is_a_quantile_of_recent_ratios():
+    """Plans scale predictions by a high quantile of measured/predicted, relative budgets by the median; both
+    stay 1.0 until enough answers were seen, forget old ones, and are clamped."""
+    cal = planner.Calibration(window=8, quantile=0.75, minimum=4)
+    for r in (1.1, 1.3, 1.2):
+        cal.add(0, 100 * r, 100)
+    assert cal.plan_scale == (1.0, 1.0) and cal.served == (1.0, 1.0)  # 3 answers: not yet
+    cal.add(0, 140, 100)
+    assert cal.plan_scale[0] == pytest.approx(np.quantile([1.1, 1.3, 1.2, 1.4], 0.75))
+    assert cal.served[0] == pytest.approx(1.25) and cal.served[1] == 1.0  # TPOT has its own window
+    for _ in range(8):
+        cal.add(0, 90, 100)  # the old ratios leave the window
+    assert cal.plan_scale[0] == pytest.approx(0.9) and cal.served[0] == pytest.approx(0.9)
+    for _ in range(8):
+        cal.add(1, 1e6, 1)
+    assert cal.plan_scale[1] == 3.0 and cal.to_dict()["answers"] == 8
 
-    orch = Orchestrator.__new__(Orchestrator)  # only the calibration state
-    orch.scale = [1.0, 1.0]
-    orch._calibrate(0, measured=120.0, predicted=100.0)  # the plan was predicted at scale 1.0
-    assert orch.scale[0] == pytest.approx(0.7 * 1.0 + 0.3 * 1.2)
-    before = orch.scale[0]
-    orch._calibrate(0, measured=120.0, predicted=100.0 * before)  # predicted with the current scale: same profile value
-    assert orch.scale[0] == pytest.approx(0.7 * before + 0.3 * 1.2)
-    orch._calibrate(1, measured=1e6, predicted=1.0)
-    assert orch.scale[1] == 3.0  # clamped
+
+def test_served_budgets_follow_the_full_model_as_served():
+    lat = planner.LatencyModel(table())
+    quiet = planner.budgets(planner.SLO(0.5, 0.8), lat, 128)
+    served = planner.budgets(planner.SLO(0.5, 0.8), lat, 128, served=(1.2, 1.1))
+    assert served == pytest.approx((1.2 * quiet[0], 1.1 * quiet[1]))
+    assert planner.budgets(planner.SLO(300, 60, relative=False), lat, 128, served=(1.2, 1.1)) == (300, 60)  # ms are ms

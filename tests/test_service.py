@@ -45,7 +45,7 @@ class Gate:
 
     def __init__(self, orch):
         self.orch, self.gate = orch, threading.Event()
-        self.tlm, self.engine, self.scale = orch.tlm, orch.engine, orch.scale
+        self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
 
     def parts(self, *a, **k):
         return self.orch.parts(*a, **k)
@@ -266,12 +266,15 @@ def test_trace_replay_over_http_and_summary(server, monkeypatch, tmp_path):
     monkeypatch.setattr(trace, "request_body", lambda r, s: {
         "prompt": "w5 w6", "context": "w9 w10 w11 w12", "options": [" w7", " w8"], "max_tokens": 3, "strategy": s,
         "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot}, "user": r.app.name})
-    rows = [{**r, "alpha": 0.0} for s in ("elastilm", "smallest") for r in trace.replay(srv.url, requests, s, progress=False)]
-    assert len(rows) == 8 and all(r["ok"] for r in rows)
-    assert all(r["level"] == 0.2 and r["ratio"] == 1.0 for r in rows if r["strategy"] == "smallest")
+    rows = [{**r, "alpha": 0.0} for s in ("elastilm", "smallest", "layer-drop") for r in trace.replay(srv.url, requests, s, progress=False)]
+    assert len(rows) == 12 and all(r["ok"] for r in rows)
+    assert all(r["level"] == 0.2 and r["ratio"] == 1.0 and r["layers_dropped"] == 0 for r in rows if r["strategy"] == "smallest")
+    dropping = [r for r in rows if r["strategy"] == "layer-drop"]
+    assert all(r["level"] == 1.0 for r in dropping) and {r["layers_dropped"] for r in dropping if r["app"] == "Rewind"} == {0}
+    assert {r["layers_dropped"] for r in dropping if r["app"] == "GMail"} == {1}  # TPOT 0.9 of full: 3 of the 4 layers fit
     table = trace.summarize(rows, tmp_path)
     overall = {r["strategy"]: r for r in table if r["app"] == "all"}
-    for s in ("elastilm", "smallest"):
+    for s in ("elastilm", "smallest", "layer-drop"):
         sel = [r for r in rows if r["strategy"] == s]
         assert overall[s]["n"] == 4
         assert overall[s]["accuracy"] == pytest.approx(sum(r["correct"] for r in sel) / 4)
