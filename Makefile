@@ -26,6 +26,7 @@ setup: $(BIN)/elastilm
 
 demo: setup
 	$(BIN)/elastilm elastify --model $(MODEL) --out $(OUT)
+	$(BIN)/elastilm layer-drop $(OUT)
 	$(BIN)/elastilm quality $(OUT)
 	$(BIN)/elastilm recover $(OUT) --tokens $(RECOVER_TOKENS)
 	$(BIN)/elastilm compile $(OUT) --target host-cpu

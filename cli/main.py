@@ -86,7 +86,7 @@ def _recover(args) -> None:
 def _eval(args) -> None:
     from elastilm.evaluate.harness import Run, evaluate, markdown
 
-    builds = {"adapters": args.build, "no-adapters": args.build, "original-order": args.original_build}
+    builds = {"adapters": args.build, "no-adapters": args.build, "original-order": args.original_build, "layer-drop": args.build}
     if "original-order" in args.variants and args.original_build is None:
         raise ElastiLMError("variant original-order needs --original-build (a build of `elastilm elastify --no-reorder`)")
     runs = [Run(v, builds[v]) for v in args.variants]
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy per level on the benchmarks, through the compiled engine (resumable)")
     p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
     p.add_argument("--original-build", type=Path, default=None, help="a build of the not-reordered model (original-order)")
-    p.add_argument("--variants", type=_names, default=["adapters", "no-adapters"], help="adapters,no-adapters,original-order")
+    p.add_argument("--variants", type=_names, default=["adapters", "no-adapters"], help="adapters,no-adapters,original-order,layer-drop")
     p.add_argument("--tasks", type=_names, default=["arc_easy", "obqa", "piqa", "sciq", "droidtask"])
     p.add_argument("--levels", type=_fractions, default=DEFAULT_FRACTIONS)
     p.add_argument("--ratios", type=_fractions, default=(1.0,), help="prompt ratios of the few-shot prefix")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from elastilm import ElastiLMError
 from elastilm.compile import artifact, corpus, reference
 from elastilm.compile.config import ModelConfig
+from elastilm.runtime.engine import drop_count
 
 FILE = "layer_drop.json"
 SCHEMA, VERSION = "elastilm.layer-drop", 1
@@ -42,8 +43,7 @@ def block_influence(params, cfg: ModelConfig, windows: torch.Tensor, progress: b
 
 def drop_counts(num_layers: int, kept_shares: list[float]) -> list[int]:
     """Layers to drop for each kept share of parameters (at least one layer stays), distinct and ascending."""
-    counts = {min(num_layers - 1, round((1 - share) * num_layers)) for share in kept_shares}
-    return sorted(n for n in counts if n > 0)
+    return sorted({n for share in kept_shares if (n := drop_count(num_layers, share)) > 0})
 
 
 def plan_drops(scores: torch.Tensor, counts: list[int]) -> dict[int, list[int]]:

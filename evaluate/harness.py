@@ -7,7 +7,8 @@ its score after a content-free question for the tasks in `tasks.NULL_QUESTION`; 
 best-scoring option.
 
 Variants: "adapters" (reordered model, each level with its recovery adapter), "no-adapters" (the same build,
-plain sub-models) and "original-order" (a model elastified without reordering: prefixes of the original order).
+plain sub-models), "original-order" (a model elastified without reordering: prefixes of the original order) and
+"layer-drop" (the same build's ShortGPT variant with each level's share of the parameters: layers skipped, full width).
 `prompt ratio` < 1 shortens the few-shot prefix with a simple baseline compressor (keep the instruction line and
 the last tokens of the examples) until the TLM exists; the question and options are never cut.
 
@@ -32,6 +33,7 @@ VARIANTS = {
     "adapters": "reordered + recovery adapters",
     "no-adapters": "reordered, no adapters",
     "original-order": "not reordered, no adapters",
+    "layer-drop": "layers dropped (ShortGPT), same parameter share",
 }
 ITEM_FIELDS = ("task", "variant", "level", "ratio", "id", "answer", "pred", "correct", "scores")
 
@@ -126,11 +128,13 @@ def evaluate(
                             continue
                         if engine is None:
                             engine = ElasticEngine(run.build, adapters=run.variant == "adapters")
-                        prefix = compress_prefix(engine, t, ratio)
-                        engine.prefill(prefix, level)
+                        # the layer-dropping baseline: the variant with this level's parameter share, at full width
+                        model, at = (engine.dropped(engine.drop_for_level(level)), 1.0) if run.variant == "layer-drop" else (engine, level)
+                        prefix = compress_prefix(model, t, ratio)
+                        model.prefill(prefix, at)
                         null: dict = {}
                         for it in todo:
-                            scores = item_scores(engine, t, len(prefix), it, level, null)
+                            scores = item_scores(model, t, len(prefix), it, at, null)
                             pred = int(np.argmax(scores))
                             writer.writerow({
                                 "task": t, "variant": run.variant, "level": f"{level:g}", "ratio": f"{ratio:g}", "id": it.id,

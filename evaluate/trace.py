@@ -223,18 +223,20 @@ def _plot(table: list[dict], path: Path) -> None:
 
     alphas = sorted({r["alpha"] for r in table})
     strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in table)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     width = 0.8 / len(strategies)
     for k, s in enumerate(strategies):
         rows = {r["alpha"]: r for r in table if r["strategy"] == s and r["app"] == "all"}
-        x = np.arange(len(alphas)) + (k - (len(strategies) - 1) / 2) * width
-        axes[0].bar(x, [100 * rows[a]["accuracy_within_slo"] if a in rows else 0 for a in alphas], width, label=STRATEGIES[s])
-        axes[1].bar(x, [100 * rows[a]["slo_met"] if a in rows else 0 for a in alphas], width, label=STRATEGIES[s])
+        x = np.arange(len(alphas) + 1) + (k - (len(strategies) - 1) / 2) * width
+        for ax, key in zip(axes, ("accuracy_within_slo", "slo_met")):
+            values = [100 * rows[a][key] if a in rows else 0 for a in alphas]
+            ax.bar(x, values + [float(np.mean(values))], width, label=STRATEGIES[s])
     for ax, title in zip(axes, ("accuracy within SLO (%)", "SLO met (%), measured")):
-        ax.set_xticks(np.arange(len(alphas)), [f"alpha {a:+g}" for a in alphas])
+        ax.set_xticks(np.arange(len(alphas) + 1), [f"alpha {a:+g}" for a in alphas] + ["mean"])
         ax.set(title=title)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -254,6 +256,9 @@ def run(url: str, requests: int, alphas: list[float], strategies: list[str], rat
         api_key: str | None = None, progress: bool = True, warmup: int = 8) -> list[dict]:
     """Replay one trace per alpha for every strategy; resumable per (alpha, strategy) through trace-requests.csv.
     A service that has not answered `warmup` requests yet gets them first (see warm_up)."""
+    import httpx
+
+    strategies = strategies or list(STRATEGIES)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ElastiLMError(f"unknown strategy {unknown}; known: {', '.join(STRATEGIES)}")
@@ -263,9 +268,6 @@ def run(url: str, requests: int, alphas: list[float], strategies: list[str], rat
     fields = ("alpha", "app", "task", "id", "strategy", "arrival_s", "ok", "correct", "slo_met", "ttft_met", "tpot_met", "level", "layers_dropped",
               "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "error")
     done = _read(path)
-    strategies = strategies or list(STRATEGIES)
-    import httpx
-
     answered = httpx.get(f"{url}/health", timeout=30).json().get("calibration", {}).get("answers", 0)
     if answered < warmup:
         warm_up(url, warmup - answered, seed, api_key)
@@ -290,6 +292,6 @@ def _read(path: Path) -> list[dict]:
         return []
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    num = {"ok", "correct", "slo_met", "ttft_met", "tpot_met"}
+    num = {"ok", "correct", "slo_met", "ttft_met", "tpot_met", "layers_dropped"}
     flt = {"alpha", "level", "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "arrival_s"}
     return [{k: (int(v) if k in num and v != "" else float(v) if k in flt and v != "" else v) for k, v in r.items()} for r in rows]

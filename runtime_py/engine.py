@@ -60,6 +60,11 @@ def read_build_manifest(folder: Path, verify: bool = True, runs: str | None = "h
     return doc
 
 
+def drop_count(num_layers: int, kept_share: float) -> int:
+    """Layers the layer-dropping baseline drops to keep `kept_share` of the parameters (at least one layer stays)."""
+    return min(num_layers - 1, round((1 - kept_share) * num_layers))
+
+
 @dataclass(frozen=True)
 class LevelWidths:
     fraction: float
@@ -100,6 +105,7 @@ class ElasticEngine:
         """Library, weights and a zeroed KV cache on the session's device."""
         cfg = self.elastic["config"]
         m, s = self.manifest, self.session
+        self._connection = s.connections
         with s.guard():
             self.vm = s.load(self.folder, m)
             suffix = f"_drop{self.dropped_layers}" if self.dropped_layers else ""
@@ -117,6 +123,11 @@ class ElasticEngine:
     def layer_drops(self) -> dict[int, list[int]]:
         """The build's layer-dropping variants: {layers dropped: which} (ShortGPT baseline, compile/layer_drop.py)."""
         return {int(n): layers for n, layers in self.manifest.get("layer_drop", {}).items()}
+
+    def drop_for_level(self, fraction: float) -> int:
+        """The layer-drop variant with elastic level `fraction`'s share of the elastic parameters (0 at 1.0)."""
+        kept = self.elastic["levels"][list(self.levels).index(self.level(fraction).fraction)]["kept"]
+        return drop_count(self.elastic["config"]["num_layers"], kept)
 
     def dropped(self, n: int) -> "ElasticEngine":
         """This engine with n layers dropped (one of `layer_drops`; 0: this engine). A view: it shares the library,
@@ -176,6 +187,8 @@ class ElasticEngine:
         if ids.min() < 0 or ids.max() >= vocab:  # the embedding gather does not check bounds
             raise ElastiLMError(f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
         s = self.session
+        if self._connection != s.connections:  # the session reconnected (after a lost device): reload there
+            self._load()
         with s.guard():
             embeddings = self.functions["embed"](s.tensor(ids.astype("int32")), self.params)
             out = self.functions[method](
@@ -216,7 +229,11 @@ class ElasticEngine:
         lv = self.level(level)
         self._check_length(len(ids), max_new_tokens)
         rng = np.random.default_rng(seed)
-        logits = self._run("prefill", ids, 0, lv)
+        try:
+            logits = self._run("prefill", ids, 0, lv)
+        except DeviceLost:  # nothing generated yet: reconnect and start over
+            self.session.connect()
+            logits = self._run("prefill", ids, 0, lv)
         seen = list(ids)
         for _ in range(max_new_tokens):
             token = _pick(logits, temperature, top_p, rng)
@@ -227,7 +244,6 @@ class ElasticEngine:
                 logits = self._run("decode", [token], len(seen), lv)
             except DeviceLost:  # the device's KV cache is gone: reconnect, then recompute it from the tokens so far
                 self.session.connect()
-                self._load()
                 logits = self._run("prefill", seen + [token], 0, lv)
             seen.append(token)
 

@@ -22,6 +22,7 @@ from elastilm import ElastiLMError
 from elastilm.runtime import planner
 from elastilm.runtime.compress import Compressed, Part, compress
 from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime.session import DeviceLost
 from elastilm.runtime.tlm import CompiledTLM
 
 
@@ -129,8 +130,13 @@ class Orchestrator:
     def _answer(self, parts, slo, max_new_tokens, strategy, options, calibration, **sampling) -> Iterator:
         start = time.perf_counter()
         scale, served = self.calibration.plan_scale, self.calibration.served
-        p = self.plan(parts, slo, strategy)
-        c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
+        try:
+            p = self.plan(parts, slo, strategy)
+            c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
+        except DeviceLost:  # the device went away between requests: nothing ran yet, so reconnect and plan again
+            self.engine.session.connect()
+            p = self.plan(parts, slo, strategy)
+            c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
         ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original, served)
         answer = Answer("", p, c, ttft_budget, tpot_budget)
         times: list[float] = []

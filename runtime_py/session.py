@@ -24,6 +24,7 @@ CACHE_NAME = "elastilm.{}.{}"  # device tensor-cache names of tensors made there
 
 class LocalSession:
     endpoint = "this process"
+    connections = 1  # see RemoteSession: handles never go stale here
 
     def __init__(self, device: str = "cpu"):
         self.device = tvm.device(device)
@@ -91,6 +92,7 @@ class RemoteSession:
         self.endpoint = f"rpc {rpc}" if rpc else f"tracker {tracker} key '{key}'"
         self.retries, self.progress = retries, progress
         self.uploaded_bytes = 0
+        self.connections = 0  # connects so far: handles made under an earlier connection are stale
         self.connect()
 
     # -- connection ---------------------------------------------------------------------------------------
@@ -104,6 +106,9 @@ class RemoteSession:
                     self.remote = rpc.connect(*parse_endpoint(self.rpc), session_timeout=0)
                 else:
                     self.remote = rpc.connect_tracker(*parse_endpoint(self.tracker)).request(self.key, session_timeout=0)
+                self.connections += 1
+                if hasattr(self, "device_type"):  # a reconnect: the device handle belongs to the new link
+                    self.device = self.remote.device(self.device_type)
                 return
             except (OSError, RuntimeError) as err:
                 last = err

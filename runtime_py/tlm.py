@@ -131,10 +131,16 @@ class CompiledTLM(TLMBase):
         manifest = read_manifest(folder)
         super().__init__(folder, json.loads((folder / META).read_text()))
         self.session = session or LocalSession()
-        with self.session.guard():
-            self.vm = self.session.load(folder, manifest)
+        self.manifest = manifest
+        self._load()
+
+    def _load(self) -> None:
+        s = self.session
+        self._connection = s.connections
+        with s.guard():
+            self.vm = s.load(self.folder, self.manifest)
             self.functions = {self.window: self.vm["score"], self.decide_window: self.vm["decide"]}
-            self.params = self.session.tensors(manifest["param_names"])
+            self.params = s.tensors(self.manifest["param_names"])
 
     def close(self) -> None:
         """Drop the handles (over RPC they hold the device session open)."""
@@ -142,6 +148,8 @@ class CompiledTLM(TLMBase):
 
     def _forward(self, ids, mask, slo):
         s = self.session
+        if self._connection != s.connections:  # the engine's session reconnected: load again on the device
+            self._load()
         with s.guard():
             out = self.functions[ids.shape[1]](s.tensor(ids), s.tensor(mask), s.tensor(slo), *self.params)
             return tuple(s.item(out, i)[0] for i in range(3))

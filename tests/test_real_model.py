@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from elastilm.compile import artifact, corpus, reference
+from elastilm.compile import artifact, corpus, layer_drop, reference
 from elastilm.compile.config import ModelConfig
 from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.ingest import resolve
@@ -80,6 +80,7 @@ def engine(smollm2, tmp_path_factory):
     model, _ = smollm2
     elastic_dir = tmp_path_factory.mktemp("smollm2-elastic")
     artifact.save(elastic_dir, model, {})
+    layer_drop.layer_drop(elastic_dir, progress=False)  # the ShortGPT variants too
     return ElasticEngine(build(elastic_dir, "host-cpu", max_len=128))
 
 
@@ -156,3 +157,30 @@ def test_eval_harness_scores_like_the_oracle_and_resumes(smollm2, engine, tmp_pa
             assert got == pytest.approx(expected, abs=2e-3)
     assert harness.evaluate(*args, progress=False) == acc
     assert len(list(csv.DictReader((tmp_path / "items.csv").open()))) == 6
+
+
+def test_layer_drop_variant_scores_like_the_oracle_with_its_layers_skipped(smollm2, engine, tmp_path):
+    """The harness's layer-drop run at level 0.5 uses the variant with that level's parameter share; its option
+    scores on real ARC-Easy items equal the torch oracle's with those layers skipped."""
+    import csv
+    import json
+
+    from elastilm.evaluate import harness, tasks
+
+    model, _ = smollm2
+    n = engine.drop_for_level(0.5)
+    layers = engine.layer_drops[n]
+    assert n == round((1 - model.level(0.5).kept) * model.config.num_layers) and len(layers) == n
+    assert 0 not in layers  # the first layer changes the residual stream most (ShortGPT's finding, and here)
+    harness.evaluate([harness.Run("layer-drop", engine.folder)], ["arc_easy"], [0.5], [0.2], 2, tmp_path, progress=False)
+    rows = list(csv.DictReader((tmp_path / "items.csv").open()))
+    assert [r["variant"] for r in rows] == ["layer-drop"] * 2
+    widths = [(0, 0) if i in layers else (model.config.num_heads, model.config.intermediate_size) for i in range(model.config.num_layers)]
+    prefix = harness.compress_prefix(engine, "arc_easy", 0.2)
+    for item, row in zip(tasks.items("arc_easy", "report"), rows):
+        question = engine.encode(item.question)
+        for option, got in zip(item.options, json.loads(row["scores"])):
+            ids = prefix + question + engine.encode(option)
+            logp = torch.log_softmax(reference.logits(model.params, model.config, torch.tensor([ids]), widths)[0].double(), -1)
+            start = len(prefix) + len(question)
+            assert got == pytest.approx(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / len(option), abs=2e-3)

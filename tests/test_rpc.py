@@ -154,6 +154,13 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
             a, b = local.answer(parts, slo, 5, strategy=strategy), remote.answer(parts, slo, 5, strategy=strategy)
             assert (a.plan.level, a.plan.ratio, a.plan.dropped) == (b.plan.level, b.plan.ratio, b.plan.dropped)
             assert a.compressed.ids == b.compressed.ids and a.text == b.text
+        server.terminate()  # the device goes away between requests, with both models loaded ...
+        server = start_server(port=9600)  # ... and comes back empty: the next request reconnects and reloads both
+        assert server.port == int(endpoint.split(":")[1])
+        b = remote.answer(parts, SLO(0.6, 0.9), 5)
+        a = local.answer(parts, SLO(0.6, 0.9), 5)
+        assert (a.plan.level, a.plan.ratio, a.compressed.ids, a.text) == (b.plan.level, b.plan.ratio, b.compressed.ids, b.text)
+        assert remote.engine.session.connections == 2
         remote.close()  # the RPC server serves one session at a time
 
         process, url = spawn(out, tmp_path / "serve.log", bundle=bundle, rpc=endpoint)

@@ -280,3 +280,28 @@ def test_trace_replay_over_http_and_summary(server, monkeypatch, tmp_path):
         assert overall[s]["accuracy"] == pytest.approx(sum(r["correct"] for r in sel) / 4)
         assert overall[s]["accuracy_within_slo"] == pytest.approx(sum(r["correct"] * r["slo_met"] for r in sel) / 4)
     assert (tmp_path / "trace.png").is_file() and "accuracy within slo" in (tmp_path / "trace.md").read_text().lower()
+
+
+def test_trace_run_warms_the_service_up_and_replays_every_strategy(server, monkeypatch, tmp_path):
+    """`run` with the default strategies: warm-up requests first (not recorded), then one replay per strategy,
+    resumable: a second run sends nothing new."""
+    from elastilm.evaluate import trace
+    from elastilm.runtime.planner import STRATEGIES
+
+    srv, _ = server
+    sent: list[str] = []
+
+    def body(r, s):
+        sent.append(s)
+        return {"prompt": "w5 w6", "context": "w9 w10 w11", "options": [" w7", " w8"], "max_tokens": 2, "strategy": s,
+                "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot}, "user": r.app.name}
+
+    monkeypatch.setattr(trace, "request_body", body)
+    table = trace.run(srv.url, 3, [0.0], None, rate=50.0, seed=0, out=tmp_path, progress=False, warmup=2)
+    assert sent[:2] == ["full", "full"] and len(sent) == 2 + 3 * len(STRATEGIES)  # this server never calibrates: 2 warm-ups
+    assert {r["strategy"] for r in table if r["app"] == "all"} == set(STRATEGIES)
+    rows = trace._read(tmp_path / "trace-requests.csv")
+    assert len(rows) == 3 * len(STRATEGIES) and all(r["ok"] == 1 for r in rows)
+    sent.clear()
+    trace.run(srv.url, 3, [0.0], None, rate=50.0, seed=0, out=tmp_path, progress=False, warmup=0)
+    assert sent == []

@@ -202,6 +202,23 @@ def test_decision_label_is_the_most_capable_correct_feasible_plan():
     assert train_tlm.decision_label("t", correct, 400, 20, impossible, lat, ratios, LEVELS, planner.NO_TLM) is None
 
 
+def test_sampled_slos_reach_budgets_the_full_model_meets():
+    """The paper's pairs and <1, 1> always, then random ones; some random TPOT budgets lie above the full model's,
+    so every level can be a label (a head that never saw one cannot choose it)."""
+    import random
+
+    from elastilm.evaluate.slo import PAPER_SLOS
+
+    slos = train_tlm.sample_slos(random.Random(0), 24)
+    assert len(slos) == 24 and slos[: len(PAPER_SLOS) + 1] == [*PAPER_SLOS, (1.0, 1.0)]
+    assert all(0.1 <= a <= 1.0 and 0.5 <= b <= 1.1 for a, b in slos[len(PAPER_SLOS) + 1 :])
+    assert any(b >= 1.0 for _, b in slos[len(PAPER_SLOS) + 1 :])
+    lat = planner.LatencyModel({"schema": "elastilm.latency", "prompt_lengths": [32, 512], "levels": [
+        {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS]})
+    all_right = {(1.0, lv): 1 for lv in LEVELS}
+    assert train_tlm.decision_label("t", all_right, 400, 20, planner.SLO(1.0, 1.0), lat, [1.0], LEVELS, planner.NO_TLM) == (1.0, 1.0)
+
+
 def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     """A tiny elastified model with a (random) TLM, built together; the answer is the engine's own greedy output
     for the compressed prompt at the planned level, and the report carries predictions and measurements."""
