@@ -103,6 +103,8 @@ def main() -> None:
                 with lock:
                     results.append(row)
 
+    for task in tasks.TASKS:  # load the data sets here: datasets' loader is not safe to run from several threads at once
+        tasks.items(task, "report")
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
     for t in threads:
