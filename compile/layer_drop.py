@@ -46,9 +46,14 @@ def drop_counts(num_layers: int, kept_shares: list[float]) -> list[int]:
     return sorted({n for share in kept_shares if (n := drop_count(num_layers, share)) > 0})
 
 
+def drop_order(scores: torch.Tensor) -> list[int]:
+    """Layers in the order they are dropped: lowest score first (ties: the later layer first)."""
+    return sorted(range(len(scores)), key=lambda i: (float(scores[i]), -i))
+
+
 def plan_drops(scores: torch.Tensor, counts: list[int]) -> dict[int, list[int]]:
-    """For each count n, the n layers of lowest score (ties: the later layer first), ascending."""
-    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), -i))
+    """For each count n, the first n layers of `drop_order`, ascending."""
+    order = drop_order(scores)
     return {n: sorted(order[:n]) for n in counts}
 
 
@@ -70,7 +75,7 @@ def layer_drop(folder: Path, progress: bool = True) -> dict:
         "method": "ShortGPT: drop the layers of lowest Block Influence, 1 - cos(layer input, layer output)",
         "calibration": calib,
         "block_influence": [round(float(s), 6) for s in scores],
-        "order": sorted(range(len(scores)), key=lambda i: (float(scores[i]), -i)),
+        "order": drop_order(scores),
         "variants": {str(n): layers for n, layers in plan_drops(scores, counts).items()},
         "seconds": round(time.perf_counter() - t, 1),
     }

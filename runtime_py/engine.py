@@ -108,8 +108,7 @@ class ElasticEngine:
         self._connection = s.connections
         with s.guard():
             self.vm = s.load(self.folder, m)
-            suffix = f"_drop{self.dropped_layers}" if self.dropped_layers else ""
-            self.functions = {"embed": self.vm["embed"], **{name: self.vm[name + suffix] for name in ("prefill", "decode", "score")}}
+            self.functions = self._functions()
             self.params = s.arrays(m["param_names"])
             # switching level swaps these buffers only; levels without an adapter share one all-zero set
             self.no_adapter = s.zeros(m["adapter_shapes"], "lora0")
@@ -119,6 +118,11 @@ class ElasticEngine:
         # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
         self.caches = s.zeros([(width, rows), (rows, width)] * cfg["num_layers"], "kv")
 
+    def _functions(self) -> dict:
+        """The library's functions this engine calls, looked up once: the model's, or its layer-drop variant's."""
+        suffix = f"_drop{self.dropped_layers}" if self.dropped_layers else ""
+        return {"embed": self.vm["embed"], **{name: self.vm[name + suffix] for name in ("prefill", "decode", "score")}}
+
     @property
     def layer_drops(self) -> dict[int, list[int]]:
         """The build's layer-dropping variants: {layers dropped: which} (ShortGPT baseline, compile/layer_drop.py)."""
@@ -126,7 +130,8 @@ class ElasticEngine:
 
     def drop_for_level(self, fraction: float) -> int:
         """The layer-drop variant with elastic level `fraction`'s share of the elastic parameters (0 at 1.0)."""
-        kept = self.elastic["levels"][list(self.levels).index(self.level(fraction).fraction)]["kept"]
+        f = self.level(fraction).fraction
+        kept = next(lv["kept"] for lv in self.elastic["levels"] if lv["fraction"] == f)
         return drop_count(self.elastic["config"]["num_layers"], kept)
 
     def dropped(self, n: int) -> "ElasticEngine":
@@ -139,8 +144,7 @@ class ElasticEngine:
             raise ElastiLMError(f"{self.folder}: no variant with {n} layers dropped (variants: {have})")
         view = copy.copy(self)
         view.dropped_layers = n
-        suffix = f"_drop{n}"
-        view.functions = {**self.functions, **{name: self.vm[name + suffix] for name in ("prefill", "decode", "score")}}
+        view.functions = view._functions()
         view.levels = {1.0: self.levels[1.0]}
         view.adapters = {}
         return view
