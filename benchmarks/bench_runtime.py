@@ -140,7 +140,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     from elastilm.compile.ingest import resolve
-    from elastilm.runtime.engine import ElasticEngine
+    from elastilm.runtime_py.engine import ElasticEngine
 
     engine = ElasticEngine(args.build)
     _, gguf = resolve(args.model)

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from elastilm.compile import corpus
-from elastilm.compile.tlm import TorchTLM
-from elastilm.runtime.engine import ElasticEngine
-from elastilm.runtime.tlm import CompiledTLM
+from elastilm.train.train_tlm import TorchTLM
+from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.runtime_py.tlm import CompiledTLM
 
 QUERY = "Question: Which point of the essay above matters most, and why?\nAnswer:"
 

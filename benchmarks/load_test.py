@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from elastilm.evaluate import tasks
-from elastilm.runtime.service import spawn
+from elastilm.evaluate.trace import start_service as spawn
 
 SLOS = [{"ttft": 0.8, "tpot": 0.9}, {"ttft": 0.6, "tpot": 0.8}, {"ttft": 0.4, "tpot": 0.7}, {"ttft": 0.2, "tpot": 0.6},
         {"ttft": 0.2, "tpot": 0.5}, {"ttft_ms": 400, "tpot_ms": 40}, {"ttft_ms": 150, "tpot_ms": 30}, None]

@@ -1,12 +1,9 @@
 """Build an elastified model for one target: compiled library + weights in TVM's tensor-cache format.
 
-Output folder `dist/<model>/<target>/`:
-  model.so | model.tar     one library for every level (kernels take the active widths as arguments)
-  params/                  full-width reordered weights, tensor-cache shards + tensor-cache.json, written once;
-                           also the recovery adapters of each level ("adapter/<fraction>/<projection>.lora_A|B")
-  elastic.json, tokenizer  copied from the elastify folder, so the runtime needs nothing else
-  tlm/                     the TLM built for the same target (when trained): library, weights, tokenizer, manifest
-  manifest.json            target, TVM version, parameter order, sha256 of every file
+Output folder `dist/<model>/<target>/` (formats/build.py): one library for every level (the kernels take the
+active widths as arguments, formats/signature.py), the full-width reordered weights written once, each level's
+recovery adapter ("adapter/<fraction>/<projection>.lora_A|B"), the elastify folder's elastic.json and tokenizer,
+the TLM built for the same target (when trained) and the manifest.
 """
 
 from __future__ import annotations
@@ -20,21 +17,20 @@ import shutil
 import time
 from pathlib import Path
 
-from elastilm import ElastiLMError, __version__
-from elastilm.compile import artifact, layer_drop, recover
-from elastilm.compile import tlm as tlm_model
+from elastilm import __version__
 from elastilm.compile.build_tlm import build_tlm
-from elastilm.compile.config import PROJECTIONS
 from elastilm.compile.export import ExportShape, adapter_names, adapter_shapes, export, kernel_layout
 from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
-from elastilm.runtime.engine import MANIFEST_SCHEMA, MANIFEST_VERSION
-from elastilm.runtime.files import sha256
+from elastilm.formats import adapters as adapters_file
+from elastilm.formats import build as build_file
+from elastilm.formats import elastic, layer_drop
+from elastilm.formats import tlm as tlm_file
+from elastilm.formats.config import PROJECTIONS
+from elastilm.formats.errors import ElastiLMError
 from elastilm.targets import preset
 
-MANIFEST = "manifest.json"
 
-
-def export_shape(model: artifact.ElasticModel, max_len: int, lora_rank: int, drops: dict[int, tuple[int, ...]] | None = None) -> ExportShape:
+def export_shape(model: elastic.ElasticModel, max_len: int, lora_rank: int, drops: dict[int, tuple[int, ...]] | None = None) -> ExportShape:
     cfg = model.config
     return ExportShape(
         anchors=tuple(model.anchors),
@@ -84,13 +80,13 @@ def build(
     spec = preset(target)
     spec.check_buildable()
     folder = Path(folder)
-    model = artifact.load(folder, with_tokenizer=False)
+    model = elastic.load(folder, with_tokenizer=False)
     out = Path(out) if out is not None else folder / target
     out.mkdir(parents=True, exist_ok=True)
     # the attention kernel reads keys in whole blocks, so the cache holds a whole number of them
     max_len = min(max_len, model.config.max_position_embeddings)
-    adapters = recover.load_adapters(folder)  # {} before `elastilm recover`: the model runs with zero adapters
-    rank = recover.adapter_rank(adapters)
+    adapters = adapters_file.load(folder)  # {} before `elastilm recover`: the model runs with zero adapters
+    rank = adapters_file.rank(adapters)
     drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
     shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops)
 
@@ -108,7 +104,7 @@ def build(
     params_dir = out / "params"
     shutil.rmtree(params_dir, ignore_errors=True)
     tensors = [(n, model.params[n]) for n in names] + [
-        (f"adapter/{f:g}/{name}.lora_{part}", pair[0 if part == "A" else 1])
+        (build_file.adapter_tensor(f, f"{name}.lora_{part}"), pair[0 if part == "A" else 1])
         for f, ad in sorted(adapters.items()) for name, pair in ad.items() for part in ("A", "B")
     ]
     with contextlib.redirect_stdout(io.StringIO()):  # it prints where it writes; our summary says so
@@ -118,20 +114,15 @@ def build(
             encode_format="raw",
             show_progress=False,
         )
-    for f in artifact.read_manifest(folder)["files"]:
-        if f not in (artifact.WEIGHTS, artifact.IMPORTANCE):
+    for f in elastic.read(folder)["files"]:
+        if f not in (elastic.WEIGHTS, elastic.IMPORTANCE):
             shutil.copy2(folder / f, out / f)  # tokenizer files
-    shutil.copy2(folder / "elastic.json", out / "elastic.json")
+    shutil.copy2(folder / elastic.FILE, out / elastic.FILE)
     tlm_dir = build_tlm(folder, spec, out)  # None before `elastilm train-tlm`
     if tlm_dir is None:
-        shutil.rmtree(out / tlm_model.FOLDER, ignore_errors=True)
+        shutil.rmtree(out / tlm_file.FOLDER, ignore_errors=True)
 
-    # latency profiles are measurements added to the folder later (`elastilm profile`), not part of the build
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                   if p.is_file() and p.name != MANIFEST and not (p.parent == out and p.name.startswith("latency")))
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "schema_version": MANIFEST_VERSION,
+    build_file.write_manifest(out, {
         "elastilm_version": __version__,
         "tvm_version": tvm.__version__,
         "model": model.name,
@@ -143,7 +134,7 @@ def build(
             "device": spec.device,
         },
         "kernels_checked": kernels_checked,
-        "levels_sha256": hashlib.sha256(json.dumps([lv.to_dict() for lv in model.levels], sort_keys=True).encode()).hexdigest(),
+        "levels_sha256": hashlib.sha256(json.dumps(model.levels.to_dicts(), sort_keys=True).encode()).hexdigest(),
         "system_lib_prefix": prefix,
         "library": library,
         "context_window": max_len,
@@ -157,8 +148,6 @@ def build(
         "compile_seconds": round(compile_seconds, 2),
         # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
         "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},
-        "tlm": tlm_model.FOLDER if tlm_dir is not None else None,  # its own manifest inside; its files are listed here too
-        "files": {f: sha256(out / f) for f in files},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        "tlm": tlm_file.FOLDER if tlm_dir is not None else None,  # its own manifest inside; its files are listed here too
+    })
     return out

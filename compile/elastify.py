@@ -1,4 +1,5 @@
-"""One-shot elastification: ingest -> importance -> anchors -> reorder -> levels -> artifact."""
+"""One-shot elastification: ingest -> importance -> anchors -> reorder -> levels -> the elastify folder
+(formats/elastic.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from elastilm.compile import artifact, corpus, importance, ingest, levels, reorder
+from elastilm.compile import corpus, importance, ingest, levels, reorder
+from elastilm.formats import elastic
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,10 @@ def elastify(model: str, out: Path, options: ElastifyOptions = ElastifyOptions()
         "neuron_multiple": options.neuron_multiple,
         "reordered": options.reorder,
     }
-    elastic = artifact.ElasticModel(ckpt.name, config, anchors, table, params, ckpt.tokenizer, meta)
-    artifact.save(
+    model = elastic.ElasticModel(ckpt.name, config, anchors, table, params, ckpt.tokenizer, meta)
+    elastic.save(
         Path(out),
-        elastic,
+        model,
         {
             "head_scores": scores.heads,
             "neuron_scores": scores.neurons,
@@ -73,4 +75,4 @@ def elastify(model: str, out: Path, options: ElastifyOptions = ElastifyOptions()
         },
     )
     seconds["save"] = time.perf_counter() - t
-    return elastic, seconds
+    return model, seconds

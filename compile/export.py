@@ -1,6 +1,6 @@
 """The elastic model in TVM Relax: one module, symbolic active widths, explicit KV cache.
 
-Non-anchor layers run at `heads` active query heads and `nb * block` active FFN neurons, both symbolic, so one
+Non-anchor layers run at `heads` active query heads and `neuron_blocks * block` active FFN neurons, both symbolic, so one
 compiled library serves every level; anchor layers always run full width. Parameters are the full-width
 reordered weights under Hugging Face names. Each layer has its own K cache (n_kv*hd, max_len) and V cache
 (max_len, n_kv*hd), written in place; KV heads are never elastic, so the cache layout is the same at every level.
@@ -9,11 +9,12 @@ Every projection of every layer also takes a LoRA adapter (A (r, in), B^T (r, ou
 weights, read on the same prefix: a level's adapter set is passed per call, so switching levels swaps adapter
 buffers only, and an all-zero set runs the model without adapters.
 
-Methods (batch 1): `embed` turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached
-positions, `decode` one. Both return the logits of the last position only (the LM head over all T positions would
-be wasted work) and the caches; `score` is `prefill` returning the logits of all T positions, for likelihoods.
-The layer-dropping baseline (compile/layer_drop.py) adds `prefill_drop<n>`, `decode_drop<n>` and `score_drop<n>`
-per variant: the same signature, its dropped layers skipped (their caches passed through untouched).
+Methods (batch 1), declared from formats/signature.py (the names and argument order the engine calls): `embed`
+turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached positions, `decode` one.
+Both return the logits of the last position only (the LM head over all T positions would be wasted work) and the
+caches; `score` is `prefill` returning the logits of all T positions, for likelihoods. The layer-dropping
+baseline (compile/layer_drop.py) adds `prefill_drop<n>`, `decode_drop<n>` and `score_drop<n>` per variant: the
+same signature, its dropped layers skipped (their caches passed through untouched).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
-from elastilm.compile.config import PROJECTIONS, ModelConfig, projection_names
-from elastilm.elastic_ops import prefix
+from elastilm.elastic_ops import blocks, prefix
 from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
+from elastilm.formats import signature
+from elastilm.formats.config import PROJECTIONS, ModelConfig, projection_names
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,13 @@ class ElasticRelaxModel(nn.Module):
         self.model = _Decoder(cfg, shape.biases)
         self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size)
 
-    def _linear(self, x, lin: _Linear, name, lora, rows=None):
+    def _linear(self, x, lin: _Linear, projection: str, lora, rows=None):
         """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`),
-        plus the adapter `lora` = (A, B^T) on the same prefix."""
+        plus the adapter `lora[projection]` = (A, B^T) on the same prefix."""
+        name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
+        assert name in blocks.LINEAR, name
         y = _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
-        return _te(prefix.lora_prefix, "lora", x, y, *lora)
+        return _te(prefix.lora_prefix, "lora", x, y, *lora[projection])
 
     def _norm(self, x, norm: _Norm):
         return _te(lambda x, w: prefix.rms_norm(x, w, self.cfg.rms_norm_eps), "rms_norm", x, norm.weight)
@@ -142,9 +146,9 @@ class ElasticRelaxModel(nn.Module):
         a, m = layer.self_attn, layer.mlp
         group = None if cfg.kv_head_map == "interleaved" else cfg.group_size
         h = self._norm(x, layer.input_layernorm)  # (T, d)
-        q = self._linear(h, a.q_proj, "q_proj", lora["self_attn.q_proj"], heads * hd)  # (T, heads*hd)
-        k = self._linear(h, a.k_proj, "k_proj", lora["self_attn.k_proj"])  # (T, n_kv*hd)
-        v = self._linear(h, a.v_proj, "v_proj", lora["self_attn.v_proj"])
+        q = self._linear(h, a.q_proj, "self_attn.q_proj", lora, heads * hd)  # (T, heads*hd)
+        k = self._linear(h, a.k_proj, "self_attn.k_proj", lora)  # (T, n_kv*hd)
+        v = self._linear(h, a.v_proj, "self_attn.v_proj", lora)
         q = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", q, past)
         k = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", k, past)
         k_cache = op.tensor_ir_inplace_op(kv_append_transposed, "kv_append_t", [k_cache, k, past], [0], k_cache)
@@ -152,19 +156,19 @@ class ElasticRelaxModel(nn.Module):
         y = _te(
             lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group), "attention", q, k_cache, v_cache, past
         )  # (T, heads*hd)
-        x = x + self._linear(y, a.o_proj, "o_proj", lora["self_attn.o_proj"])  # (T, d)
+        x = x + self._linear(y, a.o_proj, "self_attn.o_proj", lora)  # (T, d)
         h = self._norm(x, layer.post_attention_layernorm)
-        gate = self._linear(h, m.gate_proj, "gate_proj", lora["mlp.gate_proj"], neurons)  # (T, neurons)
-        up = self._linear(h, m.up_proj, "up_proj", lora["mlp.up_proj"], neurons)
+        gate = self._linear(h, m.gate_proj, "mlp.gate_proj", lora, neurons)  # (T, neurons)
+        up = self._linear(h, m.up_proj, "mlp.up_proj", lora, neurons)
         act = _te(prefix.silu_mul, "silu_mul", gate, up)
-        x = x + self._linear(act, m.down_proj, "down_proj", lora["mlp.down_proj"])  # (T, d)
+        x = x + self._linear(act, m.down_proj, "mlp.down_proj", lora)  # (T, d)
         return x, k_cache, v_cache
 
     def embed(self, input_ids):
         """Token embeddings (T, d): a gather of T rows, separate so callers may edit or compress them."""
         return op.take(self.model.embed_tokens.weight, input_ids, axis=0)
 
-    def _forward(self, x, caches, adapters, past, heads, nb, all_positions=False, skip=()):
+    def _forward(self, x, caches, adapters, past, heads, neuron_blocks, all_positions=False, skip=()):
         cfg = self.cfg
         new_caches = []
         per_layer = 2 * len(PROJECTIONS)
@@ -173,7 +177,7 @@ class ElasticRelaxModel(nn.Module):
                 new_caches += [caches[2 * i], caches[2 * i + 1]]
                 continue
             full = i in self.shape.anchors
-            widths = (cfg.num_heads, cfg.intermediate_size) if full else (heads, nb * self.shape.neuron_block)
+            widths = (cfg.num_heads, cfg.intermediate_size) if full else (heads, neuron_blocks * self.shape.neuron_block)
             mine = adapters[i * per_layer : (i + 1) * per_layer]
             lora = {p: (mine[2 * j], mine[2 * j + 1]) for j, p in enumerate(PROJECTIONS)}
             x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], lora, past, *widths)
@@ -185,20 +189,20 @@ class ElasticRelaxModel(nn.Module):
         logits = _te(prefix.lm_head, "lm_head", h, head.weight)  # (1 or T, vocab)
         return logits, tuple(new_caches)
 
-    def prefill(self, embeddings, caches, adapters, past, heads, nb):
-        return self._forward(embeddings, caches, adapters, past, heads, nb)
+    def prefill(self, embeddings, caches, adapters, past, heads, neuron_blocks):
+        return self._forward(embeddings, caches, adapters, past, heads, neuron_blocks)
 
-    def decode(self, embeddings, caches, adapters, past, heads, nb):
-        return self._forward(embeddings, caches, adapters, past, heads, nb)
+    def decode(self, embeddings, caches, adapters, past, heads, neuron_blocks):
+        return self._forward(embeddings, caches, adapters, past, heads, neuron_blocks)
 
-    def score(self, embeddings, caches, adapters, past, heads, nb):
-        return self._forward(embeddings, caches, adapters, past, heads, nb, all_positions=True)
+    def score(self, embeddings, caches, adapters, past, heads, neuron_blocks):
+        return self._forward(embeddings, caches, adapters, past, heads, neuron_blocks, all_positions=True)
 
     def _dropped(self, all_positions: bool, skip: tuple[int, ...]):
         """A method like `prefill` (or `score`) with the layers `skip` dropped."""
 
-        def method(embeddings, caches, adapters, past, heads, nb):
-            return self._forward(embeddings, caches, adapters, past, heads, nb, all_positions, skip)
+        def method(embeddings, caches, adapters, past, heads, neuron_blocks):
+            return self._forward(embeddings, caches, adapters, past, heads, neuron_blocks, all_positions, skip)
 
         return method
 
@@ -207,30 +211,29 @@ class ElasticRelaxModel(nn.Module):
         width = cfg.num_kv_heads * cfg.head_dim
         k_cache = spec.Tensor([width, self.shape.max_len], "float32")  # keys transposed
         v_cache = spec.Tensor([self.shape.max_len, width], "float32")
-        caches = [k_cache, v_cache] * cfg.num_layers
-        adapters = [spec.Tensor(list(s), "float32") for s in adapter_shapes(cfg, self.shape.lora_rank)]
-        common = {"caches": caches, "adapters": adapters, "past": int, "heads": int, "nb": int}
-        mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
         d = cfg.hidden_size
         prompt, token = spec.Tensor(["seq_len", d], "float32"), spec.Tensor([1, d], "float32")
-        methods = {
-            "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), **mode},
-            "prefill": {"embeddings": prompt, **common, **mode},
-            "decode": {"embeddings": token, **common, **mode},
-            "score": {"embeddings": prompt, **common, **mode},
+        args = {  # signature.ARGUMENTS, "embeddings" aside (a prompt or one token)
+            "caches": [k_cache, v_cache] * cfg.num_layers,
+            "adapters": [spec.Tensor(list(s), "float32") for s in adapter_shapes(cfg, self.shape.lora_rank)],
+            "past": int, "heads": int, "neuron_blocks": int,
         }
+        mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        embeddings = {"prefill": prompt, "decode": token, "score": prompt}
+
+        def declared(method: str) -> dict:
+            values = {**args, "embeddings": embeddings[method]}
+            return {name: values[name] for name in signature.ARGUMENTS} | mode
+
+        methods = {signature.EMBED: {"input_ids": spec.Tensor(["seq_len"], "int32"), **mode}}
+        methods |= {m: declared(m) for m in signature.METHODS}
         for n, skip in self.shape.layer_drops:
-            for name, embeddings, all_positions in (("prefill", prompt, False), ("decode", token, False), ("score", prompt, True)):
+            for m in signature.METHODS:
+                name = signature.function_name(m, n)
                 # nn export looks methods up on the module by name
-                object.__setattr__(self, f"{name}_drop{n}", self._dropped(all_positions, skip))
-                methods[f"{name}_drop{n}"] = {"embeddings": embeddings, **common, **mode}
+                object.__setattr__(self, name, self._dropped(m == "score", skip))
+                methods[name] = declared(m)
         return nn.spec.ModuleSpec.from_raw(methods, self)
-
-
-def function_names(shape: ExportShape) -> list[str]:
-    """The library's functions: the model's four and each layer-drop variant's three."""
-    drops = [f"{m}_drop{n}" for n, _ in shape.layer_drops for m in ("prefill", "decode", "score")]
-    return ["embed", "prefill", "decode", "score"] + drops
 
 
 def adapter_names(cfg: ModelConfig) -> list[str]:
@@ -258,8 +261,9 @@ def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str
         "seq_len": shape.max_len,
         "past": shape.max_len,
         "heads": cfg.num_heads,
-        "nb": cfg.intermediate_size // shape.neuron_block,
+        "neuron_blocks": cfg.intermediate_size // shape.neuron_block,
     }
-    for name in function_names(shape):
+    assert set(bounds) == set(signature.SYMBOLIC)
+    for name in signature.function_names(n for n, _ in shape.layer_drops):
         mod[name] = mod[name].with_attr("tir_var_upper_bound", bounds)
     return mod, [name for name, _ in named_params]

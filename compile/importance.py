@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from elastilm.compile import reference
-from elastilm.compile.config import ModelConfig
+from elastilm.formats.config import ModelConfig
 
 
 @dataclass

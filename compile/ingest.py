@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from elastilm import ElastiLMError
-from elastilm.compile.config import SUPPORTED_FAMILIES, ModelConfig
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.config import SUPPORTED_FAMILIES, ModelConfig
 
 # Models that ship inside Python packages (installable offline): name -> (package, file inside it).
 PACKAGED_MODELS = {

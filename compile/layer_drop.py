@@ -7,25 +7,23 @@ as many layers as give the same share of elastic parameters (level 0.5 keeps hal
 go), so each variant costs about what its elastic level does. `elastilm compile` turns every variant into
 functions of the same library (`prefill_drop<n>`, ...) that run the kept layers at full width.
 
-Output `layer_drop.json` in the elastify folder: the scores, the drop order and the variants.
+Output: `layer_drop.json` in the elastify folder (formats/layer_drop.py): the scores, the drop order, the variants.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, corpus, reference
-from elastilm.compile.config import ModelConfig
-from elastilm.runtime.engine import drop_count
-
-FILE = "layer_drop.json"
-SCHEMA, VERSION = "elastilm.layer-drop", 1
+from elastilm.compile import corpus, reference
+from elastilm.formats import elastic
+from elastilm.formats import layer_drop as layer_drop_file
+from elastilm.formats.config import ModelConfig
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.widths import drop_count
 
 
 @torch.no_grad()
@@ -61,17 +59,15 @@ def layer_drop(folder: Path, progress: bool = True) -> dict:
     """Score the layers of an elastify folder, choose the variants, write layer_drop.json; returns its content."""
     folder = Path(folder)
     t = time.perf_counter()
-    model = artifact.load(folder)
+    model = elastic.load(folder)
     calib = model.meta.get("calibration")
     if not calib:
         raise ElastiLMError(f"{folder}/elastic.json records no calibration windows; re-run `elastilm elastify`")
     stream = corpus.token_stream(model.tokenizer, calib["part"])
     windows = corpus.random_windows(stream, calib["samples"], calib["seq_len"], calib["seed"])
     scores = block_influence(model.params, model.config, windows, progress)
-    counts = drop_counts(model.config.num_layers, [lv.kept for lv in model.levels if lv.fraction < 1])
+    counts = drop_counts(model.config.num_layers, [lv.kept for lv in model.levels.values() if lv.fraction < 1])
     doc = {
-        "schema": SCHEMA,
-        "schema_version": VERSION,
         "method": "ShortGPT: drop the layers of lowest Block Influence, 1 - cos(layer input, layer output)",
         "calibration": calib,
         "block_influence": [round(float(s), 6) for s in scores],
@@ -79,20 +75,5 @@ def layer_drop(folder: Path, progress: bool = True) -> dict:
         "variants": {str(n): layers for n, layers in plan_drops(scores, counts).items()},
         "seconds": round(time.perf_counter() - t, 1),
     }
-    (folder / FILE).write_text(json.dumps(doc, indent=2) + "\n")
-    return doc
+    return layer_drop_file.write(folder, doc)
 
-
-def read_variants(folder: Path, num_layers: int) -> dict[int, tuple[int, ...]]:
-    """{layers dropped: the dropped layers} from an elastify folder's layer_drop.json ({} when there is none)."""
-    path = Path(folder) / FILE
-    if not path.is_file():
-        return {}
-    doc = json.loads(path.read_text())
-    if (doc.get("schema"), doc.get("schema_version")) != (SCHEMA, VERSION):
-        raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {SCHEMA} v{VERSION}")
-    variants = {int(n): tuple(layers) for n, layers in doc["variants"].items()}
-    for n, layers in variants.items():
-        if len(set(layers)) != n or not all(0 <= i < num_layers for i in layers):
-            raise ElastiLMError(f"{path}: variant {n} drops {list(layers)}, not {n} distinct layers of {num_layers}")
-    return variants

@@ -9,23 +9,11 @@ block of neurons, so the lowest level can sit above its target (`kept` says by h
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-from elastilm import ElastiLMError
-from elastilm.compile.config import ModelConfig
+from elastilm.formats.config import ModelConfig
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.widths import Level, LevelTable
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(2, 11))  # 0.2 .. 1.0
-
-
-@dataclass(frozen=True)
-class Level:
-    fraction: float  # requested share of elastic parameters
-    heads: int  # active query heads per non-anchor layer
-    neurons: int  # active FFN neurons per non-anchor layer
-    kept: float  # achieved share of elastic parameters
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def head_params(cfg: ModelConfig) -> int:
@@ -42,7 +30,7 @@ def kept_fraction(cfg: ModelConfig, n_anchors: int, heads: int, neurons: int) ->
     return (n_anchors * full + (cfg.num_layers - n_anchors) * layer) / (cfg.num_layers * full)
 
 
-def level_table(cfg: ModelConfig, anchors: list[int], fractions=DEFAULT_FRACTIONS, neuron_multiple: int = 64) -> list[Level]:
+def level_table(cfg: ModelConfig, anchors: list[int], fractions=DEFAULT_FRACTIONS, neuron_multiple: int = 64) -> LevelTable:
     """One `Level` per fraction, ascending."""
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ElastiLMError(f"level fractions must lie in (0, 1], got {list(fractions)}")
@@ -62,10 +50,5 @@ def level_table(cfg: ModelConfig, anchors: list[int], fractions=DEFAULT_FRACTION
             rest = (budget - heads * head_params(cfg)) / neuron_params(cfg)
             neurons = min(cfg.intermediate_size, max(block, round(rest / block) * block))
         levels.append(Level(f, heads, neurons, kept_fraction(cfg, len(anchors), heads, neurons)))
-    return levels
+    return LevelTable(levels)
 
-
-def layer_widths(cfg: ModelConfig, anchors: list[int], level: Level) -> list[tuple[int, int]]:
-    """Per-layer (heads, neurons) at `level`: anchors full, the rest at the level's width."""
-    full = (cfg.num_heads, cfg.intermediate_size)
-    return [full if i in anchors else (level.heads, level.neurons) for i in range(cfg.num_layers)]

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from elastilm.compile.config import ModelConfig
+from elastilm.formats.config import ModelConfig
 
 Widths = Sequence[tuple[int, int]]  # per layer: (active query heads, active FFN neurons)
 

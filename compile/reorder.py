@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from elastilm.compile.config import ModelConfig
+from elastilm.formats.config import ModelConfig
 from elastilm.compile.importance import UnitScores
 
 

@@ -1,7 +1,7 @@
 """Compile and run TVM-generated OpenCL kernels on PoCL (the CPU OpenCL implementation, Debian pocl-opencl-icd).
 
 The apache-tvm wheel generates OpenCL C but has no OpenCL runtime, and TVM accepts kernel source that no
-OpenCL compiler would (DESIGN.md section 4). So every OpenCL build is compiled here by a real OpenCL compiler
+OpenCL compiler would (docs/tvm-notes.md section 9). So every OpenCL build is compiled here by a real OpenCL compiler
 before it ships, and the elastic operators are run here and compared with numpy.
 
 Running a kernel needs its launch: TVM lowers a PrimFunc to a host function that binds shape variables and
@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.sym.analyzer import Analyzer
 from tvm.tirx.build import codegen_build, split_host_device_mods
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 
 
 def available() -> bool:

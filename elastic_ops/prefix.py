@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from tvm import te, tirx, topi
 
+from elastilm.elastic_ops import blocks
+
 
 STRIP = 64  # output columns per packed weight strip
 TOKEN_BLOCK = 4  # prefill computes whole blocks of 4 tokens (a register tile); padded rows repeat the last token
@@ -54,15 +56,15 @@ def lm_head(x: te.Tensor, w: te.Tensor):
     """logits[t, v] = sum_k x[t, k] * w[v, k]: (T, d) x (vocab, d) -> (T, vocab); w is the (tied) embedding."""
     T, d = x.shape
     k = te.reduce_axis((0, d), "k")
-    return te.compute((T, w.shape[0]), lambda t, v: te.sum(x[t, k] * w[v, k], axis=k), name="lm_head")
+    return te.compute((T, w.shape[0]), lambda t, v: te.sum(x[t, k] * w[v, k], axis=k), name=blocks.LM_HEAD)
 
 
 def rms_norm(x: te.Tensor, w: te.Tensor, eps: float):
     """x * rsqrt(mean(x^2) + eps) * w over the last axis: (T, d) -> (T, d)."""
     T, d = x.shape
     k = te.reduce_axis((0, d), "k")
-    sq = te.compute((T,), lambda t: te.sum(x[t, k] * x[t, k], axis=k), name="sumsq")
-    return te.compute((T, d), lambda t, i: x[t, i] * tirx.rsqrt(sq[t] / float(int(d)) + eps) * w[i], name="rms_norm")
+    sq = te.compute((T,), lambda t: te.sum(x[t, k] * x[t, k], axis=k), name=blocks.RMS_SUMSQ)
+    return te.compute((T, d), lambda t, i: x[t, i] * tirx.rsqrt(sq[t] / float(int(d)) + eps) * w[i], name=blocks.RMS_NORM)
 
 
 def rope(x: te.Tensor, past, theta: float, head_dim: int):
@@ -79,11 +81,11 @@ def rope(x: te.Tensor, past, theta: float, head_dim: int):
         pair = tirx.if_then_else(j < half, -x[t, c + half], x[t, c - half])
         return x[t, c] * tirx.cos(angle(t, j)) + pair * tirx.sin(angle(t, j))
 
-    return te.compute((T, width), f, name="rope")
+    return te.compute((T, width), f, name=blocks.ROPE)
 
 
 def silu_mul(gate: te.Tensor, up: te.Tensor):
-    return te.compute(gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name="silu_mul")
+    return te.compute(gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name=blocks.SILU_MUL)
 
 
 ATTENTION_BLOCK = 64  # the key axis is computed in whole blocks of 64 positions (vectorisable, no remainder)
@@ -114,31 +116,31 @@ def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head
         lambda j, t, s: te.sum(
             q[tirx.min(t, T - 1), j * head_dim + d] * k_cache_t[kv(j) * head_dim + d, s], axis=d
         ),
-        name="qk",
+        name=blocks.QK,
     )
     # the softmax chain keeps the padded query rows too, so every stage tiles the same way; only `attention`
     # (the output) stops at T
     score = te.compute(
         (h, T_blocks, S_blocks),
         lambda j, t, s: tirx.if_then_else(s <= past + t, dot[j, t, s] * scale, tirx.const(-1e30, "float32")),
-        name="score",
+        name=blocks.SCORE,
     )
     s1 = te.reduce_axis((0, S_blocks), "s1")
-    peak = te.compute((h, T_blocks), lambda j, t: te.max(score[j, t, s1], axis=s1), name="peak")
-    shifted = te.compute((h, T_blocks, S_blocks), lambda j, t, s: score[j, t, s] - peak[j, t], name="shifted")
+    peak = te.compute((h, T_blocks), lambda j, t: te.max(score[j, t, s1], axis=s1), name=blocks.PEAK)
+    shifted = te.compute((h, T_blocks, S_blocks), lambda j, t, s: score[j, t, s] - peak[j, t], name=blocks.SHIFTED)
     # topi's polynomial exp vectorises (libm's expf does not); masked scores clamp to exp(-88) ~ 4e-39
     prob = topi.fast_exp(shifted)  # (h, T_blocks, S_blocks)
     s2 = te.reduce_axis((0, S_blocks), "s2")
-    total = te.compute((h, T_blocks), lambda j, t: te.sum(prob[j, t, s2], axis=s2), name="total")
+    total = te.compute((h, T_blocks), lambda j, t: te.sum(prob[j, t, s2], axis=s2), name=blocks.TOTAL)
     s3 = te.reduce_axis((0, S), "s3")
     weighted = te.compute(
         (T_blocks, width),
         lambda t, c: te.sum(
             prob[c // head_dim, t, s3] * v_cache[s3, kv(c // head_dim) * head_dim + c % head_dim], axis=s3
         ),
-        name="pv",
+        name=blocks.PV,
     )
-    return te.compute((T, width), lambda t, c: weighted[t, c] / total[c // head_dim, t], name="attention")
+    return te.compute((T, width), lambda t, c: weighted[t, c] / total[c // head_dim, t], name=blocks.ATTENTION)
 
 
 def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
@@ -153,9 +155,9 @@ def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
     r = a.shape[0]
     T_blocks = _token_blocks(T)
     k = te.reduce_axis((0, K_active), "k")
-    down = te.compute((T, r), lambda t, j: te.sum(x[t, k] * a[j, k], axis=k), name="lora_a")
+    down = te.compute((T, r), lambda t, j: te.sum(x[t, k] * a[j, k], axis=k), name=blocks.LORA_A)
     j = te.reduce_axis((0, r), "j")
     up = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
-        (T_blocks, rows), lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * bt[j, i], axis=j), name="lora_b"
+        (T_blocks, rows), lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * bt[j, i], axis=j), name=blocks.LORA_B
     )
-    return te.compute((T, rows), lambda t, i: y[t, i] + up[t, i], name="lora_out")
+    return te.compute((T, rows), lambda t, i: y[t, i] + up[t, i], name=blocks.LORA_OUT)

@@ -1,6 +1,6 @@
 """Hand schedules for the elastic operators on CPUs (the dlight CPU rules are 10-100x slower here).
 
-Kernels are recognised by their block names (set in `prefix.py`). Symbolic extents stay symbolic: widths
+Kernels are recognised by their block names (elastic_ops/blocks.py, set by the operators in prefix.py). Symbolic extents stay symbolic: widths
 arrive as whole blocks (heads * 64 outputs, neuron blocks * 64), so splitting the output axis by the register
 tile leaves no remainder and the inner loop vectorises; the token axis of prefill is padded to the tile.
 """
@@ -11,9 +11,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.sym.analyzer import Analyzer
 
-from elastilm.elastic_ops import prefix
+from elastilm.elastic_ops import blocks, prefix
 
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
 STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip
 
@@ -103,36 +102,33 @@ def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
 def _scores(sch: s_tir.Schedule) -> None:
     """qk[j, t, s] = sum_d q[t, j*hd+d] * kt[kv(j)*hd+d, s]: keys are stored transposed, so positions s are
     contiguous. The key extent is whole blocks of 64."""
-    block = sch.get_sblock("qk")
+    block = sch.get_sblock(blocks.QK)
     j, t, s, d = sch.get_loops(block)
     _register_tile(sch, block, t, s, d, _tokens(sch, t), 4, lead=(j,))
 
 
 def _attention(sch: s_tir.Schedule) -> None:
-    sch.compute_inline(sch.get_sblock("score"))
-    sch.compute_inline(sch.get_sblock("shifted"))
+    sch.compute_inline(sch.get_sblock(blocks.SCORE))
+    sch.compute_inline(sch.get_sblock(blocks.SHIFTED))
     _scores(sch)
-    for name in ("peak", "total"):
+    for name in (blocks.PEAK, blocks.TOTAL):
         _dot_rows(sch, name, parallel_loops=2)
-    _parallel_vectorized(sch, sch.get_sblock("T_fast_exp"))
-    _weighted_sum(sch, "pv")
-    _parallel_vectorized(sch, sch.get_sblock("attention"))
+    _parallel_vectorized(sch, sch.get_sblock(blocks.FAST_EXP))
+    _weighted_sum(sch, blocks.PV)
+    _parallel_vectorized(sch, sch.get_sblock(blocks.ATTENTION))
 
 
 def _lora(sch: s_tir.Schedule) -> None:
     """lora_a: r dot products per token over the active inputs; lora_b: a rank-r matmul into the outputs,
     register-tiled like the projections when the outputs are whole strips."""
-    _dot_rows(sch, "lora_a", parallel_loops=2)
-    block = sch.get_sblock("lora_b")
+    _dot_rows(sch, blocks.LORA_A, parallel_loops=2)
+    block = sch.get_sblock(blocks.LORA_B)
     t, i, j = sch.get_loops(block)
     if _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):
         _register_tile(sch, block, t, i, j, _tokens(sch, t), STRIP_VECTORS)
     else:
         sch.parallel(sch.fuse(t, i))
-    _parallel_vectorized(sch, sch.get_sblock("lora_out"))
-
-
-ELEMENTWISE = ("rms_norm", "rope", "silu_mul", "last") + tuple(n + "_out" for n in LINEAR)
+    _parallel_vectorized(sch, sch.get_sblock(blocks.LORA_OUT))
 
 
 def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -142,20 +138,20 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     except Exception:  # hand-written kernels without a root block (the KV append) stay as written
         return func
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
-    if "qk" in names:
+    if blocks.QK in names:
         _attention(sch)
         return sch.mod["main"]
-    if "lora_a" in names:
+    if blocks.LORA_A in names:
         _lora(sch)
         return sch.mod["main"]
     for name in names:
-        if name in LINEAR:
+        if name in blocks.LINEAR:
             _matmul(sch, name)
-        elif name == "lm_head":
+        elif name == blocks.LM_HEAD:
             _dot_rows(sch, name, parallel_loops=2)
-        elif name == "sumsq":
+        elif name == blocks.RMS_SUMSQ:
             sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
-        elif name in ELEMENTWISE:
+        elif name in blocks.ELEMENTWISE:
             _parallel_vectorized(sch, sch.get_sblock(name))
     return sch.mod["main"]
 

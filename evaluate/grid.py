@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from elastilm.evaluate import harness, tasks
-from elastilm.runtime.compress import Part, compress
+from elastilm.runtime_py.compress import Part, compress
 
 FIELDS = ("task", "part", "id", "ratio", "level", "tokens", "original", "correct")
 SHOTS = 5

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 from elastilm.evaluate import tasks
+from elastilm.runtime_py.choice import option_scores
 
 VARIANTS = {
     "adapters": "reordered + recovery adapters",
@@ -44,22 +45,15 @@ class Run:
     build: Path  # compile output folder
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype("float64") - logits.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def option_scores(engine, past: int, question: list[int], options: list[list[int]], level: float, chars: list[int]) -> list[float]:
-    """Per-character log-likelihood of each option after `past` cached tokens and the question."""
-    first = log_softmax(engine.prefill(question, level, past))  # predicts each option's first token
-    out = []
-    for ids, n in zip(options, chars):
-        total = first[ids[0]]
-        if len(ids) > 1:  # the option's own tokens but the last predict the rest
-            rest = log_softmax(engine.score(ids[:-1], past + len(question), level))
-            total += rest[np.arange(len(ids) - 1), ids[1:]].sum()
-        out.append(float(total) / n)
-    return out
+def runs(variants: list[str], build: Path, original_build: Path | None = None) -> list[Run]:
+    """The runs for `variants` of one build; "original-order" runs `original_build` (a build of `elastilm
+    elastify --no-reorder`)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ElastiLMError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if "original-order" in variants and original_build is None:
+        raise ElastiLMError("variant original-order needs --original-build (a build of `elastilm elastify --no-reorder`)")
+    return [Run(v, original_build if v == "original-order" else build) for v in variants]
 
 
 def item_scores(engine, task: str, past: int, item: tasks.Item, level: float, null: dict) -> list[float]:
@@ -98,7 +92,7 @@ def evaluate(
     """Score every (run, task, level, ratio, item) not yet in out/items.csv; returns the accuracy rows."""
     from tqdm import tqdm
 
-    from elastilm.runtime.engine import ElasticEngine
+    from elastilm.runtime_py.engine import ElasticEngine
 
     for t in task_names:
         tasks.check(t, "report")

@@ -5,7 +5,7 @@ grid (evaluate/grid.py: the compiled LLM run at every point, prompts compressed 
 whether it meets the SLO from the planner's prediction (latency.json plus the TLM's measured cost, which only
 the strategies that run the TLM pay). Strategies:
 
-elastilm (TLM-planned), model-only, prompt-only and the smallest level (runtime.planner.STRATEGIES; "full",
+elastilm (TLM-planned), model-only, prompt-only and the smallest level (runtime_py.planner.STRATEGIES; "full",
 the full model always, is left out here: it meets none of these SLOs).
 
 Reported per SLO, strategy and task: accuracy, SLO attainment (predicted), and "accuracy within SLO": the share
@@ -20,16 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from elastilm.evaluate import grid, tasks
-from elastilm.runtime import planner
-from elastilm.runtime.planner import STRATEGIES, choose
+from elastilm.evaluate import grid
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.planner import STRATEGIES
 
 PAPER_SLOS = ((0.8, 0.9), (0.6, 0.8), (0.4, 0.7), (0.2, 0.6), (0.2, 0.5))  # <TTFT, TPOT> fractions (the paper)
 EVALUATED = ("elastilm", "model-only", "prompt-only", "smallest")
+
+
 def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, slos=PAPER_SLOS, progress: bool = True) -> list[dict]:
     """Fill the report grid (resumable), then score every strategy at every SLO; returns the summary rows."""
-    from elastilm.runtime.engine import ElasticEngine
-    from elastilm.runtime.tlm import CompiledTLM
+    from elastilm.runtime_py.engine import ElasticEngine
+    from elastilm.runtime_py.tlm import CompiledTLM
 
     build, out = Path(build), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,11 +51,12 @@ def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, s
             key = (t, it.id)
             query_tokens = len(engine.encode(it.question))
             for ttft, tpot in slos:
-                slo = planner.SLO(ttft, tpot)
-                ratio_lp, level_lp = tlm.decide(it.question, ttft, tpot)
-                pref = lambda r, lv: ratio_lp[tlm.ratios.index(r)] + level_lp[tlm.levels.index(lv)]  # noqa: E731
+                budgets = planner.budgets(planner.SLO(ttft, tpot), latency, original[key])
+                ratio_lp, level_lp = tlm.decide(it.question, budgets.ttft, budgets.tpot)
+                preference = planner.Preference.from_heads(tlm.ratios, ratio_lp, tlm.levels, level_lp)
+                request = planner.PlanRequest(original[key], query_tokens, budgets, tlm.ratios, tlm.levels, cost, preference)
                 for s in EVALUATED:
-                    p = choose(s, slo, latency, original[key], query_tokens, tlm.ratios, tlm.levels, cost, pref)
+                    p = planner.choose(s, request, latency)
                     correct = outcome[key][(p.ratio, p.level)]
                     plans.append({"task": t, "id": it.id, "ttft": ttft, "tpot": tpot, "strategy": s, "ratio": p.ratio,
                                   "level": p.level, "feasible": int(p.feasible), "correct": correct,
@@ -109,11 +112,11 @@ def markdown(summary: list[dict]) -> str:
                 r = cell.get((ttft, tpot, s, t))
                 vals.append("" if r is None else f"{100 * r['accuracy_within_slo']:.1f}" if t != "mean" else
                             f"**{100 * r['accuracy_within_slo']:.1f}** ({100 * r['accuracy']:.1f}, met {100 * r['slo_met']:.0f}%)")
-            lines.append(f"| <{ttft:g}, {tpot:g}> | {STRATEGIES[s]} | " + " | ".join(vals) + " |")
+            lines.append(f"| <{ttft:g}, {tpot:g}> | {STRATEGIES[s].description} | " + " | ".join(vals) + " |")
     means = {s: np.mean([r["accuracy_within_slo"] for r in summary if r["strategy"] == s and r["task"] == "mean"]) for s in EVALUATED}
-    lines += ["", "Average over the SLOs (accuracy within SLO): " + ", ".join(f"{STRATEGIES[s]} {100 * v:.1f}" for s, v in means.items()),
+    lines += ["", "Average over the SLOs (accuracy within SLO): " + ", ".join(f"{STRATEGIES[s].description} {100 * v:.1f}" for s, v in means.items()),
               "", "ElastiLM minus each baseline (points): " + ", ".join(
-                  f"{STRATEGIES[s]} {100 * (means['elastilm'] - v):+.1f}" for s, v in means.items() if s != "elastilm"), ""]
+                  f"{STRATEGIES[s].description} {100 * (means['elastilm'] - v):+.1f}" for s, v in means.items() if s != "elastilm"), ""]
     return "\n".join(lines)
 
 
@@ -129,8 +132,8 @@ def _plot(summary: list[dict], path: Path) -> None:
     for k, s in enumerate(EVALUATED):
         rows = {(r["ttft"], r["tpot"]): r for r in summary if r["strategy"] == s and r["task"] == "mean"}
         x = np.arange(len(slos)) + (k - (len(EVALUATED) - 1) / 2) * width
-        axes[0].bar(x, [100 * rows[q]["accuracy_within_slo"] for q in slos], width, label=STRATEGIES[s])
-        axes[1].bar(x, [100 * rows[q]["slo_met"] for q in slos], width, label=STRATEGIES[s])
+        axes[0].bar(x, [100 * rows[q]["accuracy_within_slo"] for q in slos], width, label=STRATEGIES[s].description)
+        axes[1].bar(x, [100 * rows[q]["slo_met"] for q in slos], width, label=STRATEGIES[s].description)
     for ax, title in zip(axes, ("accuracy within SLO (%), mean over tasks", "SLO met (%), predicted")):
         ax.set_xticks(np.arange(len(slos)), [f"<{a:g},{b:g}>" for a, b in slos])
         ax.set(title=title, xlabel="SLO <TTFT, TPOT> as fractions of the full model")

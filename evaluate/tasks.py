@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 
 SPLIT_SEED = 1234
 TUNE_SHARE = 0.2

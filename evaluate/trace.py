@@ -21,7 +21,10 @@ from __future__ import annotations
 import csv
 import math
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 from elastilm.evaluate import tasks
-from elastilm.runtime.planner import STRATEGIES
+from elastilm.runtime_py.planner import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -187,13 +190,13 @@ def summary_lines(table: list[dict]) -> list[str]:
     lines = []
     overall = [r for r in table if r["app"] == "all"]
     for r in overall:
-        lines.append(f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']]}: accuracy {100 * r['accuracy']:.1f}%, SLO met "
+        lines.append(f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']].description}: accuracy {100 * r['accuracy']:.1f}%, SLO met "
                      f"{100 * r['slo_met']:.1f}%, accuracy within SLO {100 * r['accuracy_within_slo']:.1f}%, TTFT p50/p99 "
                      f"{r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} ms, end-to-end p50/p99 {r['e2e_ms_p50']:.0f}/{r['e2e_ms_p99']:.0f} ms")
     mean = {s: statistics.fmean(r["accuracy_within_slo"] for r in overall if r["strategy"] == s) for s in {r["strategy"] for r in overall}}
     if "elastilm" in mean and len(mean) > 1:
         lines.append("ElastiLM minus each baseline, accuracy within SLO averaged over the alphas (points): " + ", ".join(
-            f"{STRATEGIES[s]} {100 * (mean['elastilm'] - v):+.1f}" for s, v in sorted(mean.items()) if s != "elastilm"))
+            f"{STRATEGIES[s].description} {100 * (mean['elastilm'] - v):+.1f}" for s, v in sorted(mean.items()) if s != "elastilm"))
     return lines
 
 
@@ -210,7 +213,7 @@ def markdown(table: list[dict]) -> str:
             if a is None:
                 continue
             per = [f"{100 * cell[(alpha, s, x)]['accuracy_within_slo']:.0f} (n={cell[(alpha, s, x)]['n']})" if (alpha, s, x) in cell else "" for x in apps]
-            lines.append(f"| {alpha:+g} | {STRATEGIES[s]} | " + " | ".join(per) + f" | {100 * a['accuracy']:.1f} | {100 * a['slo_met']:.1f} | "
+            lines.append(f"| {alpha:+g} | {STRATEGIES[s].description} | " + " | ".join(per) + f" | {100 * a['accuracy']:.1f} | {100 * a['slo_met']:.1f} | "
                          f"**{100 * a['accuracy_within_slo']:.1f}** | {a['ttft_ms_p50']:.0f}/{a['ttft_ms_p99']:.0f} | {a['e2e_ms_p50']:.0f}/{a['e2e_ms_p99']:.0f} |")
     return "\n".join(lines + ["", *summary_lines(table), ""])
 
@@ -230,7 +233,7 @@ def _plot(table: list[dict], path: Path) -> None:
         x = np.arange(len(alphas) + 1) + (k - (len(strategies) - 1) / 2) * width
         for ax, key in zip(axes, ("accuracy_within_slo", "slo_met")):
             values = [100 * rows[a][key] if a in rows else 0 for a in alphas]
-            ax.bar(x, values + [float(np.mean(values))], width, label=STRATEGIES[s])
+            ax.bar(x, values + [float(np.mean(values))], width, label=STRATEGIES[s].description)
     for ax, title in zip(axes, ("accuracy within SLO (%)", "SLO met (%), measured")):
         ax.set_xticks(np.arange(len(alphas) + 1), [f"alpha {a:+g}" for a in alphas] + ["mean"])
         ax.set(title=title)
@@ -252,18 +255,32 @@ def warm_up(url: str, count: int, seed: int, api_key: str | None = None) -> None
         httpx.post(f"{url}/v1/completions", json=request_body(r, "full"), headers=headers, timeout=600).raise_for_status()
 
 
-def run(url: str, requests: int, alphas: list[float], strategies: list[str], rate: float, seed: int, out: Path,
-        api_key: str | None = None, progress: bool = True, warmup: int = 8) -> list[dict]:
-    """Replay one trace per alpha for every strategy; resumable per (alpha, strategy) through trace-requests.csv.
-    A service that has not answered `warmup` requests yet gets them first (see warm_up)."""
-    import httpx
-
+def run(url: str | None, requests: int, alphas: list[float], strategies: list[str], rate: float, seed: int, out: Path,
+        api_key: str | None = None, progress: bool = True, warmup: int = 8, build: Path | None = None) -> list[dict]:
+    """Replay one trace per alpha for every strategy against the service at `url` (None: one started on `build`,
+    on loopback, for the duration); resumable per (alpha, strategy) through trace-requests.csv. A service that has
+    not answered `warmup` requests yet gets them first (see warm_up)."""
     strategies = strategies or list(STRATEGIES)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ElastiLMError(f"unknown strategy {unknown}; known: {', '.join(STRATEGIES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if url is not None:
+        return _run(url, requests, alphas, strategies, rate, seed, out, api_key, progress, warmup)
+    if build is None:
+        raise ElastiLMError("give the URL of a running service or a build to start one on")
+    server, url = start_service(build, out / "server.log", queue=64, max_tokens=16)
+    try:
+        return _run(url, requests, alphas, strategies, rate, seed, out, api_key, progress, warmup)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _run(url, requests, alphas, strategies, rate, seed, out: Path, api_key, progress, warmup) -> list[dict]:
+    import httpx
+
     path = out / "trace-requests.csv"
     fields = ("alpha", "app", "task", "id", "strategy", "arrival_s", "ok", "correct", "slo_met", "ttft_met", "tpot_met", "level", "layers_dropped",
               "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "error")
@@ -285,6 +302,30 @@ def run(url: str, requests: int, alphas: list[float], strategies: list[str], rat
                 writer.writerows(rows)
             done += rows
     return summarize(done, out)
+
+
+def start_service(build, log_path, **options) -> tuple[subprocess.Popen, str]:
+    """`elastilm serve` in a subprocess on a free loopback port, once it answers /health: (process, base URL)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v is not None]
+    process = subprocess.Popen([sys.executable, "-m", "elastilm", "serve", "--build", str(build), "--port", str(port), *flags],
+                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or process.poll() is not None:
+            process.kill()
+            raise ElastiLMError(f"the service did not start; see {log_path}")
+        time.sleep(0.5)
 
 
 def _read(path: Path) -> list[dict]:

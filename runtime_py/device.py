@@ -36,7 +36,7 @@ def register() -> None:
     """Register the cache functions in this process (the RPC server's init callback)."""
     import tvm
 
-    from elastilm.runtime.files import sha256
+    from elastilm.formats.files import sha256
 
     def has(key: str, relpath: str, size: int) -> bool:
         path = _cached(key, relpath)

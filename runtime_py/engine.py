@@ -9,67 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import tvm
 from tokenizers import Tokenizer
 
-from elastilm import ElastiLMError
-from elastilm.runtime.files import verify_files
-from elastilm.runtime.session import DeviceLost, LocalSession, RemoteSession
-
-MANIFEST = "manifest.json"
-MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.build", 2  # 2: adapter inputs
-
-
-def read_build_manifest(folder: Path, verify: bool = True, runs: str | None = "here") -> dict:
-    """manifest.json of a build folder, after checking schema, TVM version and every file's sha256, and that
-    the library can run `here` (in this process) or "rpc" (loaded by a device); runs=None skips that check."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ElastiLMError(f"{folder}: no {MANIFEST}; build it with `elastilm compile`")
-    doc = json.loads(path.read_text())
-    if (doc.get("schema"), doc.get("schema_version")) != (MANIFEST_SCHEMA, MANIFEST_VERSION):
-        raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {MANIFEST_SCHEMA} v{MANIFEST_VERSION}")
-    target = doc["target"]
-    if runs == "rpc" and target["output"] != "so":
-        raise ElastiLMError(
-            f"{folder}: target '{target['name']}' is a static library (.{target['output']}) to link into an app; "
-            "RPC loads shared libraries: use a .so preset such as linux-arm64-cpu or host-cpu"
-        )
-    if runs == "here" and (target["output"] != "so" or target["mtriple"].split("-")[0] != platform.machine()):
-        raise ElastiLMError(
-            f"{folder}: built for target '{target['name']}' ({target['mtriple']}, .{target['output']}), which this "
-            f"{platform.machine()} machine cannot load; build with --target host-cpu to run it here"
-        )
-    device = target.get("device", "cpu")
-    if runs == "here" and device != "cpu" and not tvm.runtime.enabled(device):
-        raise ElastiLMError(
-            f"{folder}: built for target '{target['name']}', whose kernels run on {device.replace('opencl', 'OpenCL')}, "
-            f"but this TVM has no {device.replace('opencl', 'OpenCL')} runtime (the PyPI wheel ships none); run it on "
-            "a device over RPC, or build with --target host-cpu"
-        )
-    if doc["tvm_version"] != tvm.__version__:
-        raise ElastiLMError(f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it")
-    if verify:
-        verify_files(folder, doc["files"], MANIFEST)
-    return doc
-
-
-def drop_count(num_layers: int, kept_share: float) -> int:
-    """Layers the layer-dropping baseline drops to keep `kept_share` of the parameters (at least one layer stays)."""
-    return min(num_layers - 1, round((1 - kept_share) * num_layers))
-
-
-@dataclass(frozen=True)
-class LevelWidths:
-    fraction: float
-    heads: int
-    neuron_blocks: int
+from elastilm.formats import build as build_file
+from elastilm.formats import bundle, elastic, signature
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.widths import Level, LevelTable, drop_count
+from elastilm.runtime_py.session import DeviceLost, LocalSession, RemoteSession
 
 
 class ElasticEngine:
@@ -86,15 +36,12 @@ class ElasticEngine:
         self.use_adapters = adapters
         self.dropped_layers = 0  # > 0 on a view from `dropped`
         remote = rpc is not None or tracker is not None
-        self.manifest = read_build_manifest(self.folder, runs="rpc" if remote else "here")
-        self.elastic = json.loads((self.folder / "elastic.json").read_text())
+        self.manifest = build_file.read_manifest(self.folder, runs="rpc" if remote else "here")
+        self.elastic = elastic.read(self.folder)
         self.session = RemoteSession(rpc, tracker, key, progress=progress) if remote else LocalSession(device)
         self.max_len = self.manifest["context_window"]
         self._load()
-        block = self.manifest["neuron_block"]
-        self.levels = {
-            lv["fraction"]: LevelWidths(lv["fraction"], lv["heads"], lv["neurons"] // block) for lv in self.elastic["levels"]
-        }
+        self.levels: LevelTable = elastic.levels(self.elastic)
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         tok_config = self.folder / "tokenizer_config.json"
         self.tokenizer_config = json.loads(tok_config.read_text()) if tok_config.is_file() else {}
@@ -113,15 +60,15 @@ class ElasticEngine:
             # switching level swaps these buffers only; levels without an adapter share one all-zero set
             self.no_adapter = s.zeros(m["adapter_shapes"], "lora0")
             levels = m["adapter_levels"] if self.use_adapters else []
-            self.adapters = {f: s.arrays([f"adapter/{f:g}/{n}" for n in m["adapter_names"]]) for f in levels}
+            self.adapters = {f: s.arrays([build_file.adapter_tensor(f, n) for n in m["adapter_names"]]) for f in levels}
         rows, width = m["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]
         # K transposed, V as rows; zeroed once: attention reads whole blocks of keys and masks the unused ones
         self.caches = s.zeros([(width, rows), (rows, width)] * cfg["num_layers"], "kv")
 
     def _functions(self) -> dict:
         """The library's functions this engine calls, looked up once: the model's, or its layer-drop variant's."""
-        suffix = f"_drop{self.dropped_layers}" if self.dropped_layers else ""
-        return {"embed": self.vm["embed"], **{name: self.vm[name + suffix] for name in ("prefill", "decode", "score")}}
+        return {signature.EMBED: self.vm[signature.EMBED],
+                **{m: self.vm[signature.function_name(m, self.dropped_layers)] for m in signature.METHODS}}
 
     @property
     def layer_drops(self) -> dict[int, list[int]]:
@@ -130,9 +77,7 @@ class ElasticEngine:
 
     def drop_for_level(self, fraction: float) -> int:
         """The layer-drop variant with elastic level `fraction`'s share of the elastic parameters (0 at 1.0)."""
-        f = self.level(fraction).fraction
-        kept = next(lv["kept"] for lv in self.elastic["levels"] if lv["fraction"] == f)
-        return drop_count(self.elastic["config"]["num_layers"], kept)
+        return drop_count(self.elastic["config"]["num_layers"], self.levels[fraction].kept)
 
     def dropped(self, n: int) -> "ElasticEngine":
         """This engine with n layers dropped (one of `layer_drops`; 0: this engine). A view: it shares the library,
@@ -145,7 +90,7 @@ class ElasticEngine:
         view = copy.copy(self)
         view.dropped_layers = n
         view.functions = view._functions()
-        view.levels = {1.0: self.levels[1.0]}
+        view.levels = LevelTable([self.levels.full])
         view.adapters = {}
         return view
 
@@ -155,13 +100,12 @@ class ElasticEngine:
         self.vm = self.functions = self.params = self.caches = self.adapters = self.no_adapter = None
         self.session.close()
 
-    # -- levels and prompts ------------------------------------------------------------------------------
-    def level(self, fraction: float) -> LevelWidths:
-        for f, lv in self.levels.items():
-            if abs(f - fraction) < 1e-9:
-                return lv
-        raise ElastiLMError(f"unknown level {fraction:g}; valid levels are {', '.join(f'{f:g}' for f in self.levels)}")
+    @classmethod
+    def from_bundle(cls, folder: str | Path, model_id: str | None = None, **options) -> ElasticEngine:
+        """The engine for one model of a verified app bundle (`elastilm package`): the only one, or `model_id`."""
+        return cls(bundle.model_folder(folder, model_id), **options)
 
+    # -- prompts ---------------------------------------------------------------------------------------------
     def chat_prompt(self, user: str, system: str | None = None) -> str:
         """The prompt text in the model's chat template (plain text if it has none)."""
         template_file = self.folder / "chat_template.jinja"
@@ -179,13 +123,7 @@ class ElasticEngine:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     # -- the compiled model ------------------------------------------------------------------------------
-    def _adapter(self, fraction: float):
-        for f, arrays in self.adapters.items():
-            if abs(f - fraction) < 1e-9:
-                return arrays
-        return self.no_adapter
-
-    def _run(self, method: str, ids: list[int], past: int, lv: LevelWidths) -> np.ndarray:
+    def _run(self, method: str, ids: list[int], past: int, lv: Level) -> np.ndarray:
         ids = np.asarray(ids, dtype="int64")
         vocab = self.elastic["config"]["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:  # the embedding gather does not check bounds
@@ -194,28 +132,29 @@ class ElasticEngine:
         if self._connection != s.connections:  # the session reconnected (after a lost device): reload there
             self._load()
         with s.guard():
-            embeddings = self.functions["embed"](s.tensor(ids.astype("int32")), self.params)
-            out = self.functions[method](
-                embeddings, self.caches, self._adapter(lv.fraction), s.shape(past), s.shape(lv.heads),
-                s.shape(lv.neuron_blocks), self.params,
+            embeddings = self.functions[signature.EMBED](s.tensor(ids.astype("int32")), self.params)
+            args = signature.arguments(
+                embeddings=embeddings, caches=self.caches, adapters=self.adapters.get(lv.fraction, self.no_adapter),
+                past=s.shape(past), heads=s.shape(lv.heads), neuron_blocks=s.shape(lv.neuron_blocks(self.manifest["neuron_block"])),
             )
+            out = self.functions[method](*args, self.params)
             logits = s.first(out)  # (1, vocab), or (T, vocab) for "score"
             return logits if method == "score" else logits[0]
 
     def prefill(self, ids: list[int], level: float, past: int = 0) -> np.ndarray:
         """Logits after `ids`, written into the cache after `past` positions already there (0: a new sequence)."""
         self._check_length(past + len(ids), 0)
-        return self._run("prefill", ids, past, self.level(level))
+        return self._run("prefill", ids, past, self.levels[level])
 
     def score(self, ids: list[int], past: int, level: float) -> np.ndarray:
         """Logits (T, vocab) at every position of `ids`, appended after the `past` positions already in the cache,
         which stay as they are: score several continuations of one cached context by calling this with the same
         `past`."""
         self._check_length(past + len(ids), 0)
-        return self._run("score", ids, past, self.level(level))
+        return self._run("score", ids, past, self.levels[level])
 
     def decode(self, token: int, past: int, level: float) -> np.ndarray:
-        return self._run("decode", [token], past, self.level(level))
+        return self._run("decode", [token], past, self.levels[level])
 
     def _check_length(self, prompt_tokens: int, new_tokens: int):
         if prompt_tokens == 0:
@@ -230,7 +169,7 @@ class ElasticEngine:
         self, ids: list[int], level: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
     ) -> Iterator[int]:
         """Token ids one at a time: greedy when temperature is 0, else top-p sampling. The level is fixed per sequence."""
-        lv = self.level(level)
+        lv = self.levels[level]
         self._check_length(len(ids), max_new_tokens)
         rng = np.random.default_rng(seed)
         try:

@@ -1,7 +1,8 @@
 """Answer a request under its latency objective: plan with the TLM, compress, run the chosen level, measure.
 
-    request (context parts, query, SLO)
-      -> TLM decision head over the query + SLO -> planner (latency.json, the TLM's own measured cost)
+    Request (context parts, query, SLO, strategy)
+      -> tokens counted, context window checked, the SLO as millisecond budgets (once)
+      -> TLM decision head over the query + the budgets -> planner.choose (latency.json, the TLM's measured cost)
       -> compress the context to the plan's ratio (TLM score head; the query stays whole)
       -> generate at the plan's level -> predicted vs measured TTFT/TPOT, and whether the SLO was met
 
@@ -12,18 +13,39 @@ engine runs (this process or a device over RPC).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from elastilm import ElastiLMError
-from elastilm.runtime import planner
-from elastilm.runtime.compress import Compressed, Part, compress
-from elastilm.runtime.engine import ElasticEngine
-from elastilm.runtime.session import DeviceLost
-from elastilm.runtime.tlm import CompiledTLM
+from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.choice import option_scores
+from elastilm.runtime_py.compress import Compressed, Part, compress
+from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.runtime_py.session import DeviceLost
+from elastilm.runtime_py.tlm import CompiledTLM
+
+
+class InvalidRequest(ElastiLMError):
+    """The request itself is wrong (too long for the context window, an unknown strategy): nothing ran."""
+
+
+@dataclass
+class Request:
+    """One request: the user's query after an optional context (system text, few-shot examples: the part that may
+    be compressed), its SLO and how to answer it."""
+
+    query: str
+    context: str = ""
+    chat: bool = True  # in the model's chat template (False: context and query as plain text)
+    slo: planner.SLO = planner.SLO(1.0, 1.0)  # no objective given: the full model's own latency
+    max_new_tokens: int = 64
+    strategy: str = "elastilm"  # a plan policy of planner.STRATEGIES
+    options: list[str] | None = None  # multiple choice: score these continuations after the answer
+    calibration: str | None = None  # ... minus their scores after this content-free question
+    sampling: dict = field(default_factory=dict)  # temperature, top_p, seed
 
 
 @dataclass
@@ -31,13 +53,20 @@ class Answer:
     text: str
     plan: planner.Plan
     compressed: Compressed
-    ttft_budget_ms: float
-    tpot_budget_ms: float
+    budgets: planner.Budgets
     ttft_ms: float = 0.0  # measured: from the request to the first token, TLM included
     tpot_ms: float = 0.0  # measured: mean time per token after the first
     tokens: int = 0
     choice: int | None = None  # multiple-choice requests: the best option
     option_scores: list[float] | None = None
+
+    @property
+    def ttft_budget_ms(self) -> float:
+        return self.budgets.ttft_ms
+
+    @property
+    def tpot_budget_ms(self) -> float:
+        return self.budgets.tpot_ms
 
     @property
     def slo_met(self) -> bool:
@@ -84,38 +113,35 @@ class Orchestrator:
         before, after = text.split(marker)
         return [Part(before, compress=False), Part(context), Part(after, compress=False)]
 
-    def plan(self, parts: list[Part], slo: planner.SLO, strategy: str = "elastilm") -> planner.Plan:
-        """The plan for `parts` under `slo`: the TLM's (strategy "elastilm") or a baseline's (planner.STRATEGIES)."""
-        count = lambda text: len(self.engine.encode(text))  # noqa: E731
-        prompt = sum(count(p.text) for p in parts)
-        fixed = sum(count(p.text) for p in parts if not p.compress)
+    def plan(self, request: Request, parts: list[Part]) -> tuple[planner.Plan, planner.Budgets]:
+        """The plan for `request` (its prompt as `parts`) under its SLO, the TLM's or a baseline's
+        (planner.STRATEGIES), and the SLO's budgets."""
+        if request.strategy not in planner.STRATEGIES:
+            raise InvalidRequest(f"unknown strategy '{request.strategy}'; known: {', '.join(planner.STRATEGIES)}")
+        counts = [len(self.engine.encode(p.text)) for p in parts]
+        prompt = sum(counts)
+        if prompt + request.max_new_tokens > self.engine.max_len:
+            raise InvalidRequest(f"prompt of {prompt} tokens + max_tokens {request.max_new_tokens} exceeds the context "
+                                 f"window of {self.engine.max_len}")
+        fixed = sum(n for p, n in zip(parts, counts) if not p.compress)
+        budgets = planner.budgets(request.slo, self.latency, prompt, self.calibration.served)
         ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)
         preference = None
-        if strategy == "elastilm":
+        if request.strategy == "elastilm":
             query = " ".join(p.text for p in parts if not p.compress)
-            ratio_lp, level_lp = self.tlm.decide(query, *self._fractions(slo, prompt))
-            index_r = {r: i for i, r in enumerate(self.tlm.ratios)}
-            index_l = {lv: i for i, lv in enumerate(self.tlm.levels)}
-            preference = lambda r, lv: ratio_lp[index_r[r]] + level_lp[index_l[lv]]  # noqa: E731
-        c = self.calibration
-        return planner.choose(strategy, slo, self.latency, prompt, fixed, ratios, self.tlm.levels, self.cost, preference, c.plan_scale, c.served)
+            ratio_lp, level_lp = self.tlm.decide(query, budgets.ttft, budgets.tpot)
+            preference = planner.Preference.from_heads(self.tlm.ratios, ratio_lp, self.tlm.levels, level_lp)
+        plan_request = planner.PlanRequest(prompt, fixed, budgets, tuple(ratios), tuple(self.tlm.levels), self.cost,
+                                           preference, self.calibration.plan_scale)
+        return planner.choose(request.strategy, plan_request, self.latency), budgets
 
-    def _fractions(self, slo: planner.SLO, prompt_tokens: int) -> tuple[float, float]:
-        """The SLO as fractions of the full model as served here (what the decision head reads)."""
-        served = self.calibration.served
-        ttft, tpot = planner.budgets(slo, self.latency, prompt_tokens, served)
-        full = max(self.latency.levels)
-        return ttft / (served[0] * self.latency.ttft(full, prompt_tokens)), tpot / (served[1] * self.latency.tpot(full))
-
-    def answer(
-        self, parts: list[Part], slo: planner.SLO, max_new_tokens: int = 64, stream: bool = False, strategy: str = "elastilm",
-        options: list[str] | None = None, calibration: str | None = None, **sampling,
-    ):
+    def answer(self, request: Request, stream: bool = False):
         """Plan, compress, generate. With stream=True, yields text pieces and finally the Answer; else the Answer.
-        With `options` (a multiple-choice request), the Answer also carries the best option by per-character
+        With `request.options` (multiple choice), the Answer also carries the best option by per-character
         log-likelihood after the compressed prompt at the planned level, minus its score after the compressed
-        context and `calibration` (a content-free question) when given; scoring comes after the timed generation."""
-        run = self._answer(parts, slo, max_new_tokens, strategy, options, calibration, **sampling)
+        context and `request.calibration` (a content-free question) when given; scoring comes after the timed
+        generation."""
+        run = self._answer(request)
         if stream:
             return run
         text, answer = [], None
@@ -127,18 +153,18 @@ class Orchestrator:
         answer.text = "".join(text)
         return answer
 
-    def _answer(self, parts, slo, max_new_tokens, strategy, options, calibration, **sampling) -> Iterator:
+    def _answer(self, request: Request) -> Iterator:
         start = time.perf_counter()
-        scale, served = self.calibration.plan_scale, self.calibration.served
+        scale = self.calibration.plan_scale
+        parts = self.parts(request.query, request.context, request.chat)
         try:
-            p = self.plan(parts, slo, strategy)
+            p, budgets = self.plan(request, parts)
             c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
         except DeviceLost:  # the device went away between requests: nothing ran yet, so reconnect and plan again
             self.engine.session.connect()
-            p = self.plan(parts, slo, strategy)
+            p, budgets = self.plan(request, parts)
             c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
-        ttft_budget, tpot_budget = planner.budgets(slo, self.latency, c.original, served)
-        answer = Answer("", p, c, ttft_budget, tpot_budget)
+        answer = Answer("", p, c, budgets)
         times: list[float] = []
 
         def timed(tokens):
@@ -147,7 +173,7 @@ class Orchestrator:
                 yield t
 
         engine = self.engine.dropped(p.dropped)  # the layer-dropping baseline runs a variant; everything else: itself
-        yield from engine.stream_text(timed(engine.generate_ids(c.ids, p.level, max_new_tokens, **sampling)))
+        yield from engine.stream_text(timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, **request.sampling)))
         answer.tokens = len(times)
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
@@ -156,22 +182,20 @@ class Orchestrator:
                 self.calibration.add(0, answer.ttft_ms, p.ttft_ms / scale[0])
                 if len(times) > 1:
                     self.calibration.add(1, answer.tpot_ms, p.tpot_ms / scale[1])
-        if options:
-            answer.option_scores = self._option_scores(engine, parts, c, p.level, options, calibration)
+        if request.options:
+            answer.option_scores = self._option_scores(engine, request, parts, c, p.level)
             answer.choice = int(np.argmax(answer.option_scores))
         yield answer
 
-    def _option_scores(self, engine, parts, c: Compressed, level: float, options: list[str], calibration: str | None) -> list[float]:
-        from elastilm.evaluate.harness import option_scores
-
-        ids = [engine.encode(o) for o in options]
-        chars = [len(o) for o in options]
+    def _option_scores(self, engine, request: Request, parts: list[Part], c: Compressed, level: float) -> list[float]:
+        ids = [engine.encode(o) for o in request.options]
+        chars = [len(o) for o in request.options]
         scores = option_scores(engine, 0, c.ids, ids, level, chars)
-        if calibration is None:
+        if request.calibration is None:
             return scores
         query = 0 if parts[-1].compress else len(self.engine.encode(parts[-1].text))
         context = c.ids[: len(c.ids) - query]  # the compressed prompt without its last part, the query
-        null = option_scores(engine, 0, context + engine.encode(calibration), ids, level, chars)
+        null = option_scores(engine, 0, context + engine.encode(request.calibration), ids, level, chars)
         return [s - b for s, b in zip(scores, null)]
 
     def close(self) -> None:

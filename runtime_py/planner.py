@@ -1,5 +1,9 @@
 """Choose (prompt ratio, level) for a request under its latency objective (SLO: TTFT and TPOT budgets).
 
+The SLO becomes millisecond budgets once per request (`budgets`); a `PlanRequest` carries them with everything
+else a plan policy needs, and `choose` runs one named policy of the registry `STRATEGIES` (ElastiLM's and the
+baselines it is compared with).
+
 Predictions come from the build's `latency.json` (`elastilm profile`): TTFT per level at several prompt lengths
 (linear in between and beyond), TPOT per level. Measurements are noisy, and a bigger level is never really
 faster, so each column is made monotone over levels (pool-adjacent-violators) before use. The TLM's own time
@@ -13,16 +17,16 @@ of the full model's latency on this device for this prompt (TTFT at the uncompre
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from elastilm import ElastiLMError
+from elastilm.formats import latency as latency_file
+from elastilm.formats.errors import ElastiLMError
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class Plan:
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
+    def named(self, how: str) -> Plan:
+        return replace(self, chosen_by=how)
+
 
 def _monotone(values: np.ndarray) -> np.ndarray:
     """The closest non-decreasing sequence (pool-adjacent-violators, equal weights)."""
@@ -69,10 +76,10 @@ class LatencyModel:
     """Predicted TTFT(level, prompt tokens) and TPOT(level) in ms, from a latency profile."""
 
     def __init__(self, doc: dict):
-        if doc.get("schema") != "elastilm.latency":
-            raise ElastiLMError("not a latency profile (schema elastilm.latency); make one with `elastilm profile`")
+        latency_file.check(doc)
         rows = sorted(doc["levels"], key=lambda r: r["fraction"])
         self.levels = [r["fraction"] for r in rows]
+        self._rows = {f: i for i, f in enumerate(self.levels)}
         self.lengths = np.array(doc["prompt_lengths"], float)
         ttft = np.array([r["ttft_ms"] for r in rows], float)
         self._ttft = np.stack([_monotone(ttft[:, j]) for j in range(ttft.shape[1])], 1)
@@ -87,17 +94,13 @@ class LatencyModel:
             self.layer_drop.dropped = {1.0: 0, **{r["fraction"]: r["dropped"] for r in drops}}
 
     @classmethod
-    def from_file(cls, path: Path) -> "LatencyModel":
-        path = Path(path)
-        if not path.is_file():
-            raise ElastiLMError(f"{path}: no latency profile; measure one with `elastilm profile --build {path.parent}`")
-        return cls(json.loads(path.read_text()))
+    def from_file(cls, path: Path) -> LatencyModel:
+        return cls(latency_file.read(path))
 
     def _row(self, level: float) -> int:
-        for i, f in enumerate(self.levels):
-            if abs(f - level) < 1e-9:
-                return i
-        raise ElastiLMError(f"level {level:g} is not in the latency profile ({', '.join(f'{f:g}' for f in self.levels)})")
+        if level not in self._rows:
+            raise ElastiLMError(f"level {level:g} is not in the latency profile ({', '.join(f'{f:g}' for f in self.levels)})")
+        return self._rows[level]
 
     def ttft(self, level: float, tokens: int) -> float:
         """Linear between profiled lengths and along the end segments beyond them; below the shortest length
@@ -136,13 +139,53 @@ def compressed_tokens(prompt_tokens: int, query_tokens: int, ratio: float) -> in
     return prompt_tokens if ratio >= 1 else max(round(ratio * prompt_tokens), query_tokens)
 
 
-def budgets(slo: SLO, latency: LatencyModel, prompt_tokens: int, served: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
-    """(TTFT, TPOT) budgets in ms. Relative SLOs are fractions of the full model's latency as served here: the
-    profile's times `served` (Calibration.served)."""
-    if not slo.relative:
-        return slo.ttft, slo.tpot
+@dataclass(frozen=True)
+class Budgets:
+    """A request's SLO in milliseconds, and as fractions of the full model as served here (what the TLM's decision
+    head reads)."""
+
+    ttft_ms: float
+    tpot_ms: float
+    ttft: float
+    tpot: float
+
+
+def budgets(slo: SLO, latency: LatencyModel, prompt_tokens: int, served: tuple[float, float] = (1.0, 1.0)) -> Budgets:
+    """The SLO's budgets for a prompt of `prompt_tokens`. Relative SLOs are fractions of the full model's latency
+    as served here: the profile's times `served` (Calibration.served)."""
     full = max(latency.levels)
-    return slo.ttft * served[0] * latency.ttft(full, prompt_tokens), slo.tpot * served[1] * latency.tpot(full)
+    full_ttft, full_tpot = served[0] * latency.ttft(full, prompt_tokens), served[1] * latency.tpot(full)
+    ttft, tpot = (slo.ttft * full_ttft, slo.tpot * full_tpot) if slo.relative else (slo.ttft, slo.tpot)
+    return Budgets(ttft, tpot, ttft / full_ttft, tpot / full_tpot)
+
+
+@dataclass(frozen=True)
+class Preference:
+    """The TLM decision head's log-probability of each (prompt ratio, level) plan."""
+
+    scores: dict[tuple[float, float], float]
+
+    @classmethod
+    def from_heads(cls, ratios, ratio_logp, levels, level_logp) -> Preference:
+        """The joint log-probability of the two heads' independent choices."""
+        return cls({(r, lv): float(a + b) for r, a in zip(ratios, ratio_logp) for lv, b in zip(levels, level_logp)})
+
+    def __call__(self, ratio: float, level: float) -> float:
+        return self.scores[(ratio, level)]
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything a plan policy decides on, for one request."""
+
+    prompt_tokens: int  # LLM tokens of the whole prompt, uncompressed
+    query_tokens: int  # of those, the tokens that are never compressed (the user's query)
+    budgets: Budgets
+    ratios: tuple[float, ...]  # prompt ratios the TLM can compress to ((1.0,) when nothing is compressible)
+    levels: tuple[float, ...]  # model levels to choose from
+    tlm: TLMCost = NO_TLM  # the TLM's measured cost here
+    preference: Preference | None = None  # the TLM's decision (the "elastilm" policy only)
+    scale: tuple[float, float] = (1.0, 1.0)  # measured / predicted TTFT and TPOT (Calibration.plan_scale)
 
 
 class Calibration:
@@ -178,21 +221,18 @@ class Calibration:
                 "served": [round(x, 3) for x in self.served]}
 
 
-def candidates(
-    slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels, tlm: TLMCost, decides: bool,
-    scale: tuple[float, float] = (1.0, 1.0), served: tuple[float, float] = (1.0, 1.0),
-) -> list[Plan]:
-    """Every (ratio, level) with its predictions and feasibility; `scale` multiplies the predicted TTFT and TPOT,
-    `served` the relative budgets (see Calibration)."""
-    ttft_budget, tpot_budget = budgets(slo, latency, prompt_tokens, served)
+def candidates(request: PlanRequest, latency: LatencyModel, ratios, levels, cost: TLMCost = NO_TLM, decides: bool = False) -> list[Plan]:
+    """Every (ratio, level) of `ratios` x `levels` with its predictions (scaled by request.scale, the TLM's time
+    `cost` included: a decision when `decides`, scoring when a ratio compresses) and whether it meets the budgets."""
+    b = request.budgets
     out = []
     for r in ratios:
-        tokens = compressed_tokens(prompt_tokens, query_tokens, r)
-        tlm_ms = tlm(prompt_tokens - query_tokens if r < 1 else 0, decides)
+        tokens = compressed_tokens(request.prompt_tokens, request.query_tokens, r)
+        tlm_ms = cost(request.prompt_tokens - request.query_tokens if r < 1 else 0, decides)
         for lv in levels:
-            ttft = scale[0] * (latency.ttft(lv, tokens) + tlm_ms)
-            tpot = scale[1] * latency.tpot(lv)
-            ok = ttft <= ttft_budget * (1 + 1e-9) and tpot <= tpot_budget * (1 + 1e-9)
+            ttft = request.scale[0] * (latency.ttft(lv, tokens) + tlm_ms)
+            tpot = request.scale[1] * latency.tpot(lv)
+            ok = ttft <= b.ttft_ms * (1 + 1e-9) and tpot <= b.tpot_ms * (1 + 1e-9)
             out.append(Plan(r, lv, tokens, ttft, tpot, tlm_ms, ok, ""))
     return out
 
@@ -201,69 +241,84 @@ def fastest(plans: list[Plan]) -> Plan:
     return min(plans, key=lambda p: (p.tpot_ms, p.ttft_ms, p.level, p.ratio))
 
 
-def plan(
-    slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
-    preference: Callable[[float, float], float], tlm: TLMCost, scale: tuple[float, float] = (1.0, 1.0),
-    served: tuple[float, float] = (1.0, 1.0),
-) -> Plan:
-    """The plan for one request. `preference(ratio, level)`: the TLM decision head's joint log-probability."""
-    plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, tlm, True, scale, served)
-    best = max(plans, key=lambda p: (preference(p.ratio, p.level), p.level, p.ratio))
+def _best(plans: list[Plan], key, name: str) -> Plan:
+    """The feasible plan with the largest `key`; the fastest one when none is feasible (it misses the SLO)."""
+    feasible = [p for p in plans if p.feasible]
+    return (max(feasible, key=key) if feasible else fastest(plans)).named(name)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    description: str
+    plan: Callable[[PlanRequest, LatencyModel], Plan]
+
+
+STRATEGIES: dict[str, Strategy] = {}  # plan policies by name, in the order they are compared
+
+
+def strategy(name: str, description: str):
+    """Register a plan policy `fn(request, latency) -> Plan` under `name`."""
+
+    def register(fn):
+        STRATEGIES[name] = Strategy(name, description, fn)
+        return fn
+
+    return register
+
+
+def choose(name: str, request: PlanRequest, latency: LatencyModel) -> Plan:
+    """The plan the policy `name` picks for `request`."""
+    if name not in STRATEGIES:
+        raise ElastiLMError(f"unknown strategy '{name}'; known: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name].plan(request, latency)
+
+
+@strategy("elastilm", "ElastiLM (TLM-planned)")
+def _elastilm(request: PlanRequest, latency: LatencyModel) -> Plan:
+    """The TLM decision head's choice when that meets the SLO; otherwise the feasible plan the head scores best;
+    if nothing meets the SLO, the fastest plan, marked infeasible. The TLM's decision always counts in TTFT."""
+    pref = request.preference
+    if pref is None:
+        raise ElastiLMError("the elastilm strategy plans with the TLM's decision (PlanRequest.preference)")
+    plans = candidates(request, latency, request.ratios, request.levels, request.tlm, decides=True)
+    key = lambda p: (pref(p.ratio, p.level), p.level, p.ratio)  # noqa: E731
+    best = max(plans, key=key)
     if best.feasible:
-        return _named(best, "tlm")
+        return best.named("tlm")
     feasible = [p for p in plans if p.feasible]
     if feasible:
-        return _named(max(feasible, key=lambda p: (preference(p.ratio, p.level), p.level, p.ratio)), "best feasible")
-    return _named(fastest(plans), "fastest (SLO infeasible)")
+        return max(feasible, key=key).named("best feasible")
+    return fastest(plans).named("fastest (SLO infeasible)")
 
 
-def _named(p: Plan, how: str) -> Plan:
-    return Plan(**{**asdict(p), "chosen_by": how})
+@strategy("full", "full model always")
+def _full(request: PlanRequest, latency: LatencyModel) -> Plan:
+    return candidates(request, latency, (1.0,), (max(request.levels),))[0].named("full")
 
 
-# Plan policies: ElastiLM's and the baselines it is compared with. A baseline with no feasible point runs its
-# fastest one (and misses the SLO).
-STRATEGIES = {
-    "elastilm": "ElastiLM (TLM-planned)",
-    "full": "full model always",
-    "model-only": "model-only (largest feasible level)",
-    "prompt-only": "prompt-only (full model, compressed)",
-    "smallest": "fixed smallest level",
-    "layer-drop": "layer dropping (ShortGPT, fewest layers dropped that fit)",
-}
+@strategy("model-only", "model-only (largest feasible level)")
+def _model_only(request: PlanRequest, latency: LatencyModel) -> Plan:
+    return _best(candidates(request, latency, (1.0,), request.levels), lambda p: p.level, "model-only")
 
 
-def _best(plans: list[Plan], key, name: str) -> Plan:
-    feasible = [p for p in plans if p.feasible]
-    return _named(max(feasible, key=key) if feasible else fastest(plans), name)
+@strategy("prompt-only", "prompt-only (full model, compressed)")
+def _prompt_only(request: PlanRequest, latency: LatencyModel) -> Plan:
+    """Pays for the TLM's scoring, not for a decision."""
+    plans = candidates(request, latency, request.ratios, (max(request.levels),), request.tlm)
+    return _best(plans, lambda p: p.ratio, "prompt-only")
 
 
-def choose(
-    strategy: str, slo: SLO, latency: LatencyModel, prompt_tokens: int, query_tokens: int, ratios, levels,
-    cost: TLMCost, preference: Callable[[float, float], float] | None = None, scale: tuple[float, float] = (1.0, 1.0),
-    served: tuple[float, float] = (1.0, 1.0),
-) -> Plan:
-    """The plan `strategy` picks; `preference(ratio, level)` is the TLM's (elastilm only); baselines that do not
-    compress do not run the TLM, prompt-only pays for its scoring but not for a decision."""
-    full = (max(levels),)
-    if strategy == "elastilm":
-        return plan(slo, latency, prompt_tokens, query_tokens, ratios, levels, preference, cost, scale, served)
-    if strategy == "full":
-        return _named(candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), full, NO_TLM, False, scale, served)[0], strategy)
-    if strategy == "model-only":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), levels, NO_TLM, False, scale, served)
-        return _best(plans, lambda p: p.level, strategy)
-    if strategy == "prompt-only":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, ratios, full, cost, False, scale, served)
-        return _best(plans, lambda p: p.ratio, strategy)
-    if strategy == "smallest":
-        plans = candidates(slo, latency, prompt_tokens, query_tokens, (1.0,), (min(levels),), NO_TLM, False, scale, served)
-        return _best(plans, lambda p: 0, strategy)
-    if strategy == "layer-drop":
-        drops = latency.layer_drop
-        if drops is None:
-            raise ElastiLMError("this build has no layer-drop variants: run `elastilm layer-drop`, then compile and profile again")
-        plans = candidates(slo, drops, prompt_tokens, query_tokens, (1.0,), drops.levels, NO_TLM, False, scale, served)
-        best = _best(plans, lambda p: p.level, strategy)
-        return Plan(**{**asdict(best), "level": 1.0, "dropped": drops.dropped[best.level]})
-    raise ElastiLMError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
+@strategy("smallest", "fixed smallest level")
+def _smallest(request: PlanRequest, latency: LatencyModel) -> Plan:
+    return _best(candidates(request, latency, (1.0,), (min(request.levels),)), lambda p: 0, "smallest")
+
+
+@strategy("layer-drop", "layer dropping (ShortGPT, fewest layers dropped that fit)")
+def _layer_drop(request: PlanRequest, latency: LatencyModel) -> Plan:
+    """Runs at level 1.0 with layers skipped: planned over the variants' own profile (LatencyModel.layer_drop)."""
+    drops = latency.layer_drop
+    if drops is None:
+        raise ElastiLMError("this build has no layer-drop variants: run `elastilm layer-drop`, then compile and profile again")
+    best = _best(candidates(request, drops, (1.0,), drops.levels), lambda p: p.level, "layer-drop")
+    return replace(best, level=1.0, dropped=drops.dropped[best.level])

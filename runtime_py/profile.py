@@ -1,23 +1,20 @@
 """Latency profile of a build on its device: TTFT over a grid of prompt lengths and TPOT, for every level.
 
-The result, `latency.json` in the build folder (with the layer-dropping variants, when the build has them), is what the planner reads to pick a level that meets a
-request's TTFT/TPOT objective on this device. Timings are wall-clock around whole calls as the runtime makes
+The result, `latency.json` in the build folder (formats/latency.py; with the layer-dropping variants, when the build
+has them), is what the planner reads to pick a level that meets a request's TTFT/TPOT objective on this device. Timings are wall-clock around whole calls as the runtime makes
 them (over RPC they include the round trips, as a client on that link would see).
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-from elastilm.runtime.engine import ElasticEngine
-
-LATENCY = "latency.json"
-SCHEMA, VERSION = "elastilm.latency", 1
+from elastilm.formats import latency as latency_file
+from elastilm.runtime_py.engine import ElasticEngine
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -64,8 +61,8 @@ def profile(
                for n, which in sorted(drops.items())]
     bar.close()
     return {
-        "schema": SCHEMA,
-        "schema_version": VERSION,
+        "schema": latency_file.SCHEMA,
+        "schema_version": latency_file.VERSION,
         "model": engine.manifest["model"],
         "target": engine.manifest["target"]["name"],
         "device": engine.session.endpoint if engine.session.endpoint != "this process" else f"{platform.machine()} host",
@@ -86,8 +83,7 @@ def write(doc: dict, folder: Path) -> Path:
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LATENCY).write_text(json.dumps(doc, indent=2) + "\n")
+    path = latency_file.write(folder, doc)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row in doc["levels"]:
         left.plot(doc["prompt_lengths"], row["ttft_ms"], marker="o", label=f"{row['fraction']:.0%}")
@@ -105,7 +101,7 @@ def write(doc: dict, folder: Path) -> Path:
     fig.tight_layout()
     fig.savefig(folder / "latency.png", dpi=110)
     plt.close(fig)
-    return folder / LATENCY
+    return path
 
 
 def markdown(doc: dict) -> str:

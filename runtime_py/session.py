@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 
 CACHE_NAME = "elastilm.{}.{}"  # device tensor-cache names of tensors made there (KV caches, zero adapters)
 

@@ -1,6 +1,6 @@
 """The tiny language model (TLM) at run time: tokenization into windows and the two heads' outputs, no torch.
 
-The TLM is a small BERT (see compile/tlm.py) that reads text in fixed windows ([CLS] text [SEP], padded and
+The TLM is a small BERT (see compile/tlm_model.py) that reads text in fixed windows ([CLS] text [SEP], padded and
 masked), so compiled functions with static shapes serve any length: `score` over windows of `window` tokens for
 compression, `decide` over one short window of `decide_window` tokens for the query (queries are short; a
 longer one is cut to its start), so a decision costs a fraction of a scored window. It answers two
@@ -10,30 +10,21 @@ questions for the planner:
                         and the SLO as fractions of the full model's TTFT and TPOT
 
 `TLMBase` holds everything but the forward pass; `CompiledTLM` runs the TVM build (`elastilm compile` writes it
-to <build>/tlm/), the torch model in compile/tlm.py is the other implementation and the parity reference.
+to <build>/tlm/, formats/tlm.py); the torch model (compile/tlm_model.py, run by train/train_tlm.py's `TorchTLM`)
+is the other implementation and the parity reference.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from elastilm import ElastiLMError
-from elastilm.runtime.files import verify_files
-
-META = "tlm.json"
-TOKENIZER = "tokenizer.json"
-MANIFEST = "manifest.json"
-MANIFEST_SCHEMA, MANIFEST_VERSION = "elastilm.tlm-build", 1
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    z = x.astype("float64") - x.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+from elastilm.formats import tlm as tlm_file
+from elastilm.runtime_py.choice import log_softmax
+from elastilm.runtime_py.planner import TLMCost
 
 
 class TLMBase:
@@ -47,7 +38,7 @@ class TLMBase:
         self.decide_window = meta["decide_window"]
         self.ratios = tuple(meta["ratios"])
         self.levels = tuple(meta["levels"])
-        self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+        self.tokenizer = Tokenizer.from_file(str(self.folder / tlm_file.TOKENIZER))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.cls_id, self.sep_id = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
@@ -89,11 +80,8 @@ class TLMBase:
         _, ratio, level = self._forward(ids, mask, np.array([[ttft, tpot]], "float32"))
         return log_softmax(ratio.reshape(-1)), log_softmax(level.reshape(-1))
 
-
-    def measure_cost(self, repeat: int = 5):
+    def measure_cost(self, repeat: int = 5) -> TLMCost:
         """planner.TLMCost of this TLM here: the median time of a decision and of one scored window."""
-        from elastilm.runtime.planner import TLMCost
-
         slo = np.zeros((1, 2), "float32")
         ms = []
         for window in (self.decide_window, self.window):
@@ -108,28 +96,16 @@ class TLMBase:
         return TLMCost(ms[0], ms[1], self.window - 2)
 
 
-def read_manifest(folder: Path, verify: bool = True) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ElastiLMError(f"{folder}: no compiled TLM ({MANIFEST} missing); train it with `elastilm train-tlm` and rebuild")
-    doc = json.loads(path.read_text())
-    if (doc.get("schema"), doc.get("schema_version")) != (MANIFEST_SCHEMA, MANIFEST_VERSION):
-        raise ElastiLMError(f"{path}: schema {doc.get('schema')} v{doc.get('schema_version')}, expected {MANIFEST_SCHEMA} v{MANIFEST_VERSION}")
-    if verify:
-        verify_files(folder, doc["files"], MANIFEST)
-    return doc
-
-
 class CompiledTLM(TLMBase):
     """The TVM build of the TLM (<build>/tlm/): in this process, or in the LLM engine's `session` (over RPC the TLM
     then runs on the device beside the LLM, as it would in a phone app)."""
 
     def __init__(self, folder: str | Path, session=None):
-        from elastilm.runtime.session import LocalSession
+        from elastilm.runtime_py.session import LocalSession
 
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        super().__init__(folder, json.loads((folder / META).read_text()))
+        manifest = tlm_file.read_manifest(folder)
+        super().__init__(folder, tlm_file.read_meta(folder))
         self.session = session or LocalSession()
         self.manifest = manifest
         self._load()

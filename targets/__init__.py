@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 
 _FOLDER = Path(__file__).parent
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from elastilm.compile.config import ModelConfig
+from elastilm.formats.config import ModelConfig
 
 # Odd sizes on purpose: 6 query heads in 2 KV groups, 40 FFN neurons, head_dim 8.
 TINY = dict(
@@ -88,7 +88,7 @@ def elastified_tiny(tmp_path_factory, variant: str, neuron_multiple: int = 1):
 def small_tlm(levels, layers: int = 1, seed: int = 0):
     """A TLM: the pretrained MiniLM backbone cut to `layers`, with large random heads (so scores and decisions
     vary); returns (torch model, metadata)."""
-    from elastilm.compile import tlm as tlm_model
+    from elastilm.compile import tlm_model
 
     model, meta = tlm_model.create(levels, layers, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -106,7 +106,7 @@ def tiny_build_with_tlm(tmp_path_factory):
     import json
 
     from elastilm.compile import layer_drop
-    from elastilm.compile import tlm as tlm_model
+    from elastilm.compile import tlm_model
     from elastilm.compile.build import build
 
     folder = elastified_tiny(tmp_path_factory, "llama")
@@ -116,7 +116,7 @@ def tiny_build_with_tlm(tmp_path_factory):
     layers = layer_drop.layer_drop(folder, progress=False)["variants"]
     out = build(folder, "host-cpu", max_len=64)
     kept = {int(n): 1 - int(n) / len(json.loads((folder / "layer_drop.json").read_text())["block_influence"]) for n in layers}
-    (out / "latency.json").write_text(json.dumps({"schema": "elastilm.latency", "prompt_lengths": [4, 32], "levels": [
+    (out / "latency.json").write_text(json.dumps({"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [4, 32], "levels": [
         {"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels], "layer_drop": [
         {"fraction": k, "dropped": n, "layers": layers[str(n)], "ttft_ms": [k * 4, k * 32], "tpot_ms": 1 + k} for n, k in kept.items()]}))
     return out, meta
@@ -125,11 +125,11 @@ def tiny_build_with_tlm(tmp_path_factory):
 def random_adapters(model, rank: int, seed: int) -> dict:
     """Large random LoRA adapters {fraction: {projection: (A, B)}} for every level below 1.0 of an ElasticModel: a
     wrong slice or a missing term shows in the logits."""
-    from elastilm.compile.config import projection_names
+    from elastilm.formats.config import projection_names
 
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for lv in model.levels[:-1]:
+    for lv in list(model.levels.values())[:-1]:
         out[lv.fraction] = {}
         for name in projection_names(model.config):
             rows, cols = model.params[name + ".weight"].shape

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from conftest import elastified_tiny, random_ids
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, reference
+from elastilm.formats.errors import ElastiLMError
+from elastilm.compile import reference
+from elastilm.formats import elastic as artifact
 from elastilm.compile.build import build
 from elastilm.compile.export import ExportShape, export, kernel_layout
-from elastilm.runtime.engine import ElasticEngine, LevelWidths
+from elastilm.formats.widths import Level
+from elastilm.runtime_py.engine import ElasticEngine
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama-untied-bias"])
@@ -29,8 +31,8 @@ def oracle_last_logits(model, ids, widths):
 def test_prefill_matches_oracle_at_every_level(compiled):
     model, engine = compiled
     ids = random_ids(model.config, batch=1, length=9, seed=4)[0].tolist()
-    assert any(lv.neurons % 2 for lv in model.levels)  # odd widths are exercised
-    for lv in model.levels:
+    assert any(lv.neurons % 2 for lv in model.levels.values())  # odd widths are exercised
+    for lv in model.levels.values():
         got = engine.prefill(ids, lv.fraction)
         expected = oracle_last_logits(model, ids, model.widths(lv.fraction))
         assert np.abs(got - expected).max() <= 1e-3, lv
@@ -42,7 +44,7 @@ def test_odd_widths_outside_the_level_table(compiled, heads, blocks):
     cfg = model.config
     ids = random_ids(cfg, batch=1, length=6, seed=heads)[0].tolist()
     widths = [(cfg.num_heads, cfg.intermediate_size) if i in model.anchors else (heads, blocks) for i in range(cfg.num_layers)]
-    got = engine._run("prefill", ids, 0, LevelWidths(0, heads, blocks))
+    got = engine._run("prefill", ids, 0, Level(0.0, heads, blocks * engine.manifest["neuron_block"], 0.0))
     assert np.abs(got - oracle_last_logits(model, ids, widths)).max() <= 1e-3
 
 
@@ -167,7 +169,7 @@ def test_cli_run_streams_without_torch(compiled):
         "import sys; sys.modules['torch'] = None\n"
         "sys.argv = ['elastilm', 'run', '--build', sys.argv[1], '--level', '0.5', '--max-new-tokens', '5', "
         "'--no-chat', 'w3 w4 w5']\n"
-        "from elastilm.main import main\nraise SystemExit(main())"
+        "from elastilm.cli.main import main\nraise SystemExit(main())"
     )
     run = subprocess.run([sys.executable, "-c", code, str(engine.folder)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -181,4 +183,4 @@ def test_export_declares_upper_bounds_for_every_symbolic_extent():
     _, _, cfg = tiny_model("llama")
     mod, _ = export(cfg, ExportShape(anchors=(1,), neuron_block=8, max_len=48))
     bounds = {k: int(v) for k, v in mod["prefill"].attrs["tir_var_upper_bound"].items()}
-    assert bounds == {"seq_len": 48, "past": 48, "heads": cfg.num_heads, "nb": cfg.intermediate_size // 8}
+    assert bounds == {"seq_len": 48, "past": 48, "heads": cfg.num_heads, "neuron_blocks": cfg.intermediate_size // 8}

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import elastified_tiny
 from elastilm.compile.build import build
-from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime_py.engine import ElasticEngine
 
 pytestmark = pytest.mark.device
 REPO = Path(__file__).resolve().parents[1]

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 from elastilm.evaluate import harness, tasks
+from elastilm.runtime_py import choice
 
 
 class ScriptedEngine:
@@ -29,7 +30,7 @@ def test_option_scores_match_the_hand_computed_answer():
     P(first token | question) = (0.1, 0.2, 0.3, 0.4); P(3 | question, 2) = 0.25.
     A: ln 0.2 / 2 = -0.8047. B: (ln 0.3 + ln 0.25) / 4 = -0.6476. B wins per character (A would win unnormalised)."""
     engine = ScriptedEngine({(0,): [[0.1, 0.2, 0.3, 0.4]], (2,): [[0.25, 0.25, 0.25, 0.25]]})
-    scores = harness.option_scores(engine, 10, [0], [[1], [2, 3]], 0.5, [2, 4])
+    scores = choice.option_scores(engine, 10, [0], [[1], [2, 3]], 0.5, [2, 4])
     assert scores == pytest.approx([math.log(0.2) / 2, (math.log(0.3) + math.log(0.25)) / 4], abs=1e-9)
     assert scores[1] > scores[0] and math.log(0.2) > math.log(0.3) + math.log(0.25)
     # the question goes after the cached prefix, the option after the question; a one-token option needs no call
@@ -53,7 +54,7 @@ def test_calibrated_task_subtracts_the_content_free_scores():
 
 def test_log_softmax_normalises_any_logits():
     logits = np.array([[1000.0, 1001.0, 999.0], [-3.0, 0.0, 2.0]])
-    out = harness.log_softmax(logits)
+    out = choice.log_softmax(logits)
     np.testing.assert_allclose(np.exp(out).sum(-1), 1.0, rtol=1e-12)
     np.testing.assert_allclose(out[0], np.log(np.exp([0.0, 1.0, -1.0]) / np.exp([0.0, 1.0, -1.0]).sum()), rtol=1e-12)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import random_ids, save_hf_folder
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, reference
+from elastilm.formats.errors import ElastiLMError
+from elastilm.compile import reference
+from elastilm.formats import elastic as artifact
 from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.ingest import ingest
 
@@ -36,7 +37,7 @@ def test_elastified_folder_reloads_as_the_same_function(elastified):
     params, cfg, out = elastified
     model = artifact.load(out)
     assert model.config.kv_head_map == "interleaved" and len(model.anchors) == round(0.2 * cfg.num_layers)
-    assert [lv.fraction for lv in model.levels] == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert list(model.levels) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     ids = random_ids(cfg)
     diff = reference.logits(model.params, model.config, ids, model.widths(1.0)) - reference.logits(params, cfg, ids)
     assert diff.abs().max() < 1e-5
@@ -47,7 +48,7 @@ def test_elastified_folder_reloads_as_the_same_function(elastified):
 def test_unknown_level_lists_the_valid_ones(elastified):
     model = artifact.load(elastified[2], with_tokenizer=False)
     with pytest.raises(ElastiLMError, match="unknown level 0.55; valid levels are 0.2, 0.3, .*, 1"):
-        model.level(0.55)
+        model.levels[0.55]
 
 
 def test_tampered_weights_are_refused(elastified, tmp_path):

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import elastified_tiny, random_ids, tiny_build_with_tlm, tiny_model
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, layer_drop, reference
+from elastilm.formats.errors import ElastiLMError
+from elastilm.compile import layer_drop, reference
+from elastilm.formats import layer_drop as layer_drop_file
+from elastilm.formats import elastic as artifact
 from elastilm.compile.build import build
-from elastilm.runtime import planner
-from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.engine import ElasticEngine
 
 
 def test_block_influence_matches_transformers_hidden_states():
@@ -121,17 +123,17 @@ def test_view_generates_the_reference_greedy_and_shares_the_engine(dropped_build
 def test_bad_layer_drop_file_is_refused(dropped_build, tmp_path):
     folder, doc, _ = dropped_build
     bad = {**doc, "variants": {"2": [0, 0]}}
-    (tmp_path / layer_drop.FILE).write_text(json.dumps(bad))
+    (tmp_path / layer_drop_file.FILE).write_text(json.dumps(bad))
     with pytest.raises(ElastiLMError, match="not 2 distinct layers"):
-        layer_drop.read_variants(tmp_path, 4)
-    (tmp_path / layer_drop.FILE).write_text(json.dumps({**doc, "schema_version": 9}))
-    with pytest.raises(ElastiLMError, match="expected elastilm.layer-drop v1"):
-        layer_drop.read_variants(tmp_path, 4)
-    assert layer_drop.read_variants(tmp_path / "none", 4) == {}
+        layer_drop_file.read_variants(tmp_path, 4)
+    (tmp_path / layer_drop_file.FILE).write_text(json.dumps({**doc, "schema_version": 9}))
+    with pytest.raises(ElastiLMError, match="this elastilm reads elastilm.layer-drop v1"):
+        layer_drop_file.read_variants(tmp_path, 4)
+    assert layer_drop_file.read_variants(tmp_path / "none", 4) == {}
 
 
 def test_profile_measures_the_variants(dropped_build):
-    from elastilm.runtime.profile import markdown, profile
+    from elastilm.runtime_py.profile import markdown, profile
 
     _, doc, out = dropped_build
     lat = profile(ElasticEngine(out), prompt_lengths=(4, 8), decode_tokens=2, repeat=1, progress=False)
@@ -149,18 +151,23 @@ def drop_table() -> dict:
             for f in (0.2, 0.5, 1.0)]
     drops = [{"fraction": 1 - n / 30, "dropped": n, "layers": list(range(n)), "ttft_ms": [10 * (1 - n / 30), 100 * (1 - n / 30)],
               "tpot_ms": 10 * (1 - n / 30)} for n in (3, 9, 15, 23)]
-    return {"schema": "elastilm.latency", "prompt_lengths": [10, 100], "levels": rows, "layer_drop": drops}
+    return {"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [10, 100], "levels": rows, "layer_drop": drops}
+
+
+def _request(slo, lat) -> planner.PlanRequest:
+    """A prompt of 50 tokens, 5 of them the query, nothing to compress."""
+    return planner.PlanRequest(50, 5, planner.budgets(slo, lat, 50), (1.0,), tuple(lat.levels))
 
 
 @pytest.mark.parametrize("tpot, dropped, feasible", [(1.0, 0, True), (0.95, 3, True), (0.7, 9, True), (0.5, 15, True),
                                                      (0.3, 23, True), (0.2, 23, False)])
 def test_layer_drop_strategy_keeps_the_most_layers_that_fit(tpot, dropped, feasible):
     lat = planner.LatencyModel(drop_table())
-    p = planner.choose("layer-drop", planner.SLO(1.0, tpot), lat, 50, 5, (1.0,), lat.levels, planner.NO_TLM)
+    p = planner.choose("layer-drop", _request(planner.SLO(1.0, tpot), lat), lat)
     assert (p.dropped, p.level, p.ratio, p.feasible) == (dropped, 1.0, 1.0, feasible)
     assert p.tpot_ms == pytest.approx(10 * (1 - dropped / 30))
     if tpot < 0.6:  # below the elastic TPOT floor: no elastic plan fits, while layer dropping still may
-        assert not planner.choose("model-only", planner.SLO(1.0, tpot), lat, 50, 5, (1.0,), lat.levels, planner.NO_TLM).feasible
+        assert not planner.choose("model-only", _request(planner.SLO(1.0, tpot), lat), lat).feasible
 
 
 def test_layer_drop_strategy_needs_the_variants():
@@ -168,21 +175,21 @@ def test_layer_drop_strategy_needs_the_variants():
     del doc["layer_drop"]
     lat = planner.LatencyModel(doc)
     with pytest.raises(ElastiLMError, match="run `elastilm layer-drop`"):
-        planner.choose("layer-drop", planner.SLO(1.0, 1.0), lat, 50, 5, (1.0,), lat.levels, planner.NO_TLM)
+        planner.choose("layer-drop", _request(planner.SLO(1.0, 1.0), lat), lat)
 
 
 def test_orchestrator_runs_the_layer_drop_plan(tmp_path_factory):
-    from elastilm.runtime.orchestrator import Orchestrator, describe
+    from elastilm.runtime_py.orchestrator import Orchestrator, Request, describe
 
     out, _ = tiny_build_with_tlm(tmp_path_factory)
     orch = Orchestrator(out, calibrate=False)
-    parts = orch.parts("w5 w9 w3", "w11 w12 w13 w14", chat=False)
     drops = orch.latency.layer_drop.dropped
     most = max(drops.values())
-    a = orch.answer(parts, planner.SLO(1.0, 1.0), 5, strategy="layer-drop")
+    a = orch.answer(Request("w5 w9 w3", "w11 w12 w13 w14", False, planner.SLO(1.0, 1.0), 5, strategy="layer-drop"))
     assert a.plan.dropped == 0 and a.plan.feasible
     kept = min(drops)  # the synthetic profile's TPOT is 1 + share kept: this budget only fits the fewest layers kept
-    a = orch.answer(parts, planner.SLO(1.0, (1 + kept) / 2), 5, strategy="layer-drop", options=["w7", "w8 w9"])
+    a = orch.answer(Request("w5 w9 w3", "w11 w12 w13 w14", False, planner.SLO(1.0, (1 + kept) / 2), 5, strategy="layer-drop",
+                            options=["w7", "w8 w9"]))
     assert a.plan.dropped == most and a.plan.feasible and f"{most} layers dropped" in describe(a)
     view = orch.engine.dropped(most)
     assert a.text == "".join(view.stream_text(view.generate_ids(a.compressed.ids, 1.0, 5)))

@@ -2,9 +2,10 @@
 
 import pytest
 
-from elastilm import ElastiLMError
-from elastilm.compile.config import ModelConfig
-from elastilm.compile.levels import DEFAULT_FRACTIONS, kept_fraction, layer_widths, level_table
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.config import ModelConfig
+from elastilm.compile.levels import DEFAULT_FRACTIONS, kept_fraction, level_table
+from elastilm.formats.widths import layer_widths
 
 SMOLLM2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 1e-5, 1e5, 8192, True)
 ODD = ModelConfig("qwen2", 97, 48, 200, 7, 6, 2, 8, 1e-6, 1e4, 64, False)
@@ -12,8 +13,10 @@ ODD = ModelConfig("qwen2", 97, 48, 200, 7, 6, 2, 8, 1e-6, 1e4, 64, False)
 
 @pytest.mark.parametrize("cfg,anchors,multiple", [(SMOLLM2, [0, 1, 2, 11, 28, 29], 64), (ODD, [3], 8), (ODD, [], 64)])
 def test_level_table_properties(cfg, anchors, multiple):
-    table = level_table(cfg, anchors, DEFAULT_FRACTIONS, multiple)
-    assert [lv.fraction for lv in table] == list(DEFAULT_FRACTIONS)
+    levels = level_table(cfg, anchors, DEFAULT_FRACTIONS, multiple)
+    table = list(levels.values())
+    assert [lv.fraction for lv in table] == list(levels) == list(DEFAULT_FRACTIONS)
+    assert levels.full == table[-1] and all(levels[lv.fraction] is lv for lv in table)  # looked up by exact fraction
     assert (table[-1].heads, table[-1].neurons, table[-1].kept) == (cfg.num_heads, cfg.intermediate_size, 1.0)
     for lo, hi in zip(table, table[1:]):
         assert lo.heads <= hi.heads and lo.neurons <= hi.neurons and lo.kept <= hi.kept
@@ -33,8 +36,8 @@ def test_level_table_properties(cfg, anchors, multiple):
 
 
 def test_smollm2_half_level_is_three_eighths_per_layer():
-    """DESIGN.md: with 6 of 30 layers anchored, level 50% keeps ~37.5% of each non-anchor layer."""
-    lv = level_table(SMOLLM2, list(range(6)))[3]
+    """docs/design.md section 2: with 6 of 30 layers anchored, level 50% keeps ~37.5% of each non-anchor layer."""
+    lv = level_table(SMOLLM2, list(range(6)))[0.5]
     assert lv.fraction == 0.5 and lv.heads == 3 and lv.neurons == 576  # 3/9 heads ~ 576/1536 neurons = 37.5%
 
 

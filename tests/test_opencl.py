@@ -7,7 +7,7 @@ from tvm import te, tirx
 from tvm.s_tir import dlight as dl
 
 from conftest import numpy_attention
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 from elastilm.compile.export import kernel_layout
 from elastilm.elastic_ops import pocl, prefix, schedule_gpu
 from elastilm.targets import preset
@@ -107,7 +107,7 @@ def test_attention_on_pocl(name, tokens, past, heads, group):
 
 
 def test_check_catches_invalid_opencl_that_tvm_accepts():
-    """DESIGN.md section 4: dlight's Matmul with an Android host writes a statement inside `vstore8(` for a
+    """docs/tvm-notes.md section 9: dlight's Matmul with an Android host writes a statement inside `vstore8(` for a
     q.k product with a symbolic query count and a static key count. TVM builds it without complaint."""
     target = preset("adreno-opencl").tvm_target()
     n = tirx.Var("n", "int64")
@@ -122,7 +122,7 @@ def test_check_catches_invalid_opencl_that_tvm_accepts():
     assert "vstore8(" in source
     with pytest.raises(ElastiLMError, match="do not compile"):
         pocl.compile_source(source)
-    # the workaround DESIGN.md names: without vectorised stores the same schedule is valid OpenCL C
+    # the workaround docs/tvm-notes.md section 9 names: without vectorised stores the same schedule is valid OpenCL C
     with tvm.transform.PassContext(config={"tirx.disable_vectorize": True}):
         pocl.compile_source(pocl.opencl_source(tvm.tirx.build(fn, target=target)))
 

@@ -6,11 +6,13 @@ import shutil
 import pytest
 
 from conftest import elastified_tiny
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 from elastilm.compile.build import build
-from elastilm.compile.package import APP_CONFIG, load_bundle, package
-from elastilm.runtime.engine import ElasticEngine
-from elastilm.runtime.profile import LATENCY, profile, write
+from elastilm.compile.package import package
+from elastilm.formats.bundle import APP_CONFIG
+from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.formats.latency import FILE as LATENCY
+from elastilm.runtime_py.profile import profile, write
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,8 @@ def test_bundle_lists_both_builds_and_reloads(builds, tmp_path):
     assert by_target["android-arm64-cpu"]["system_lib_prefix"].endswith("_")
     assert by_target["host-cpu"]["latency"].endswith(LATENCY) and by_target["android-arm64-cpu"]["latency"] is None
     with pytest.raises(ElastiLMError, match="pick a model with --model"):
-        load_bundle(bundle)
-    loaded = load_bundle(bundle, by_target["host-cpu"]["model_id"])
+        ElasticEngine.from_bundle(bundle)
+    loaded = ElasticEngine.from_bundle(bundle, by_target["host-cpu"]["model_id"])
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     assert list(loaded.generate_ids(ids, 0.5, 8)) == list(engine.generate_ids(ids, 0.5, 8))
 
@@ -56,7 +58,7 @@ def test_a_changed_file_refuses_the_bundle(builds, tmp_path, victim):
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(ElastiLMError, match=f"{model_id}/{victim}: sha256 mismatch"):
-        load_bundle(bundle)
+        ElasticEngine.from_bundle(bundle)
 
 
 def test_a_bundle_from_another_tvm_is_refused(builds, tmp_path):
@@ -66,7 +68,7 @@ def test_a_bundle_from_another_tvm_is_refused(builds, tmp_path):
     manifest["tvm_version"] = "0.0.1"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ElastiLMError, match="packaged with TVM 0.0.1"):
-        load_bundle(bundle)
+        ElasticEngine.from_bundle(bundle)
 
 
 def test_packaging_refuses_a_corrupt_build_and_leaves_no_bundle(builds, tmp_path):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastilm import ElastiLMError
-from elastilm.runtime import planner
+from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py import planner
 
 LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 RATIOS = [1.0, 0.8, 0.6, 0.4, 0.2]
@@ -24,7 +24,7 @@ def table(base: float = 10.0, per_token: float = 2.0, tpot_floor: float = 0.6, n
         if noise is not None:
             ttft = [t * (1 + noise[i]) for t in ttft]
         rows.append({"fraction": f, "ttft_ms": ttft, "tpot_ms": 40.0 * scale})
-    return {"schema": "elastilm.latency", "prompt_lengths": LENGTHS, "levels": rows}
+    return {"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": LENGTHS, "levels": rows}
 
 
 def test_predictions_interpolate_and_extrapolate():
@@ -61,10 +61,22 @@ def test_compressed_tokens_are_the_compressor_budget():
     assert planner.compressed_tokens(300, 100, 0.2) == 100  # the query alone is longer than the budget
 
 
-def _random_preference(seed: int):
+def _random_preference(seed: int) -> planner.Preference:
     rng = np.random.default_rng(seed)
-    scores = {(r, lv): float(rng.normal()) for r in RATIOS for lv in LEVELS}
-    return lambda r, lv: scores[(r, lv)]
+    return planner.Preference({(r, lv): float(rng.normal()) for r in RATIOS for lv in LEVELS})
+
+
+def _preference(fn) -> planner.Preference:
+    return planner.Preference({(r, lv): fn(r, lv) for r in RATIOS for lv in LEVELS})
+
+
+def _request(slo, lat, prompt, query, ratios=RATIOS, levels=LEVELS, cost=planner.NO_TLM, preference=None, scale=(1.0, 1.0)):
+    return planner.PlanRequest(prompt, query, planner.budgets(slo, lat, prompt), ratios, levels, cost, preference, scale)
+
+
+def _plan(slo, lat, prompt, query, preference, cost, scale=(1.0, 1.0)) -> planner.Plan:
+    """ElastiLM's plan (the TLM's `preference`)."""
+    return planner.choose("elastilm", _request(slo, lat, prompt, query, cost=cost, preference=preference, scale=scale), lat)
 
 
 @settings(max_examples=300, deadline=None)
@@ -80,7 +92,7 @@ def test_plan_never_breaks_a_feasible_slo(ttft, tpot, prompt, query_share, seed,
     query = int(query_share * prompt)
     cost = planner.TLMCost(window_ms / 2, window_ms, 126)
     slo = planner.SLO(ttft * (1 if relative else 600), tpot * (1 if relative else 40), relative)
-    p = planner.plan(slo, lat, prompt, query, RATIOS, LEVELS, _random_preference(seed), cost)
+    p = _plan(slo, lat, prompt, query, _random_preference(seed), cost)
     ttft_budget = slo.ttft * lat.ttft(1.0, prompt) if relative else slo.ttft
     tpot_budget = slo.tpot * lat.tpot(1.0) if relative else slo.tpot
 
@@ -103,10 +115,10 @@ def test_the_tlm_choice_wins_when_feasible_and_the_best_feasible_otherwise():
     lat = planner.LatencyModel(table())
     slo = planner.SLO(0.5, 0.95)
     favourite = lambda r, lv: 10.0 if (r, lv) == (0.6, 0.5) else (5.0 if (r, lv) == (1.0, 1.0) else 0.0)  # noqa: E731
-    p = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, favourite, planner.NO_TLM)
+    p = _plan(slo, lat, 400, 20, _preference(favourite), planner.NO_TLM)
     assert (p.ratio, p.level, p.chosen_by) == (0.6, 0.5, "tlm")
     wants_full = lambda r, lv: 10.0 if (r, lv) == (1.0, 1.0) else (1.0 if (r, lv) == (0.4, 0.8) else 0.0)  # noqa: E731
-    p = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, wants_full, planner.NO_TLM)
+    p = _plan(slo, lat, 400, 20, _preference(wants_full), planner.NO_TLM)
     assert (p.ratio, p.level, p.chosen_by) == (0.4, 0.8, "best feasible")
 
 
@@ -117,27 +129,27 @@ def test_tlm_cost_counts_inside_ttft():
     needed = lat.ttft(0.5, 240)  # ratio 0.6 at level 0.5
     slo = planner.SLO((needed + 5.0) / full, 1.0)
     pref = lambda r, lv: 1.0 if (r, lv) == (0.6, 0.5) else 0.0  # noqa: E731
-    assert planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.TLMCost(1.0, 1.0, 126)).ratio == 0.6
-    slow = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.TLMCost(1.0, 10.0, 126))
+    assert _plan(slo, lat, 400, 20, _preference(pref), planner.TLMCost(1.0, 1.0, 126)).ratio == 0.6
+    slow = _plan(slo, lat, 400, 20, _preference(pref), planner.TLMCost(1.0, 10.0, 126))
     assert (slow.ratio, slow.level) != (0.6, 0.5) and slow.tlm_ms > 0
 
 
 def test_baselines_pick_their_own_dimension():
     lat = planner.LatencyModel(table())
     slo = planner.SLO(0.7, 0.9)
-    args = (lat, 400, 20, RATIOS, LEVELS, planner.TLMCost(1.0, 1.0, 126))
-    model_only = planner.choose("model-only", slo, *args)
+    request = _request(slo, lat, 400, 20, cost=planner.TLMCost(1.0, 1.0, 126))
+    model_only = planner.choose("model-only", request, lat)
     assert model_only.ratio == 1.0 and model_only.feasible
-    assert not planner.candidates(slo, lat, 400, 20, (1.0,), [lv for lv in LEVELS if lv > model_only.level], planner.NO_TLM, False)[0].feasible
-    prompt_only = planner.choose("prompt-only", slo, *args)
+    assert not planner.candidates(request, lat, (1.0,), [lv for lv in LEVELS if lv > model_only.level])[0].feasible
+    prompt_only = planner.choose("prompt-only", request, lat)
     assert prompt_only.level == 1.0
     assert not prompt_only.feasible  # TPOT 0.9 of the full model: the full model never meets it
-    smallest = planner.choose("smallest", slo, *args)
+    smallest = planner.choose("smallest", request, lat)
     assert (smallest.ratio, smallest.level) == (1.0, 0.2)
-    full = planner.choose("full", slo, *args)
+    full = planner.choose("full", request, lat)
     assert (full.ratio, full.level, full.tlm_ms) == (1.0, 1.0, 0.0)
     with pytest.raises(ElastiLMError, match="unknown strategy 'oracle'; known: elastilm, full"):
-        planner.choose("oracle", slo, *args)
+        planner.choose("oracle", request, lat)
 
 
 def test_scaled_predictions_tighten_plans():
@@ -146,8 +158,8 @@ def test_scaled_predictions_tighten_plans():
     lat = planner.LatencyModel(table())
     slo = planner.SLO(0.8, 0.95)
     pref = lambda r, lv: lv  # noqa: E731  (prefers big levels)
-    quiet = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.NO_TLM)
-    slow = planner.plan(slo, lat, 400, 20, RATIOS, LEVELS, pref, planner.NO_TLM, scale=(1.5, 1.0))
+    quiet = _plan(slo, lat, 400, 20, _preference(pref), planner.NO_TLM)
+    slow = _plan(slo, lat, 400, 20, _preference(pref), planner.NO_TLM, scale=(1.5, 1.0))
     budget = 0.8 * lat.ttft(1.0, 400)
     assert quiet.feasible and slow.feasible and (slow.ratio, slow.level) != (quiet.ratio, quiet.level)
     assert 1.5 * lat.ttft(quiet.level, quiet.tokens) > budget >= slow.ttft_ms  # the quiet plan no longer fits
@@ -176,5 +188,7 @@ def test_served_budgets_follow_the_full_model_as_served():
     lat = planner.LatencyModel(table())
     quiet = planner.budgets(planner.SLO(0.5, 0.8), lat, 128)
     served = planner.budgets(planner.SLO(0.5, 0.8), lat, 128, served=(1.2, 1.1))
-    assert served == pytest.approx((1.2 * quiet[0], 1.1 * quiet[1]))
-    assert planner.budgets(planner.SLO(300, 60, relative=False), lat, 128, served=(1.2, 1.1)) == (300, 60)  # ms are ms
+    assert (served.ttft_ms, served.tpot_ms) == pytest.approx((1.2 * quiet.ttft_ms, 1.1 * quiet.tpot_ms))
+    assert (served.ttft, served.tpot) == pytest.approx((0.5, 0.8))  # still half the full model as served
+    ms = planner.budgets(planner.SLO(300, 60, relative=False), lat, 128, served=(1.2, 1.1))
+    assert (ms.ttft_ms, ms.tpot_ms) == (300, 60)  # ms are ms

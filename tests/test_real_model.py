@@ -10,12 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from elastilm.compile import artifact, corpus, layer_drop, reference
-from elastilm.compile.config import ModelConfig
+from elastilm.compile import corpus, layer_drop, reference
+from elastilm.formats import elastic as artifact
+from elastilm.formats.config import ModelConfig
 from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.ingest import resolve
-from elastilm.compile.levels import layer_widths
-from elastilm.compile.quality import perplexity
+from elastilm.formats.widths import layer_widths
+from elastilm.evaluate.quality import perplexity
 
 pytestmark = pytest.mark.real
 
@@ -66,7 +67,7 @@ def test_reordering_beats_original_order_on_heldout_text(smollm2):
     original_cfg = ModelConfig.from_hf(hf.config)
     windows = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), 4, 128)
     for fraction in (0.5, 0.8):
-        lv = model.level(fraction)
+        lv = model.levels[fraction]
         reordered = perplexity(model.params, model.config, windows, model.widths(fraction))
         unordered = perplexity(original, original_cfg, windows, layer_widths(original_cfg, model.anchors, lv))
         assert reordered < unordered, (fraction, reordered, unordered)
@@ -75,7 +76,7 @@ def test_reordering_beats_original_order_on_heldout_text(smollm2):
 @pytest.fixture(scope="module")
 def engine(smollm2, tmp_path_factory):
     from elastilm.compile.build import build
-    from elastilm.runtime.engine import ElasticEngine
+    from elastilm.runtime_py.engine import ElasticEngine
 
     model, _ = smollm2
     elastic_dir = tmp_path_factory.mktemp("smollm2-elastic")
@@ -102,7 +103,7 @@ def test_compiled_greedy_equals_oracle_greedy_for_32_tokens(smollm2, engine):
 def test_compiled_logits_match_oracle_at_every_level(smollm2, engine):
     model, _ = smollm2
     ids = engine.encode("Question: Which gas do plants absorb from the air?\nAnswer:")
-    for lv in model.levels:
+    for lv in model.levels.values():
         expected = reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(lv.fraction))[0, -1]
         assert abs(engine.prefill(ids, lv.fraction) - expected.numpy()).max() <= 1e-3, lv
 
@@ -114,7 +115,7 @@ def test_serving_all_levels_needs_no_more_memory_than_full_width(engine):
     import sys
 
     code = (
-        "import sys\nfrom elastilm.runtime.engine import ElasticEngine\n"
+        "import sys\nfrom elastilm.runtime_py.engine import ElasticEngine\n"
         "e = ElasticEngine(sys.argv[1]); ids = list(range(100, 164))\n"
         "levels = sorted(e.levels) if sys.argv[2] == 'all' else [1.0] * len(e.levels)\n"
         "for lv in levels:\n    e.prefill(ids, lv); e.decode(5, 64, lv)\n"
@@ -170,7 +171,7 @@ def test_layer_drop_variant_scores_like_the_oracle_with_its_layers_skipped(smoll
     model, _ = smollm2
     n = engine.drop_for_level(0.5)
     layers = engine.layer_drops[n]
-    assert n == round((1 - model.level(0.5).kept) * model.config.num_layers) and len(layers) == n
+    assert n == round((1 - model.levels[0.5].kept) * model.config.num_layers) and len(layers) == n
     assert 0 not in layers  # the first layer changes the residual stream most (ShortGPT's finding, and here)
     harness.evaluate([harness.Run("layer-drop", engine.folder)], ["arc_easy"], [0.5], [0.2], 2, tmp_path, progress=False)
     rows = list(csv.DictReader((tmp_path / "items.csv").open()))

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from conftest import elastified_tiny, random_adapters, random_ids
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, recover, reference
+from elastilm.formats.errors import ElastiLMError
+from elastilm.compile import reference
+from elastilm.formats import adapters as adapters_file
+from elastilm.formats import elastic as artifact
+from elastilm.train import recover
 from elastilm.compile.build import build
-from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime_py.engine import ElasticEngine
 
 TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16, batch=2, lr=1e-2, checkpoint_every=1)
 
@@ -27,7 +30,7 @@ def test_adapter_on_a_prefix_equals_the_merged_weight_sliced(elastic):
     weights are W + B A, since a prefix of W + B A is W[:r, :c] + B[:r] A[:, :c]."""
     model = artifact.load(elastic, with_tokenizer=False)
     ids = random_ids(model.config, batch=2, length=7, seed=3)
-    for lv in model.levels[:-1:3]:
+    for lv in list(model.levels.values())[:-1:3]:
         ad = random_adapters(model, 3, seed=int(lv.fraction * 10))[lv.fraction]
         merged = dict(model.params)
         for name, (a, b) in ad.items():
@@ -46,11 +49,11 @@ def test_recovery_lowers_the_kl_and_resumes_to_the_same_adapters(elastic, tmp_pa
     summary = recover.recover(straight, TRAIN, progress=False)
     for row in summary["levels"]:
         assert row["kl_last"] < row["kl_first"], row
-    expected = recover.load_adapters(straight)
-    stamp = (straight / recover.ADAPTERS).stat().st_mtime_ns
-    assert recover.recover(straight, TRAIN, progress=False) == json.loads((straight / recover.SUMMARY).read_text())
-    assert (straight / recover.ADAPTERS).stat().st_mtime_ns == stamp  # same options: nothing retrained
-    assert sorted(expected) == [lv.fraction for lv in artifact.load(straight, with_tokenizer=False).levels[:-1]]
+    expected = adapters_file.load(straight)
+    stamp = (straight / adapters_file.TENSORS).stat().st_mtime_ns
+    assert recover.recover(straight, TRAIN, progress=False) == json.loads((straight / adapters_file.SUMMARY).read_text())
+    assert (straight / adapters_file.TENSORS).stat().st_mtime_ns == stamp  # same options: nothing retrained
+    assert sorted(expected) == list(artifact.load(straight, with_tokenizer=False).levels)[:-1]
 
     # the same run, interrupted in its fourth step and started again: it resumes from the checkpoint
     resumed = tmp_path / "resumed"
@@ -66,12 +69,12 @@ def test_recovery_lowers_the_kl_and_resumes_to_the_same_adapters(elastic, tmp_pa
     monkeypatch.setattr(reference, "logits", interrupted)
     with pytest.raises(KeyboardInterrupt):
         recover.recover(resumed, TRAIN, progress=False)
-    assert (resumed / recover.CHECKPOINT).is_file() and not (resumed / recover.ADAPTERS).exists()
+    assert (resumed / recover.CHECKPOINT).is_file() and not (resumed / adapters_file.TENSORS).exists()
     monkeypatch.setattr(reference, "logits", real)
     with pytest.raises(ElastiLMError, match="other options"):
         recover.recover(resumed, recover.RecoverOptions(**{**TRAIN.__dict__, "lr": 0.5}), progress=False)
     recover.recover(resumed, TRAIN, progress=False)
-    got = recover.load_adapters(resumed)
+    got = adapters_file.load(resumed)
     for f in expected:
         for name, (a, b) in expected[f].items():
             torch.testing.assert_close(got[f][name][0], a, rtol=0, atol=0)
@@ -88,7 +91,7 @@ def adapted(elastic, tmp_path_factory):
     shutil.copytree(elastic, folder, dirs_exist_ok=True)
     model = artifact.load(folder, with_tokenizer=False)
     adapters = random_adapters(model, 4, seed=11)
-    recover.save_adapters(folder, adapters, {"note": "random adapters for tests"})
+    adapters_file.save(folder, adapters, {"note": "random adapters for tests"})
     return model, adapters, build(folder, "host-cpu", max_len=40)
 
 
@@ -100,7 +103,7 @@ def test_compiled_adapters_match_the_oracle_at_every_level(adapted):
     model, adapters, build_dir = adapted
     ids = random_ids(model.config, batch=1, length=9, seed=5)[0].tolist()
     with_adapters, plain = ElasticEngine(build_dir), ElasticEngine(build_dir, adapters=False)
-    for lv in reversed(model.levels):  # switching level swaps the adapter set between calls
+    for lv in reversed(list(model.levels.values())):  # switching level swaps the adapter set between calls
         ad = adapters.get(lv.fraction)
         got = with_adapters.prefill(ids, lv.fraction)
         assert np.abs(got - oracle(model, ids, lv.fraction, ad)[-1]).max() <= 1e-3, lv
@@ -130,9 +133,9 @@ def test_a_changed_adapter_file_is_refused(adapted, tmp_path):
     model, _, build_dir = adapted
     folder = tmp_path / "m"
     shutil.copytree(build_dir.parent, folder, ignore=shutil.ignore_patterns("host-cpu"))
-    data = bytearray((folder / recover.ADAPTERS).read_bytes())
+    data = bytearray((folder / adapters_file.TENSORS).read_bytes())
     data[-5] ^= 0xFF
-    (folder / recover.ADAPTERS).write_bytes(bytes(data))
+    (folder / adapters_file.TENSORS).write_bytes(bytes(data))
     with pytest.raises(ElastiLMError, match="checksum"):
         build(folder, "host-cpu", max_len=40)
-    assert json.loads((folder / recover.SUMMARY).read_text())["sha256"]
+    assert json.loads((folder / adapters_file.SUMMARY).read_text())["sha256"]

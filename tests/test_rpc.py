@@ -6,18 +6,19 @@ from tvm import rpc
 from tvm.rpc.tracker import Tracker
 
 from conftest import elastified_tiny, random_adapters
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, recover
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats import adapters as adapters_file
+from elastilm.formats import elastic as artifact
 from elastilm.compile.build import build
-from elastilm.runtime import device
-from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime_py import device
+from elastilm.runtime_py.engine import ElasticEngine
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """With recovery adapters, so that the device also holds and switches each level's adapter set."""
     out = elastified_tiny(tmp_path_factory, "llama")
-    recover.save_adapters(out, random_adapters(artifact.load(out, with_tokenizer=False), 4, seed=5), {"note": "random, for tests"})
+    adapters_file.save(out, random_adapters(artifact.load(out, with_tokenizer=False), 4, seed=5), {"note": "random, for tests"})
     return build(out, "host-cpu", max_len=40)
 
 
@@ -134,9 +135,9 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
 
     from conftest import tiny_build_with_tlm
     from elastilm.compile.package import package
-    from elastilm.runtime.orchestrator import Orchestrator
-    from elastilm.runtime.planner import SLO
-    from elastilm.runtime.service import spawn
+    from elastilm.runtime_py.orchestrator import Orchestrator, Request
+    from elastilm.runtime_py.planner import SLO
+    from elastilm.evaluate.trace import start_service as spawn
 
     out, _ = tiny_build_with_tlm(tmp_path_factory)
     bundle = package([out], tmp_path / "bundle")
@@ -149,16 +150,18 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
         for ttft, tpot in ((0.9, 0.9), (0.3, 0.6)):
             np.testing.assert_allclose(np.concatenate(remote.tlm.decide(query, ttft, tpot)),
                                        np.concatenate(local.tlm.decide(query, ttft, tpot)), rtol=0, atol=1e-5)
-        parts = local.parts(query, " ".join(f"w{i}" for i in range(9, 40)), chat=False)
+        context = " ".join(f"w{i}" for i in range(9, 40))
         for slo, strategy in ((SLO(0.6, 0.9), "elastilm"), (SLO(1.0, 1.0), "full"), (SLO(0.5, 0.8), "layer-drop")):
-            a, b = local.answer(parts, slo, 5, strategy=strategy), remote.answer(parts, slo, 5, strategy=strategy)
+            request = Request(query, context, False, slo, 5, strategy)
+            a, b = local.answer(request), remote.answer(request)
             assert (a.plan.level, a.plan.ratio, a.plan.dropped) == (b.plan.level, b.plan.ratio, b.plan.dropped)
             assert a.compressed.ids == b.compressed.ids and a.text == b.text
         server.terminate()  # the device goes away between requests, with both models loaded ...
         server = start_server(port=9600)  # ... and comes back empty: the next request reconnects and reloads both
         assert server.port == int(endpoint.split(":")[1])
-        b = remote.answer(parts, SLO(0.6, 0.9), 5)
-        a = local.answer(parts, SLO(0.6, 0.9), 5)
+        request = Request(query, context, False, SLO(0.6, 0.9), 5)
+        b = remote.answer(request)
+        a = local.answer(request)
         assert (a.plan.level, a.plan.ratio, a.compressed.ids, a.text) == (b.plan.level, b.plan.ratio, b.compressed.ids, b.text)
         assert remote.engine.session.connections == 2
         remote.close()  # the RPC server serves one session at a time
@@ -167,7 +170,7 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
         try:
             body = {"prompt": query, "context": " ".join(f"w{i}" for i in range(9, 40)), "max_tokens": 5, "slo": {"ttft": 0.6, "tpot": 0.9}}
             got = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
-            expected = local.answer(parts, SLO(0.6, 0.9), 5)
+            expected = local.answer(request)
             assert got["choices"][0]["text"] == expected.text
             assert (got["elastilm"]["level"], got["elastilm"]["prompt_ratio"]) == (expected.plan.level, expected.plan.ratio)
         finally:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from conftest import tiny_build_with_tlm
 
-from elastilm.runtime import planner
-from elastilm.runtime.orchestrator import Orchestrator
-from elastilm.runtime.service import FairQueue, Service, create_app
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.orchestrator import Orchestrator, Request
+from elastilm.runtime_py.serve import Service, create_app
+from elastilm.runtime_py.serve.queue import FairQueue
 
 
 class Server:
@@ -46,9 +47,6 @@ class Gate:
     def __init__(self, orch):
         self.orch, self.gate = orch, threading.Event()
         self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
-
-    def parts(self, *a, **k):
-        return self.orch.parts(*a, **k)
 
     def answer(self, *a, **k):
         self.gate.wait(timeout=60)
@@ -87,8 +85,7 @@ def test_chat_answer_is_the_orchestrators_and_reports_the_plan(server, built):
     assert set(ext) >= {"level", "prompt_ratio", "predicted_ms", "measured_ms", "slo_met", "budget_ms", "chosen_by"}
     assert ext["measured_ms"]["ttft"] > 0 and body["usage"]["completion_tokens"] == ext["tokens"] <= 6
     # the same request through the library gives the same plan and text (greedy)
-    parts = built.parts("w5 w6 w7", CHAT["messages"][0]["content"])
-    direct = built.answer(parts, planner.SLO(0.6, 0.9), 6)
+    direct = built.answer(Request("w5 w6 w7", CHAT["messages"][0]["content"], True, planner.SLO(0.6, 0.9), 6))
     assert (direct.plan.level, direct.plan.ratio) == (ext["level"], ext["prompt_ratio"])
     assert direct.text == text
 
@@ -211,8 +208,8 @@ def test_fair_queue_round_robin_capacity_and_removal():
 def test_multiple_choice_and_baseline_strategies(server, built):
     """Options are scored like the harness scores them (per-character log-likelihood after the compressed prompt,
     calibrated by a content-free prompt); a baseline strategy plans its own way."""
-    from elastilm.evaluate.harness import option_scores
-    from elastilm.runtime.compress import compress
+    from elastilm.runtime_py.choice import option_scores
+    from elastilm.runtime_py.compress import compress
 
     srv, _ = server
     body = {"prompt": "w5 w6", "context": " ".join(f"w{i}" for i in range(20, 40)), "options": [" w7", " w8 w9", " w10"],
@@ -286,7 +283,7 @@ def test_trace_run_warms_the_service_up_and_replays_every_strategy(server, monke
     """`run` with the default strategies: warm-up requests first (not recorded), then one replay per strategy,
     resumable: a second run sends nothing new."""
     from elastilm.evaluate import trace
-    from elastilm.runtime.planner import STRATEGIES
+    from elastilm.runtime_py.planner import STRATEGIES
 
     srv, _ = server
     sent: list[str] = []

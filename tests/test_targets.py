@@ -7,9 +7,9 @@ import tarfile
 import pytest
 
 from conftest import elastified_tiny
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 from elastilm.compile.build import build
-from elastilm.runtime.engine import ElasticEngine
+from elastilm.runtime_py.engine import ElasticEngine
 from elastilm.targets import names, preset
 
 EM_AARCH64 = 183  # ELF e_machine

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from conftest import small_tlm, tiny_build_with_tlm
 
-from elastilm import ElastiLMError
-from elastilm.compile import tlm as tlm_model
-from elastilm.compile import train_tlm
+from elastilm.formats.errors import ElastiLMError
+from elastilm.compile import tlm_model
+from elastilm.formats import tlm as tlm_file
+from elastilm.train import train_tlm
 from elastilm.evaluate import tasks
-from elastilm.runtime import planner
-from elastilm.runtime.compress import WORD, Part, compress
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.compress import WORD, Part, compress
 
 LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
@@ -31,7 +32,7 @@ def llm_tokenizer():
 @pytest.fixture(scope="module")
 def torch_tlm():
     model, meta = small_tlm(LEVELS)
-    return tlm_model.TorchTLM(model, meta)
+    return train_tlm.TorchTLM(model, meta)
 
 
 def real_prompts():
@@ -116,14 +117,14 @@ def test_compiled_tlm_equals_torch_tlm(tmp_path, torch_tlm):
     """The TVM build of the TLM (host CPU) against the torch model: score head on several windows (one padded),
     decision head under several SLOs."""
     from elastilm.compile.build_tlm import build_tlm
-    from elastilm.runtime.tlm import CompiledTLM
+    from elastilm.runtime_py.tlm import CompiledTLM
     from elastilm.targets import preset
 
     model, meta = small_tlm(LEVELS, layers=2, seed=3)
     tlm_model.save(model, meta, tmp_path / "elastic")
     out = build_tlm(tmp_path / "elastic", preset("host-cpu"), tmp_path / "build")
     compiled = CompiledTLM(out)
-    reference = tlm_model.TorchTLM(model, meta)
+    reference = train_tlm.TorchTLM(model, meta)
     text = " ".join(p for p, _ in real_prompts()[:3])
     for ids, mask, _ in reference.windows(text)[:3]:
         for slo in (np.zeros((1, 2), "float32"), np.array([[0.4, 0.7]], "float32")):
@@ -138,7 +139,7 @@ def test_compiled_tlm_equals_torch_tlm(tmp_path, torch_tlm):
     assert compiled.measure_cost(repeat=1).window_ms > 0
 
     # a changed weight file is refused before anything runs, in the trained folder and in the build
-    weights = tmp_path / "elastic" / "tlm" / tlm_model.WEIGHTS
+    weights = tmp_path / "elastic" / "tlm" / tlm_file.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ElastiLMError, match="checksum"):
         tlm_model.load(tmp_path / "elastic")
@@ -187,7 +188,7 @@ def test_word_labels_follow_the_llm_surprisal(llm_tokenizer):
 
 
 def test_decision_label_is_the_most_capable_correct_feasible_plan():
-    lat = planner.LatencyModel({"schema": "elastilm.latency", "prompt_lengths": [32, 512], "levels": [
+    lat = planner.LatencyModel({"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [32, 512], "levels": [
         {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS]})
     ratios = [1.0, 0.5]
     correct = {(r, lv): int(lv <= 0.6) for r in ratios for lv in LEVELS}
@@ -213,7 +214,7 @@ def test_sampled_slos_reach_budgets_the_full_model_meets():
     assert len(slos) == 24 and slos[: len(PAPER_SLOS) + 1] == [*PAPER_SLOS, (1.0, 1.0)]
     assert all(0.1 <= a <= 1.0 and 0.5 <= b <= 1.1 for a, b in slos[len(PAPER_SLOS) + 1 :])
     assert any(b >= 1.0 for _, b in slos[len(PAPER_SLOS) + 1 :])
-    lat = planner.LatencyModel({"schema": "elastilm.latency", "prompt_lengths": [32, 512], "levels": [
+    lat = planner.LatencyModel({"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [32, 512], "levels": [
         {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS]})
     all_right = {(1.0, lv): 1 for lv in LEVELS}
     assert train_tlm.decision_label("t", all_right, 400, 20, planner.SLO(1.0, 1.0), lat, [1.0], LEVELS, planner.NO_TLM) == (1.0, 1.0)
@@ -222,8 +223,8 @@ def test_sampled_slos_reach_budgets_the_full_model_meets():
 def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     """A tiny elastified model with a (random) TLM, built together; the answer is the engine's own greedy output
     for the compressed prompt at the planned level, and the report carries predictions and measurements."""
-    from elastilm.runtime.engine import ElasticEngine
-    from elastilm.runtime.orchestrator import Orchestrator
+    from elastilm.runtime_py.engine import ElasticEngine
+    from elastilm.runtime_py.orchestrator import Orchestrator, Request
 
     out, meta = tiny_build_with_tlm(tmp_path_factory)
     levels = meta["levels"]
@@ -232,7 +233,7 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     assert orch.calibration.plan_scale == (1.0, 1.0)
     context = " ".join(f"w{i}" for i in range(3, 30))
     parts = orch.parts("w5 w6 w7", context, chat=False)
-    answer = orch.answer(parts, planner.SLO(0.5, 0.9), max_new_tokens=4)
+    answer = orch.answer(Request("w5 w6 w7", context, False, planner.SLO(0.5, 0.9), max_new_tokens=4))
     p = answer.plan
     assert p.tpot_ms <= 0.9 * (1 + max(levels)) + 1e-9 or not p.feasible
     assert answer.compressed.achieved == len(answer.compressed.ids)
@@ -248,7 +249,8 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     orch.close()
     engine.close()
 
-    from elastilm.compile.package import package, read_bundle
+    from elastilm.compile.package import package
+    from elastilm.formats.bundle import read as read_bundle
 
     # a build re-made in a folder that has a latency profile stays loadable when the profile is re-measured
     from elastilm.compile.build import build

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from elastilm.compile import artifact, corpus, ingest, recover, reference
-from elastilm.compile.levels import layer_widths
+from elastilm.compile import corpus, ingest, reference
+from elastilm.formats import adapters as adapters_file
+from elastilm.formats import elastic
+from elastilm.formats.widths import layer_widths
 
 COLUMNS = ["level", "kept", "heads", "neurons", "ppl_reordered", "ppl_original_order", "ppl_adapters"]
 
@@ -30,12 +32,12 @@ def perplexity(params, cfg, windows: torch.Tensor, widths, batch: int = 4, adapt
 def evaluate(folder: Path, windows: int = 24, seq_len: int = 256, progress: bool = True) -> list[dict]:
     """Perplexity per level on held-out text; writes quality.csv, quality.md and quality.png into `folder`."""
     folder = Path(folder)
-    model = artifact.load(folder)
+    model = elastic.load(folder)
     original = ingest.ingest(model.meta["source"]["model"])
-    adapters = recover.load_adapters(folder)
+    adapters = adapters_file.load(folder)
     heldout = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), windows, seq_len)
     rows = []
-    bar = tqdm(model.levels, desc="perplexity per level", unit="level", disable=not progress)
+    bar = tqdm(model.levels.values(), desc="perplexity per level", unit="level", disable=not progress)
     for lv in bar:
         rows.append(
             {

@@ -13,7 +13,7 @@
    level, then the largest ratio; if no feasible plan answers correctly, the largest feasible one likewise; an
    SLO nothing meets gives no example. (Ranking by each plan's accuracy over the task's 16 tune questions was
    tried first: those accuracies differ by a few questions, and the head learned to pick the smallest plan
-   almost everywhere; README "TLM" has both results.) The head reads the query's [CLS] vector from the frozen
+   almost everywhere; docs/results-slo.md has both results.) The head reads the query's [CLS] vector from the frozen
    stage-1 backbone plus the SLO fractions.
 
 Everything is resumable: labels, the stage-1 checkpoint and the grid are files in <folder>/tlm-work/.
@@ -31,14 +31,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from elastilm import ElastiLMError
-from elastilm.compile import corpus, tlm as tlm_model
+from elastilm.compile import corpus, tlm_model
 from elastilm.evaluate import grid, tasks
 from elastilm.evaluate.slo import PAPER_SLOS
-from elastilm.runtime import planner
-from elastilm.runtime.compress import WORD
+from elastilm.formats import tlm as tlm_file
+from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.compress import WORD
+from elastilm.runtime_py.tlm import TLMBase
 
 WORK = "tlm-work"
+
+
+class TorchTLM(TLMBase):
+    """The torch TLM behind the runtime's interface: used while training (labels, evaluation) and as the
+    reference the compiled TLM is tested against."""
+
+    def __init__(self, model: tlm_model.TLM, meta: dict, folder: Path | None = None):
+        super().__init__(folder if folder is not None else tlm_model.backbone_folder(), meta)
+        self.model = model.eval()
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "TorchTLM":
+        model, meta = tlm_model.load(folder)
+        return cls(model, meta, Path(folder) / tlm_file.FOLDER)
+
+    @torch.no_grad()
+    def _forward(self, ids, mask, slo):
+        keep, ratio, level = self.model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slo))
+        return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]
 
 
 @dataclass(frozen=True)
@@ -156,7 +177,8 @@ def decision_label(
     latency: planner.LatencyModel, ratios, levels, cost: planner.TLMCost,
 ) -> tuple[float, float] | None:
     """The self-induced (ratio, level) for one question under `slo`, or None when no plan meets it."""
-    feasible = [p for p in planner.candidates(slo, latency, prompt_tokens, query_tokens, ratios, levels, cost, True) if p.feasible]
+    request = planner.PlanRequest(prompt_tokens, query_tokens, planner.budgets(slo, latency, prompt_tokens), tuple(ratios), tuple(levels), cost)
+    feasible = [p for p in planner.candidates(request, latency, ratios, levels, cost, decides=True) if p.feasible]
     if not feasible:
         return None
     right = [p for p in feasible if correct.get((p.ratio, p.level))]
@@ -220,7 +242,7 @@ def query_features(model, tlm, queries: dict) -> dict:
 
 def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progress: bool = True) -> Path:
     """Train the TLM of an elastified `folder` against its compiled `build` (weights, latency.json)."""
-    from elastilm.runtime.engine import ElasticEngine
+    from elastilm.runtime_py.engine import ElasticEngine
 
     folder, build = Path(folder), Path(build)
     latency = planner.LatencyModel.from_file(build / "latency.json")
@@ -231,7 +253,7 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
     engine = ElasticEngine(build, progress=progress)
     levels = sorted(engine.levels)
     model, meta = tlm_model.create(levels, opts.layers, seed=opts.seed)
-    tlm = tlm_model.TorchTLM(model, meta)
+    tlm = TorchTLM(model, meta)
 
     # stage 1
     stage1 = work / "score-head.pt"
@@ -281,3 +303,12 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
     }
     out = tlm_model.save(model, meta, folder)
     return out
+
+
+def summary(info: dict) -> str:
+    """Lines for the training record of tlm.json ("training")."""
+    s, d = info["score_head"], info["decision_head"]
+    return (f"score head: {s['passages']} passages, loss {s['loss_first']:.3f} -> {s['loss_last20']:.3f}; held-out keep/drop "
+            f"accuracy {s['heldout_keep_accuracy_before']:.1%} -> {s['heldout_keep_accuracy_after']:.1%}\n"
+            f"decision head: {d['questions']} tune questions, {d['examples']} (question, SLO) labels, "
+            f"loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}\ntime {info['seconds']:.0f}s")

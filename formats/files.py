@@ -1,0 +1,67 @@
+"""What every on-disk format shares: file checksums, one schema-and-version check, whole-file writes.
+
+Each format is a JSON document with `"schema": "elastilm.<name>"` and an integer `"schema_version"`; a reader
+refuses any other pair by name, with the command that writes the format. Folders list their files with sha256
+digests (`checksums`), checked before anything is loaded (`verify_files`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from elastilm.formats.errors import ElastiLMError
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(folder: Path, files) -> dict[str, str]:
+    """{relative path: sha256} of `files` (relative to `folder`), sorted."""
+    return {str(f): sha256(Path(folder) / f) for f in sorted(map(str, files))}
+
+
+def verify_files(folder: Path, files: dict[str, str], listed_in: str) -> None:
+    """Refuse a folder whose files are missing or differ from the sha256 digests recorded in `listed_in`."""
+    for name, digest in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ElastiLMError(f"{path}: missing (listed in {listed_in}); rebuild or re-copy the folder")
+        if sha256(path) != digest:
+            raise ElastiLMError(f"{path}: sha256 mismatch with {listed_in}; the file is corrupt or was changed")
+
+
+def write_json(path: Path, doc: dict) -> Path:
+    """Write `doc` whole or not at all: a crash mid-write leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def check_schema(doc: dict, where: Path | str, schema: str, version: int, fix: str) -> dict:
+    """`doc` if it is `schema` at `version`; otherwise an error naming both and how to write a current one."""
+    if not isinstance(doc, dict) or (doc.get("schema"), doc.get("schema_version")) != (schema, version):
+        found = f"{doc.get('schema')} v{doc.get('schema_version')}" if isinstance(doc, dict) else type(doc).__name__
+        raise ElastiLMError(f"{where}: schema {found}, this elastilm reads {schema} v{version}; {fix}")
+    return doc
+
+
+def read_json(path: Path, schema: str, version: int, fix: str) -> dict:
+    """The document at `path` after the schema and version check; `fix` says which command writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ElastiLMError(f"{path.parent}: no {path.name}; {fix}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ElastiLMError(f"{path}: not valid JSON ({e}); {fix}") from None
+    return check_schema(doc, path, schema, version, fix)

@@ -1,0 +1,185 @@
+"""The HTTP routes (FastAPI): OpenAI-compatible chat/completions with SLOs, models, health, metrics.
+
+    POST /v1/chat/completions, /v1/completions   OpenAI bodies plus the extension fields (protocol.py)
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+A route parses the body (protocol.py), queues one Job (queue.py) and relays what the worker (worker.py) sends.
+Bad requests get a 400 with the reason (OpenAI's error shape), a full queue 429 with Retry-After; the server
+itself never stops on one. A client that disconnects is cancelled at its next token (or dropped from the queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py.orchestrator import Answer, InvalidRequest
+from elastilm.runtime_py.serve import protocol
+from elastilm.runtime_py.serve.queue import Job
+from elastilm.runtime_py.serve.worker import Service
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="ElastiLM", docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.post("/v1/chat/completions")(chat)
+    app.post("/v1/completions")(completions)
+    app.get("/v1/models")(models)
+    app.get("/health")(health)
+    app.get("/metrics")(metrics)
+    return app
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error(status, message, kind), status_code=status, headers=headers)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def _invalid(request: Request, exc: RequestValidationError):
+    _service(request).metrics.requests.labels(request.url.path, "400").inc()
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}")
+
+
+def _unauthorized(request: Request) -> JSONResponse | None:
+    """401 unless the request carries the API key (a check per endpoint, not a middleware: Starlette's middleware
+    hides client disconnects from the endpoint)."""
+    service = _service(request)
+    if service.api_key and request.headers.get("authorization", "") != f"Bearer {service.api_key}":
+        service.metrics.requests.labels(request.url.path, "401").inc()
+        return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+    return None
+
+
+async def _body(request: Request, schema):
+    try:
+        raw = json.loads(await request.body() or b"null")
+    except json.JSONDecodeError as e:
+        raise ElastiLMError(f"malformed JSON: {e}")
+    if not isinstance(raw, dict):
+        raise ElastiLMError("the request body must be a JSON object")
+    if _service(request).strict:
+        unknown = sorted(set(raw) - set(schema.model_fields))
+        if unknown:
+            raise ElastiLMError(f"unknown field(s) {unknown}; this server is strict (start it with --lenient to ignore them)")
+    return schema.model_validate(raw)
+
+
+def _app_name(request: Request, body) -> str:
+    return body.user or request.headers.get("authorization") or (request.client.host if request.client else "anonymous")
+
+
+async def chat(request: Request):
+    return await _handle(request, protocol.ChatRequest)
+
+
+async def completions(request: Request):
+    return await _handle(request, protocol.CompletionRequest)
+
+
+async def _handle(request: Request, schema):
+    service, endpoint = _service(request), request.url.path
+    if (denied := _unauthorized(request)) is not None:
+        return denied
+    try:
+        body = await _body(request, schema)
+        if body.model not in (None, service.model_id):
+            raise ElastiLMError(f"unknown model '{body.model}'; this server serves '{service.model_id}' (GET /v1/models)")
+        job = Job(_app_name(request, body), body.to_request(min(body.max_tokens or service.max_tokens, service.max_tokens)),
+                  asyncio.get_running_loop())
+    except (ElastiLMError, ValueError) as e:
+        service.metrics.requests.labels(endpoint, "400").inc()
+        return _error(400, str(e))
+    if not service.submit(job):
+        service.metrics.requests.labels(endpoint, "429").inc()
+        return _error(429, f"the queue is full ({service.queue.capacity} waiting); retry later", "rate_limit_error",
+                      {"Retry-After": str(service.retry_after())})
+    rid = service.next_id("chatcmpl" if schema.kind == "chat" else "cmpl")
+    first = await _next(request, job)
+    if first is None:
+        return _error(499, "client closed the request")
+    if isinstance(first, Exception):
+        service.cancel(job)
+        status = 400 if isinstance(first, InvalidRequest) else 500
+        service.metrics.requests.labels(endpoint, str(status)).inc()
+        return _error(status, str(first), "invalid_request_error" if status == 400 else "server_error")
+    if body.stream:
+        return StreamingResponse(_stream(request, job, first, rid, schema.kind), media_type="text/event-stream")
+    return await _whole(request, job, first, rid, schema.kind)
+
+
+async def _next(request: Request, job: Job):
+    """The next item from the worker, or None once the client has gone (the job is then cancelled)."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.out.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                _service(request).cancel(job)
+                return None
+
+
+async def _whole(request: Request, job: Job, item, rid: str, kind: str):
+    service, pieces = _service(request), []
+    while not isinstance(item, Answer):
+        if item is None:
+            return _error(499, "client closed the request")
+        if isinstance(item, Exception):
+            service.metrics.requests.labels(request.url.path, "500").inc()
+            return _error(500, str(item), "server_error")
+        pieces.append(item)
+        item = await _next(request, job)
+    service.metrics.answered(item, request.url.path)
+    return protocol.completion(kind, rid, service.model_id, "".join(pieces), item, job.request.max_new_tokens)
+
+
+async def _stream(request: Request, job: Job, item, rid: str, kind: str):
+    service = _service(request)
+    head = protocol.chunk_head(kind, rid, service.model_id)
+    try:
+        while item is not None:
+            if isinstance(item, Exception):
+                service.metrics.requests.labels(request.url.path, "500").inc()
+                yield f"data: {json.dumps(protocol.error(500, str(item), 'server_error'))}\n\n"
+                return
+            if isinstance(item, Answer):
+                service.metrics.answered(item, request.url.path)
+                last = {**head, "choices": [protocol.choice(kind, "", protocol.finish_reason(item, job.request.max_new_tokens), True)],
+                        "usage": protocol.usage(item), "elastilm": protocol.report(item)}
+                yield f"data: {json.dumps(last)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            yield f"data: {json.dumps({**head, 'choices': [protocol.choice(kind, item, None, True)]})}\n\n"
+            item = await _next(request, job)
+    finally:  # also when the client went away mid-stream (the server closes this generator): stop the job
+        service.cancel(job)
+
+
+async def models(request: Request):
+    if (denied := _unauthorized(request)) is not None:
+        return denied
+    service = _service(request)
+    orch = service.orch
+    return {"object": "list", "data": [{"id": service.model_id, "object": "model", "owned_by": "elastilm",
+                                        "levels": list(orch.tlm.levels), "prompt_ratios": list(orch.tlm.ratios),
+                                        "context_window": orch.engine.max_len}]}
+
+
+async def health(request: Request):
+    service = _service(request)
+    return {"status": "ok", "model": service.model_id, "queued": len(service.queue), "busy": service.busy,
+            "calibration": service.orch.calibration.to_dict()}
+
+
+async def metrics(request: Request):
+    return PlainTextResponse(_service(request).metrics.text(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,132 @@
+"""The HTTP API's request and response bodies: OpenAI's chat/completions shapes plus ElastiLM's extension fields.
+
+Extension fields of a request: "slo": {"ttft_ms": 300, "tpot_ms": 60} (milliseconds) or {"ttft": 0.4, "tpot":
+0.8} (fractions of the full model on this device); "strategy" (a baseline plan policy, for comparisons); on
+completions "context" (compressible text before the prompt) and "options" (+ "calibration"): multiple choice by
+likelihood. Every response carries "elastilm" (`report`): the plan (level, prompt ratio), predicted vs measured
+TTFT/TPOT, whether the SLO was met (and the choice).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from elastilm.runtime_py.orchestrator import Answer, Request
+from elastilm.runtime_py.planner import SLO
+
+
+class SLOField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    ttft: float | None = Field(None, gt=0, description="fraction of the full model's TTFT")
+    tpot: float | None = Field(None, gt=0, description="fraction of the full model's TPOT")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        ms, frac = (self.ttft_ms, self.tpot_ms), (self.ttft, self.tpot)
+        if all(v is not None for v in ms) and all(v is None for v in frac):
+            return self
+        if all(v is not None for v in frac) and all(v is None for v in ms):
+            return self
+        raise ValueError("give either ttft_ms and tpot_ms (milliseconds) or ttft and tpot (fractions of the full model)")
+
+    def to_slo(self) -> SLO:
+        if self.ttft_ms is not None:
+            return SLO(self.ttft_ms, self.tpot_ms, relative=False)
+        return SLO(self.ttft, self.tpot)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class _Common(BaseModel):
+    model: str | None = None
+    strategy: str = "elastilm"  # elastilm extension: a baseline plan policy instead (runtime_py.planner.STRATEGIES)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stream: bool = False
+    user: str | None = None
+    slo: SLOField | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    def sampling(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed or 0}
+
+
+class ChatRequest(_Common):
+    kind: ClassVar[str] = "chat"
+    messages: list[Message] = Field(min_length=1)
+
+    def to_request(self, max_tokens: int) -> Request:
+        """The orchestrator's Request: system and developer messages are the (compressible) context, the turns the query."""
+        system = "\n".join(m.content for m in self.messages if m.role in ("system", "developer"))
+        turns = [m for m in self.messages if m.role in ("user", "assistant")]
+        if not turns or turns[-1].role != "user":
+            raise ValueError("the last message must be from the user")
+        return Request("\n".join(m.content for m in turns), system, True, self.slo.to_slo() if self.slo else SLO(1.0, 1.0),
+                       max_tokens, self.strategy, sampling=self.sampling())
+
+
+class CompletionRequest(_Common):
+    kind: ClassVar[str] = "text"
+    prompt: str
+    context: str = ""  # elastilm extension: text before the prompt that may be compressed
+    options: list[str] | None = Field(None, min_length=2)  # extension: multiple choice, answered by likelihood
+    calibration: str | None = None  # extension: a content-free prompt whose option scores are subtracted
+
+    def to_request(self, max_tokens: int) -> Request:
+        return Request(self.prompt, self.context, False, self.slo.to_slo() if self.slo else SLO(1.0, 1.0), max_tokens,
+                       self.strategy, self.options or None, self.calibration if self.options else None, self.sampling())
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def report(answer: Answer) -> dict:
+    """The "elastilm" field of a response."""
+    d = answer.to_dict()
+    plan = d.pop("plan")
+    return {"level": plan["level"], "layers_dropped": plan["dropped"], "prompt_ratio": plan["ratio"], "chosen_by": plan["chosen_by"],
+            "feasible": plan["feasible"], "predicted_ms": {"ttft": plan["ttft_ms"], "tpot": plan["tpot_ms"], "tlm": plan["tlm_ms"]}, **d}
+
+
+def choice(kind: str, text: str, finish: str | None, delta: bool) -> dict:
+    if kind == "chat":
+        body = {"delta": {"content": text}} if delta else {"message": {"role": "assistant", "content": text}}
+    else:
+        body = {"text": text}
+    return {"index": 0, **body, "finish_reason": finish}
+
+
+def usage(answer: Answer) -> dict:
+    return {"prompt_tokens": answer.compressed.achieved, "completion_tokens": answer.tokens,
+            "total_tokens": answer.compressed.achieved + answer.tokens}
+
+
+def finish_reason(answer: Answer, max_tokens: int) -> str:
+    return "length" if answer.tokens >= max_tokens else "stop"
+
+
+def completion(kind: str, rid: str, model: str, text: str, answer: Answer, max_tokens: int) -> dict:
+    """A whole (not streamed) response."""
+    return {
+        "id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
+        "model": model, "choices": [choice(kind, text, finish_reason(answer, max_tokens), False)],
+        "usage": usage(answer), "elastilm": report(answer),
+    }
+
+
+def chunk_head(kind: str, rid: str, model: str) -> dict:
+    """The fields every streamed chunk repeats."""
+    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": int(time.time()),
+            "model": model}
