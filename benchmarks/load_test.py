@@ -25,8 +25,16 @@ import httpx
 from elastilm.evaluate import tasks
 from elastilm.evaluate.trace import start_service as spawn
 
-SLOS = [{"ttft": 0.8, "tpot": 0.9}, {"ttft": 0.6, "tpot": 0.8}, {"ttft": 0.4, "tpot": 0.7}, {"ttft": 0.2, "tpot": 0.6},
-        {"ttft": 0.2, "tpot": 0.5}, {"ttft_ms": 400, "tpot_ms": 40}, {"ttft_ms": 150, "tpot_ms": 30}, None]
+SLOS = [
+    {"ttft": 0.8, "tpot": 0.9},
+    {"ttft": 0.6, "tpot": 0.8},
+    {"ttft": 0.4, "tpot": 0.7},
+    {"ttft": 0.2, "tpot": 0.6},
+    {"ttft": 0.2, "tpot": 0.5},
+    {"ttft_ms": 400, "tpot_ms": 40},
+    {"ttft_ms": 150, "tpot_ms": 30},
+    None,
+]
 
 
 def request_body(rng: random.Random, n: int) -> tuple[str, dict]:
@@ -37,8 +45,13 @@ def request_body(rng: random.Random, n: int) -> tuple[str, dict]:
     if slo:
         common["slo"] = slo
     if rng.random() < 0.5:
-        return "/v1/chat/completions", {**common, "messages": [{"role": "system", "content": tasks.fewshot_prefix(task)},
-                                                                {"role": "user", "content": item.question}]}
+        return "/v1/chat/completions", {
+            **common,
+            "messages": [
+                {"role": "system", "content": tasks.fewshot_prefix(task)},
+                {"role": "user", "content": item.question},
+            ],
+        }
     return "/v1/completions", {**common, "prompt": item.question, "context": tasks.fewshot_prefix(task)}
 
 
@@ -64,7 +77,9 @@ def main() -> None:
     parser.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"))
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--queue", type=int, default=6, help="the server's queue (smaller than --clients, so 429s happen)")
+    parser.add_argument(
+        "--queue", type=int, default=6, help="the server's queue (smaller than --clients, so 429s happen)"
+    )
     parser.add_argument("--time-limit", type=float, default=900, help="seconds; clients stop sending after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -92,18 +107,31 @@ def main() -> None:
                         break
                     retries += 1
                     time.sleep(float(r.headers.get("Retry-After", "1")))
-                row = {"client": k, "path": path, "stream": body["stream"], "retries_429": retries,
-                       "wall_ms": 1000 * (time.perf_counter() - start)}
+                row = {
+                    "client": k,
+                    "path": path,
+                    "stream": body["stream"],
+                    "retries_429": retries,
+                    "wall_ms": 1000 * (time.perf_counter() - start),
+                }
                 try:
                     ext = well_formed(path, body, r)
-                    row.update(ok=True, slo_met=ext["slo_met"], level=ext["level"], ratio=ext["prompt_ratio"],
-                               ttft_ms=ext["measured_ms"]["ttft"], predicted_ttft_ms=ext["predicted_ms"]["ttft"])
+                    row.update(
+                        ok=True,
+                        slo_met=ext["slo_met"],
+                        level=ext["level"],
+                        ratio=ext["prompt_ratio"],
+                        ttft_ms=ext["measured_ms"]["ttft"],
+                        predicted_ttft_ms=ext["predicted_ms"]["ttft"],
+                    )
                 except (AssertionError, ValueError, KeyError) as e:
                     row.update(ok=False, error=str(e))
                 with lock:
                     results.append(row)
 
-    for task in tasks.TASKS:  # load the data sets here: datasets' loader is not safe to run from several threads at once
+    for (
+        task
+    ) in tasks.TASKS:  # load the data sets here: datasets' loader is not safe to run from several threads at once
         tasks.items(task, "report")
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
@@ -121,21 +149,35 @@ def main() -> None:
     ok = [r for r in results if r["ok"]]
     walls = sorted(r["wall_ms"] for r in ok)
     doc = {
-        "requests_planned": args.requests, "requests_sent": len(results), "answered_ok": len(ok),
-        "errors": [r["error"] for r in results if not r["ok"]], "clients": args.clients, "server_queue": args.queue,
-        "seconds": round(seconds, 1), "throughput_rps": round(len(ok) / seconds, 3),
+        "requests_planned": args.requests,
+        "requests_sent": len(results),
+        "answered_ok": len(ok),
+        "errors": [r["error"] for r in results if not r["ok"]],
+        "clients": args.clients,
+        "server_queue": args.queue,
+        "seconds": round(seconds, 1),
+        "throughput_rps": round(len(ok) / seconds, 3),
         "retries_429": sum(r["retries_429"] for r in results),
         "wall_ms_p50": round(statistics.median(walls), 1) if walls else None,
         "wall_ms_p99": round(walls[min(len(walls) - 1, int(0.99 * len(walls)))], 1) if walls else None,
         "ttft_ms_p50": round(statistics.median(r["ttft_ms"] for r in ok), 1) if ok else None,
         "slo_met": round(sum(r["slo_met"] for r in ok) / max(len(ok), 1), 3),
-        "server_alive_after": alive, "health_after": health_after,
-        "server_counted_ok": sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                                 if line.startswith("elastilm_requests_total") and 'status="200"' in line),
+        "server_alive_after": alive,
+        "health_after": health_after,
+        "server_counted_ok": sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("elastilm_requests_total") and 'status="200"' in line
+        ),
     }
     (args.out / "load-test.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = [f"Load test: {doc['requests_sent']} requests from {args.clients} clients (server queue {args.queue}), "
-             f"{doc['seconds']} s on loopback.", "", "| figure | value |", "|---|---|"]
+    lines = [
+        f"Load test: {doc['requests_sent']} requests from {args.clients} clients (server queue {args.queue}), "
+        f"{doc['seconds']} s on loopback.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in doc.items() if k not in ("errors", "health_after")]
     (args.out / "load-test.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

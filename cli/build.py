@@ -13,7 +13,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: FOLDER/TARGET")
     p.add_argument("--max-len", type=int, default=2048, help="context window (KV cache rows)")
     p.add_argument(
-        "--check-kernels", action=argparse.BooleanOptionalAction, default=None,
+        "--check-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="compile OpenCL kernels with PoCL before writing the library (default: when PoCL is installed)",
     )
     p.set_defaults(run=compile_)
@@ -33,9 +35,15 @@ def compile_(args) -> None:
     size = (out / manifest["library"]).stat().st_size
     checked = ""
     if manifest["target"]["device"] == "opencl":
-        checked = ", kernels compiled by PoCL" if manifest["kernels_checked"] else ", OpenCL kernels NOT checked (no PoCL here)"
-    print(f"{manifest['target']['name']}: compiled in {manifest['compile_seconds']:.1f}s, {manifest['library']} "
-          f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens{checked} -> {out}")
+        checked = (
+            ", kernels compiled by PoCL"
+            if manifest["kernels_checked"]
+            else ", OpenCL kernels NOT checked (no PoCL here)"
+        )
+    print(
+        f"{manifest['target']['name']}: compiled in {manifest['compile_seconds']:.1f}s, {manifest['library']} "
+        f"{size / 1e6:.1f} MB, context {manifest['context_window']} tokens{checked} -> {out}"
+    )
 
 
 def package(args) -> None:

@@ -9,7 +9,9 @@ def fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.2,0.5,1.0, got '{text}'")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated fractions such as 0.2,0.5,1.0, got '{text}'"
+        ) from None
 
 
 def names(text: str) -> list[str]:

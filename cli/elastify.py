@@ -18,12 +18,20 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anchor-fraction", type=float, default=0.2)
     p.add_argument("--neuron-multiple", type=int, default=64)
-    p.add_argument("--levels", type=fractions, default=DEFAULT_FRACTIONS, help="comma-separated fractions (default 0.2..1.0)")
-    p.add_argument("--reorder", action=argparse.BooleanOptionalAction, default=True,
-                   help="sort units by importance (--no-reorder: keep the original order, a baseline)")
+    p.add_argument(
+        "--levels", type=fractions, default=DEFAULT_FRACTIONS, help="comma-separated fractions (default 0.2..1.0)"
+    )
+    p.add_argument(
+        "--reorder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sort units by importance (--no-reorder: keep the original order, a baseline)",
+    )
     p.set_defaults(run=elastify)
 
-    p = sub.add_parser("layer-drop", help="the layer-dropping baseline (ShortGPT): which layers to skip, per level's budget")
+    p = sub.add_parser(
+        "layer-drop", help="the layer-dropping baseline (ShortGPT): which layers to skip, per level's budget"
+    )
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
     p.set_defaults(run=layer_drop)
 
@@ -48,8 +56,10 @@ def elastify(args) -> None:
     )
     model, seconds = elastify(args.model, args.out, options)
     cfg = model.config
-    print(f"\n{model.name}: {cfg.num_layers} layers, {cfg.num_heads} query heads / {cfg.num_kv_heads} KV heads, "
-          f"FFN {cfg.intermediate_size}; anchor layers {model.anchors}")
+    print(
+        f"\n{model.name}: {cfg.num_layers} layers, {cfg.num_heads} query heads / {cfg.num_kv_heads} KV heads, "
+        f"FFN {cfg.intermediate_size}; anchor layers {model.anchors}"
+    )
     print(f"{'level':>6} {'kept':>7} {'heads':>6} {'neurons':>8}   (per non-anchor layer)")
     for lv in model.levels.values():
         print(f"{lv.fraction:>6.0%} {lv.kept:>7.1%} {lv.heads:>6} {lv.neurons:>8}")

@@ -13,8 +13,15 @@ TASKS = ["arc_easy", "obqa", "piqa", "sciq", "droidtask"]
 def register(sub) -> None:
     p = sub.add_parser("eval", help="accuracy per level on the benchmarks, through the compiled engine (resumable)")
     p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a compile output folder")
-    p.add_argument("--original-build", type=Path, default=None, help="a build of the not-reordered model (original-order)")
-    p.add_argument("--variants", type=names, default=["adapters", "no-adapters"], help="adapters,no-adapters,original-order,layer-drop")
+    p.add_argument(
+        "--original-build", type=Path, default=None, help="a build of the not-reordered model (original-order)"
+    )
+    p.add_argument(
+        "--variants",
+        type=names,
+        default=["adapters", "no-adapters"],
+        help="adapters,no-adapters,original-order,layer-drop",
+    )
     p.add_argument("--tasks", type=names, default=TASKS)
     p.add_argument("--levels", type=fractions, default=DEFAULT_FRACTIONS)
     p.add_argument("--ratios", type=fractions, default=(1.0,), help="prompt ratios of the few-shot prefix")
@@ -23,7 +30,9 @@ def register(sub) -> None:
     p.set_defaults(run=eval_)
 
     p = sub.add_parser("eval-slo", help="accuracy under the paper's SLO pairs: TLM-planned vs baselines (resumable)")
-    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json")
+    p.add_argument(
+        "--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json"
+    )
     p.add_argument("--tasks", type=names, default=TASKS)
     p.add_argument("--limit", type=int, default=30, help="report questions per task")
     p.add_argument("--out", type=Path, default=Path("dist/eval-slo"))
@@ -31,13 +40,17 @@ def register(sub) -> None:
 
     p = sub.add_parser("bench", help="benchmarks against the service")
     bench = p.add_subparsers(dest="benchmark", required=True)
-    p = bench.add_parser("trace", help="replay app requests (Poisson arrivals) per strategy; accuracy and SLO attainment")
+    p = bench.add_parser(
+        "trace", help="replay app requests (Poisson arrivals) per strategy; accuracy and SLO attainment"
+    )
     p.add_argument("--url", default=None, help="a running `elastilm serve` (default: start one on --build)")
     p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"))
     p.add_argument("--api-key", default=None)
     p.add_argument("--requests", type=int, default=36, help="requests per trace")
     p.add_argument("--alphas", type=fractions, default=(0.0, 0.25, -0.25), help="app-share skews e^(alpha i)")
-    p.add_argument("--strategies", type=names, default=None, help="comma-separated (default: all of runtime_py.planner.STRATEGIES)")
+    p.add_argument(
+        "--strategies", type=names, default=None, help="comma-separated (default: all of runtime_py.planner.STRATEGIES)"
+    )
     p.add_argument("--rate", type=float, default=0.5, help="arrivals per second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("dist/trace"))
@@ -47,8 +60,14 @@ def register(sub) -> None:
 def eval_(args) -> None:
     from elastilm.evaluate.harness import evaluate, markdown, runs
 
-    acc = evaluate(runs(args.variants, args.build, args.original_build), args.tasks, list(args.levels), list(args.ratios),
-                   args.limit, args.out)
+    acc = evaluate(
+        runs(args.variants, args.build, args.original_build),
+        args.tasks,
+        list(args.levels),
+        list(args.ratios),
+        args.limit,
+        args.out,
+    )
     print()
     print(markdown(acc))
     print(f"wrote {args.out}/items.csv, accuracy.csv, accuracy.md, accuracy.png")
@@ -66,7 +85,16 @@ def eval_slo(args) -> None:
 def bench_trace(args) -> None:
     from elastilm.evaluate.trace import run, summary_lines
 
-    table = run(args.url, args.requests, list(args.alphas), args.strategies, args.rate, args.seed, args.out, args.api_key,
-                build=args.build)
+    table = run(
+        args.url,
+        args.requests,
+        list(args.alphas),
+        args.strategies,
+        args.rate,
+        args.seed,
+        args.out,
+        args.api_key,
+        build=args.build,
+    )
     print("\n".join(summary_lines(table)))
     print(f"wrote {args.out}/trace-requests.csv, trace.csv, trace.md, trace.png")

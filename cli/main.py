@@ -17,7 +17,9 @@ GROUPS = (elastify, train, build, run, serve, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elastilm", description="ElastiLM-TVM: one elastic LLM, any width per request.")
+    parser = argparse.ArgumentParser(
+        prog="elastilm", description="ElastiLM-TVM: one elastic LLM, any width per request."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)

@@ -21,12 +21,24 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
-    p.add_argument("--slo-ttft", type=float, default=None, help="TTFT budget: a fraction of the full model's (or ms with --slo-ms); "
-                   "the TLM then picks the level and prompt ratio (needs a trained TLM in the build)")
+    p.add_argument(
+        "--slo-ttft",
+        type=float,
+        default=None,
+        help="TTFT budget: a fraction of the full model's (or ms with --slo-ms); "
+        "the TLM then picks the level and prompt ratio (needs a trained TLM in the build)",
+    )
     p.add_argument("--slo-tpot", type=float, default=None, help="TPOT budget, likewise")
     p.add_argument("--slo-ms", action="store_true", help="the SLO budgets are milliseconds")
-    p.add_argument("--context", type=Path, default=None, help="system / few-shot text (or a file of it) that may be compressed")
-    p.add_argument("--latency", type=Path, default=None, help="the latency profile to plan with (default: the build's latency.json)")
+    p.add_argument(
+        "--context", type=Path, default=None, help="system / few-shot text (or a file of it) that may be compressed"
+    )
+    p.add_argument(
+        "--latency",
+        type=Path,
+        default=None,
+        help="the latency profile to plan with (default: the build's latency.json)",
+    )
     p.set_defaults(run=run)
 
     p = sub.add_parser("profile", help="measure TTFT and TPOT of every level on the device; writes latency.json")
@@ -45,8 +57,14 @@ def run(args) -> None:
     if args.slo_ttft is not None or args.slo_tpot is not None:
         return run_slo(args)
     pieces = engine(args).generate(
-        args.prompt, args.level, args.max_new_tokens, chat=not args.no_chat, stream=True,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        args.prompt,
+        args.level,
+        args.max_new_tokens,
+        chat=not args.no_chat,
+        stream=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
     )
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -60,11 +78,21 @@ def run_slo(args) -> None:
 
     if args.slo_ttft is None or args.slo_tpot is None:
         raise ElastiLMError("give both --slo-ttft and --slo-tpot")
-    context = args.context.read_text() if args.context is not None and args.context.is_file() else (str(args.context) if args.context else "")
+    context = (
+        args.context.read_text()
+        if args.context is not None and args.context.is_file()
+        else (str(args.context) if args.context else "")
+    )
     eng = engine(args)
     orch = Orchestrator(eng.folder, eng, latency=args.latency)
-    request = Request(args.prompt, context, not args.no_chat, SLO(args.slo_ttft, args.slo_tpot, relative=not args.slo_ms),
-                      args.max_new_tokens, sampling={"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed})
+    request = Request(
+        args.prompt,
+        context,
+        not args.no_chat,
+        SLO(args.slo_ttft, args.slo_tpot, relative=not args.slo_ms),
+        args.max_new_tokens,
+        sampling={"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
+    )
     answer = None
     for piece in orch.answer(request, stream=True):
         if isinstance(piece, Answer):

@@ -10,12 +10,19 @@ from elastilm.cli.common import device_args, engine
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP service with latency objectives (loopback by default)")
-    p.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json")
+    p.add_argument(
+        "--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"), help="a build with tlm/ and latency.json"
+    )
     p.add_argument("--bundle", type=Path, default=None, help="an `elastilm package` folder (instead of --build)")
     p.add_argument("--model", default=None, help="model id inside a bundle with several")
     device_args(p)
-    p.add_argument("--latency", type=Path, default=None, help="the latency profile to plan with (default: the build's "
-                   "latency.json; over RPC give one measured over that link, `elastilm profile --rpc ... --out`)")
+    p.add_argument(
+        "--latency",
+        type=Path,
+        default=None,
+        help="the latency profile to plan with (default: the build's "
+        "latency.json; over RPC give one measured over that link, `elastilm profile --rpc ... --out`)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -43,9 +50,20 @@ def serve(args) -> None:
         print(f"elastilm: warning: serving on {args.host} without --api-key", file=sys.stderr)
     eng = engine(args)
     orch = Orchestrator(eng.folder, eng, latency=args.latency)
-    print(f"serving {eng.manifest['model']} ({eng.folder}) on {eng.session.endpoint}; latency profile: "
-          f"{orch.latency.device or 'unknown device'}", file=sys.stderr)
-    serve(orch, args.host, args.port, queue=args.queue, max_tokens=args.max_tokens, api_key=args.api_key, strict=not args.lenient)
+    print(
+        f"serving {eng.manifest['model']} ({eng.folder}) on {eng.session.endpoint}; latency profile: "
+        f"{orch.latency.device or 'unknown device'}",
+        file=sys.stderr,
+    )
+    serve(
+        orch,
+        args.host,
+        args.port,
+        queue=args.queue,
+        max_tokens=args.max_tokens,
+        api_key=args.api_key,
+        strict=not args.lenient,
+    )
 
 
 def device_serve(args) -> None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("recover", help="train one LoRA adapter per level by distillation from the full model (resumable)")
+    p = sub.add_parser(
+        "recover", help="train one LoRA adapter per level by distillation from the full model (resumable)"
+    )
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
     p.add_argument("--tokens", type=int, default=49152, help="training tokens per level (the time budget)")
     p.add_argument("--rank", type=int, default=8)
@@ -17,9 +19,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=recover)
 
-    p = sub.add_parser("train-tlm", help="train the TLM (compression + plan heads) from the elastic LLM's own answers (resumable)")
+    p = sub.add_parser(
+        "train-tlm", help="train the TLM (compression + plan heads) from the elastic LLM's own answers (resumable)"
+    )
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
-    p.add_argument("--build", type=Path, default=None, help="its host build with latency.json (default FOLDER/host-cpu)")
+    p.add_argument(
+        "--build", type=Path, default=None, help="its host build with latency.json (default FOLDER/host-cpu)"
+    )
     p.add_argument("--layers", type=int, default=3, help="BERT layers of the backbone (of 6)")
     p.add_argument("--epochs", type=int, default=3, help="score-head epochs")
     p.add_argument("--passages", type=int, default=24, help="few-shot prompts per task labelled for the score head")
@@ -32,11 +38,20 @@ def register(sub) -> None:
 def recover(args) -> None:
     from elastilm.train.recover import RecoverOptions, recover
 
-    options = RecoverOptions(rank=args.rank, alpha=args.alpha, tokens=args.tokens, seq_len=args.seq_len, batch=args.batch,
-                             lr=args.lr, seed=args.seed)
+    options = RecoverOptions(
+        rank=args.rank,
+        alpha=args.alpha,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+    )
     summary = recover(args.folder, options)
-    print(f"\nrecovery adapters (r={options.rank}, alpha={options.alpha:g}), {options.tokens} tokens per level, "
-          f"{summary['train_seconds']:.0f}s")
+    print(
+        f"\nrecovery adapters (r={options.rank}, alpha={options.alpha:g}), {options.tokens} tokens per level, "
+        f"{summary['train_seconds']:.0f}s"
+    )
     print(f"{'level':>6} {'KL first':>9} {'KL last':>9}")
     for row in summary["levels"]:
         print(f"{float(row['fraction']):>6.0%} {row['kl_first']:>9.4f} {row['kl_last']:>9.4f}")
@@ -47,7 +62,13 @@ def train_tlm(args) -> None:
     from elastilm.formats import tlm as tlm_file
     from elastilm.train.train_tlm import TLMOptions, summary, train_tlm
 
-    options = TLMOptions(layers=args.layers, epochs=args.epochs, grid_questions=args.grid_questions, seed=args.seed,
-                         passages_per_task=args.passages, essay_chunks=args.essays)
+    options = TLMOptions(
+        layers=args.layers,
+        epochs=args.epochs,
+        grid_questions=args.grid_questions,
+        seed=args.seed,
+        passages_per_task=args.passages,
+        essay_chunks=args.essays,
+    )
     out = train_tlm(args.folder, args.build or args.folder / "host-cpu", options)
     print("\n" + summary(tlm_file.read_meta(out)["training"]) + f"; wrote {out}")

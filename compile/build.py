@@ -30,7 +30,9 @@ from elastilm.formats.errors import ElastiLMError
 from elastilm.targets import preset
 
 
-def export_shape(model: elastic.ElasticModel, max_len: int, lora_rank: int, drops: dict[int, tuple[int, ...]] | None = None) -> ExportShape:
+def export_shape(
+    model: elastic.ElasticModel, max_len: int, lora_rank: int, drops: dict[int, tuple[int, ...]] | None = None
+) -> ExportShape:
     cfg = model.config
     return ExportShape(
         anchors=tuple(model.anchors),
@@ -67,7 +69,11 @@ def check_kernels(executable, required: bool | None) -> str | None:
 
 
 def build(
-    folder: Path, target: str = "host-cpu", out: Path | None = None, max_len: int = 2048, kernel_check: bool | None = None
+    folder: Path,
+    target: str = "host-cpu",
+    out: Path | None = None,
+    max_len: int = 2048,
+    kernel_check: bool | None = None,
 ) -> Path:
     """Compile `folder` (an elastify output) for `target`; returns the build folder. `kernel_check`: see
     check_kernels (OpenCL targets only)."""
@@ -105,7 +111,9 @@ def build(
     shutil.rmtree(params_dir, ignore_errors=True)
     tensors = [(n, model.params[n]) for n in names] + [
         (build_file.adapter_tensor(f, f"{name}.lora_{part}"), pair[0 if part == "A" else 1])
-        for f, ad in sorted(adapters.items()) for name, pair in ad.items() for part in ("A", "B")
+        for f, ad in sorted(adapters.items())
+        for name, pair in ad.items()
+        for part in ("A", "B")
     ]
     with contextlib.redirect_stdout(io.StringIO()):  # it prints where it writes; our summary says so
         dump_tensor_cache(
@@ -122,32 +130,37 @@ def build(
     if tlm_dir is None:
         shutil.rmtree(out / tlm_file.FOLDER, ignore_errors=True)
 
-    build_file.write_manifest(out, {
-        "elastilm_version": __version__,
-        "tvm_version": tvm.__version__,
-        "model": model.name,
-        "target": {
-            "name": spec.name,
-            "tvm": str(spec.tvm_target()),
-            "mtriple": _host_triple(spec.tvm_target()),
-            "output": spec.output,
-            "device": spec.device,
+    build_file.write_manifest(
+        out,
+        {
+            "elastilm_version": __version__,
+            "tvm_version": tvm.__version__,
+            "model": model.name,
+            "target": {
+                "name": spec.name,
+                "tvm": str(spec.tvm_target()),
+                "mtriple": _host_triple(spec.tvm_target()),
+                "output": spec.output,
+                "device": spec.device,
+            },
+            "kernels_checked": kernels_checked,
+            "levels_sha256": hashlib.sha256(json.dumps(model.levels.to_dicts(), sort_keys=True).encode()).hexdigest(),
+            "system_lib_prefix": prefix,
+            "library": library,
+            "context_window": max_len,
+            "cache_rows": shape.max_len,
+            "neuron_block": shape.neuron_block,
+            "param_names": names,
+            "adapter_levels": sorted(adapters),
+            "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
+            "adapter_shapes": adapter_shapes(model.config, rank),
+            "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
+            "compile_seconds": round(compile_seconds, 2),
+            # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
+            "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},
+            "tlm": tlm_file.FOLDER
+            if tlm_dir is not None
+            else None,  # its own manifest inside; its files are listed here too
         },
-        "kernels_checked": kernels_checked,
-        "levels_sha256": hashlib.sha256(json.dumps(model.levels.to_dicts(), sort_keys=True).encode()).hexdigest(),
-        "system_lib_prefix": prefix,
-        "library": library,
-        "context_window": max_len,
-        "cache_rows": shape.max_len,
-        "neuron_block": shape.neuron_block,
-        "param_names": names,
-        "adapter_levels": sorted(adapters),
-        "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
-        "adapter_shapes": adapter_shapes(model.config, rank),
-        "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
-        "compile_seconds": round(compile_seconds, 2),
-        # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
-        "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},
-        "tlm": tlm_file.FOLDER if tlm_dir is not None else None,  # its own manifest inside; its files are listed here too
-    })
+    )
     return out

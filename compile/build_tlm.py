@@ -1,9 +1,10 @@
 """Build the TLM for a target with TVM, beside the LLM: <build>/tlm/ (library, weights, tokenizer, manifest).
 
 The torch model goes through torch.export and TVM's Relax frontend (`from_exported_program`) twice, for the
-two static window lengths (`score` and `decide`, one library, one set of weights); its weights stay inputs (a tensor cache, as for the LLM) rather than constants in the
-library. Linear layers are exported with their weights stored transposed ([in, out]), so the matmul kernels
-read the output axis contiguously and no transpose runs per call. CPU presets use `schedule_cpu.schedule_dense`,
+two static window lengths (`score` and `decide`, one library, one set of weights); its weights stay inputs (a
+tensor cache, as for the LLM) rather than constants in the library. Linear layers are exported with their
+weights stored transposed ([in, out]), so the matmul kernels read the output axis contiguously and no transpose
+runs per call. CPU presets use `schedule_cpu.schedule_dense`,
 GPU presets the same dlight pipeline as the LLM.
 """
 
@@ -88,16 +89,23 @@ def build_tlm(folder: Path, spec, out: Path) -> Path | None:
     spec.export_library(executable, out / library)
     names = [f"w{i}" for i in range(len(weights))]
     with contextlib.redirect_stdout(io.StringIO()):
-        dump_tensor_cache(((n, np.ascontiguousarray(w)) for n, w in zip(names, weights)), str(out / "params"),
-                          encode_format="raw", show_progress=False)
+        dump_tensor_cache(
+            ((n, np.ascontiguousarray(w)) for n, w in zip(names, weights)),
+            str(out / "params"),
+            encode_format="raw",
+            show_progress=False,
+        )
     shutil.copy2(Path(folder) / tlm_file.FOLDER / tlm_file.TOKENIZER, out / tlm_file.TOKENIZER)
     tlm_file.write_meta(out, {k: v for k, v in meta.items() if k not in ("training", "schema", "schema_version")})
-    tlm_file.write_manifest(out, {
-        "tvm_version": tvm.__version__,
-        "target": spec.name,
-        "library": library,
-        "param_names": names,
-        "trained_sha256": meta["sha256"],
-        "compile_seconds": round(seconds, 2),
-    })
+    tlm_file.write_manifest(
+        out,
+        {
+            "tvm_version": tvm.__version__,
+            "target": spec.name,
+            "library": library,
+            "param_names": names,
+            "trained_sha256": meta["sha256"],
+            "compile_seconds": round(seconds, 2),
+        },
+    )
     return out

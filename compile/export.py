@@ -154,7 +154,12 @@ class ElasticRelaxModel(nn.Module):
         k_cache = op.tensor_ir_inplace_op(kv_append_transposed, "kv_append_t", [k_cache, k, past], [0], k_cache)
         v_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [v_cache, v, past], [0], v_cache)
         y = _te(
-            lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group), "attention", q, k_cache, v_cache, past
+            lambda q, kc, vc, p: prefix.attention(q, kc, vc, p, hd, cfg.num_kv_heads, group),
+            "attention",
+            q,
+            k_cache,
+            v_cache,
+            past,
         )  # (T, heads*hd)
         x = x + self._linear(y, a.o_proj, "self_attn.o_proj", lora)  # (T, d)
         h = self._norm(x, layer.post_attention_layernorm)
@@ -177,7 +182,9 @@ class ElasticRelaxModel(nn.Module):
                 new_caches += [caches[2 * i], caches[2 * i + 1]]
                 continue
             full = i in self.shape.anchors
-            widths = (cfg.num_heads, cfg.intermediate_size) if full else (heads, neuron_blocks * self.shape.neuron_block)
+            widths = (
+                (cfg.num_heads, cfg.intermediate_size) if full else (heads, neuron_blocks * self.shape.neuron_block)
+            )
             mine = adapters[i * per_layer : (i + 1) * per_layer]
             lora = {p: (mine[2 * j], mine[2 * j + 1]) for j, p in enumerate(PROJECTIONS)}
             x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], lora, past, *widths)
@@ -216,7 +223,9 @@ class ElasticRelaxModel(nn.Module):
         args = {  # signature.ARGUMENTS, "embeddings" aside (a prompt or one token)
             "caches": [k_cache, v_cache] * cfg.num_layers,
             "adapters": [spec.Tensor(list(s), "float32") for s in adapter_shapes(cfg, self.shape.lora_rank)],
-            "past": int, "heads": int, "neuron_blocks": int,
+            "past": int,
+            "heads": int,
+            "neuron_blocks": int,
         }
         mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
         embeddings = {"prefill": prompt, "decode": token, "score": prompt}
@@ -245,9 +254,13 @@ def adapter_shapes(cfg: ModelConfig, rank: int) -> list[tuple[int, int]]:
     """Shapes of the adapter inputs in call order: A (r, in), B^T (r, out)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     io = {
-        "self_attn.q_proj": (d, cfg.num_heads * hd), "self_attn.k_proj": (d, cfg.num_kv_heads * hd),
-        "self_attn.v_proj": (d, cfg.num_kv_heads * hd), "self_attn.o_proj": (cfg.num_heads * hd, d),
-        "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d),
+        "self_attn.q_proj": (d, cfg.num_heads * hd),
+        "self_attn.k_proj": (d, cfg.num_kv_heads * hd),
+        "self_attn.v_proj": (d, cfg.num_kv_heads * hd),
+        "self_attn.o_proj": (cfg.num_heads * hd, d),
+        "mlp.gate_proj": (d, f),
+        "mlp.up_proj": (d, f),
+        "mlp.down_proj": (f, d),
     }
     return [s for _ in range(cfg.num_layers) for p in PROJECTIONS for s in ((rank, io[p][0]), (rank, io[p][1]))]
 

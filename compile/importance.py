@@ -46,7 +46,13 @@ def unit_scores_from_saliency(cfg: ModelConfig, saliency: dict[str, torch.Tensor
 
 def taylor_scores(params, cfg: ModelConfig, windows: torch.Tensor, progress: bool = True) -> UnitScores:
     """First-order Taylor importance of every query head and FFN neuron over `windows` (N, T)."""
-    names = [n for i in range(cfg.num_layers) for base in _elastic_names(i) for n in (base + ".weight", base + ".bias") if n in params]
+    names = [
+        n
+        for i in range(cfg.num_layers)
+        for base in _elastic_names(i)
+        for n in (base + ".weight", base + ".bias")
+        if n in params
+    ]
     leaves = {n: params[n].detach().clone().requires_grad_(True) for n in names}
     model = {**params, **leaves}
     saliency = {n: torch.zeros_like(t) for n, t in leaves.items()}

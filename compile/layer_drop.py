@@ -76,4 +76,3 @@ def layer_drop(folder: Path, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - t, 1),
     }
     return layer_drop_file.write(folder, doc)
-

@@ -30,7 +30,9 @@ def kept_fraction(cfg: ModelConfig, n_anchors: int, heads: int, neurons: int) ->
     return (n_anchors * full + (cfg.num_layers - n_anchors) * layer) / (cfg.num_layers * full)
 
 
-def level_table(cfg: ModelConfig, anchors: list[int], fractions=DEFAULT_FRACTIONS, neuron_multiple: int = 64) -> LevelTable:
+def level_table(
+    cfg: ModelConfig, anchors: list[int], fractions=DEFAULT_FRACTIONS, neuron_multiple: int = 64
+) -> LevelTable:
     """One `Level` per fraction, ascending."""
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ElastiLMError(f"level fractions must lie in (0, 1], got {list(fractions)}")
@@ -51,4 +53,3 @@ def level_table(cfg: ModelConfig, anchors: list[int], fractions=DEFAULT_FRACTION
             neurons = min(cfg.intermediate_size, max(block, round(rest / block) * block))
         levels.append(Level(f, heads, neurons, kept_fraction(cfg, len(anchors), heads, neurons)))
     return LevelTable(levels)
-

@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 from elastilm.formats import build as build_file
-from elastilm.formats import bundle
-from elastilm.formats import elastic
+from elastilm.formats import bundle, elastic
 from elastilm.formats import tlm as tlm_file
 from elastilm.formats.errors import ElastiLMError
 
@@ -26,19 +25,23 @@ def package(builds: list[Path], out: Path) -> Path:
             raise ElastiLMError(f"two builds of {model_id} in one bundle")
         seen.add(model_id)
         shutil.copytree(build, staged / model_id, ignore=shutil.ignore_patterns("*.png"))
-        entries.append({
-            "model_id": model_id,
-            "model": manifest["model"],
-            "target": manifest["target"]["name"],
-            "library": f"{model_id}/{manifest['library']}",
-            "system_lib_prefix": manifest["system_lib_prefix"],
-            "context_window": manifest["context_window"],
-            "levels": list(elastic.levels(elastic.read(build))),
-            "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
-            # levels with a recovery adapter; its tensors are "adapter/<fraction>/..." in the params tensor cache
-            "adapters": {"levels": manifest["adapter_levels"], "prefix": "adapter/"} if manifest["adapter_levels"] else None,
-            "tlm": _tlm_entry(build, model_id) if manifest.get("tlm") else None,
-        })
+        entries.append(
+            {
+                "model_id": model_id,
+                "model": manifest["model"],
+                "target": manifest["target"]["name"],
+                "library": f"{model_id}/{manifest['library']}",
+                "system_lib_prefix": manifest["system_lib_prefix"],
+                "context_window": manifest["context_window"],
+                "levels": list(elastic.levels(elastic.read(build))),
+                "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
+                # levels with a recovery adapter; its tensors are "adapter/<fraction>/..." in the params tensor cache
+                "adapters": {"levels": manifest["adapter_levels"], "prefix": "adapter/"}
+                if manifest["adapter_levels"]
+                else None,
+                "tlm": _tlm_entry(build, model_id) if manifest.get("tlm") else None,
+            }
+        )
     bundle.write(staged, entries)
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)  # a failed packaging never leaves a half-written bundle under the final name
@@ -49,5 +52,10 @@ def _tlm_entry(build: Path, model_id: str) -> dict:
     """Where the app finds the model's TLM and what its heads choose between."""
     folder = build / tlm_file.FOLDER
     manifest, meta = tlm_file.read_manifest(folder, verify=False), tlm_file.read_meta(folder)
-    return {"library": f"{model_id}/tlm/{manifest['library']}", "tokenizer": f"{model_id}/tlm/{tlm_file.TOKENIZER}",
-            "window": meta["window"], "ratios": meta["ratios"], "levels": meta["levels"]}
+    return {
+        "library": f"{model_id}/tlm/{manifest['library']}",
+        "tokenizer": f"{model_id}/tlm/{tlm_file.TOKENIZER}",
+        "window": meta["window"],
+        "ratios": meta["ratios"],
+        "levels": meta["levels"],
+    }

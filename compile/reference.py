@@ -13,7 +13,7 @@ B[:rows] @ A[:, :cols]; the LoRA scale is already folded into B.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,9 @@ def _ffn(x, params, prefix: str, neurons: int, adapters=None):
     return _linear(h, params, prefix + "down_proj", cols=neurons, adapters=adapters)
 
 
-def hidden_states(params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Widths | None = None, adapters=None, residuals=None):
+def hidden_states(
+    params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Widths | None = None, adapters=None, residuals=None
+):
     """Final-norm hidden states (B, T, hidden) of `input_ids` (B, T) at the given per-layer widths. A list
     `residuals` receives the residual stream before every layer and after the last (L + 1 tensors)."""
     widths = full_widths(cfg) if widths is None else widths
@@ -115,7 +117,9 @@ def lm_head_weight(params, cfg: ModelConfig) -> torch.Tensor:
     return params["model.embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
 
 
-def logits(params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Widths | None = None, adapters=None) -> torch.Tensor:
+def logits(
+    params, cfg: ModelConfig, input_ids: torch.Tensor, widths: Widths | None = None, adapters=None
+) -> torch.Tensor:
     """Logits (B, T, vocab) at the given per-layer widths (with a level's LoRA adapters when given)."""
     return hidden_states(params, cfg, input_ids, widths, adapters) @ lm_head_weight(params, cfg).T
 

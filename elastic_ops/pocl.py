@@ -79,7 +79,9 @@ def compile_source(source: str):
         raise ElastiLMError(f"generated OpenCL kernels do not compile:\n{err}") from None
 
 
-def run(func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.ndarray], scalars: dict[str, int]) -> dict[str, np.ndarray]:
+def run(
+    func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.ndarray], scalars: dict[str, int]
+) -> dict[str, np.ndarray]:
     """Run a scheduled PrimFunc on PoCL. `arrays` maps every buffer parameter's name to its contents (outputs
     included: pass them poisoned), `scalars` the scalar parameters. Returns the buffers after the run."""
     import pyopencl as cl
@@ -89,7 +91,7 @@ def run(func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.nda
     mod = tvm.tirx.transform.BindTarget(target.with_host(target.host or "llvm"))(mod)
     lower, _, finalize_device = tvm.tirx.get_tir_pipeline("default")  # what tvm.compile uses for the kernels
     host, devices = split_host_device_mods(lower(mod))  # lowered once: host code for the launches, device code to run
-    (device_target, device_mod), = devices.items()
+    ((device_target, device_mod),) = devices.items()
     source = codegen_build(finalize_device()(device_mod), device_target).inspect_source()
     program = compile_source(source)
     queue = cl.CommandQueue(ctx)
@@ -101,7 +103,12 @@ def run(func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.nda
             for dim, n in zip(param.shape, arrays[param.name].shape):
                 if isinstance(dim, tirx.Var):
                     values[dim.name] = n
-    device_buffers = {n: cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a, "float32")) for n, a in arrays.items()}
+    device_buffers = {
+        n: cl.Buffer(
+            ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a, "float32")
+        )
+        for n, a in arrays.items()
+    }
     bound: list = []  # (buffer var, device buffer); tvm vars compare by identity via same_as
 
     def lookup(buf):
@@ -151,14 +158,18 @@ def run(func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.nda
     def launch(call):
         name = call.args[0].value
         launch_params = list(call.attrs.launch_params)
-        args, extents = call.args[1:-len(launch_params)], [value(e) for e in call.args[-len(launch_params):]]
+        args, extents = call.args[1 : -len(launch_params)], [value(e) for e in call.args[-len(launch_params) :]]
         grid, block = [1, 1, 1], [1, 1, 1]
         for tag, n in zip(launch_params, extents):
             axis = "xyz".index(tag[-1])
             (grid if tag.startswith("blockIdx") else block)[axis] = n
-        kernel_args = [lookup(_buffer_of(a)) if _buffer_of(a) is not None else np.dtype(_dtype(a)).type(value(a)) for a in args]
+        kernel_args = [
+            lookup(_buffer_of(a)) if _buffer_of(a) is not None else np.dtype(_dtype(a)).type(value(a)) for a in args
+        ]
         dims = 3 if grid[2] * block[2] > 1 else 2 if grid[1] * block[1] > 1 else 1
-        getattr(program, name)(queue, tuple(g * b for g, b in zip(grid, block))[:dims], tuple(block)[:dims], *kernel_args)
+        getattr(program, name)(
+            queue, tuple(g * b for g, b in zip(grid, block))[:dims], tuple(block)[:dims], *kernel_args
+        )
 
     visit(host["main"].body)
     out = {}

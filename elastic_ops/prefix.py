@@ -12,7 +12,6 @@ from tvm import te, tirx, topi
 
 from elastilm.elastic_ops import blocks
 
-
 STRIP = 64  # output columns per packed weight strip
 TOKEN_BLOCK = 4  # prefill computes whole blocks of 4 tokens (a register tile); padded rows repeat the last token
 
@@ -64,7 +63,9 @@ def rms_norm(x: te.Tensor, w: te.Tensor, eps: float):
     T, d = x.shape
     k = te.reduce_axis((0, d), "k")
     sq = te.compute((T,), lambda t: te.sum(x[t, k] * x[t, k], axis=k), name=blocks.RMS_SUMSQ)
-    return te.compute((T, d), lambda t, i: x[t, i] * tirx.rsqrt(sq[t] / float(int(d)) + eps) * w[i], name=blocks.RMS_NORM)
+    return te.compute(
+        (T, d), lambda t, i: x[t, i] * tirx.rsqrt(sq[t] / float(int(d)) + eps) * w[i], name=blocks.RMS_NORM
+    )
 
 
 def rope(x: te.Tensor, past, theta: float, head_dim: int):
@@ -85,13 +86,17 @@ def rope(x: te.Tensor, past, theta: float, head_dim: int):
 
 
 def silu_mul(gate: te.Tensor, up: te.Tensor):
-    return te.compute(gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name=blocks.SILU_MUL)
+    return te.compute(
+        gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name=blocks.SILU_MUL
+    )
 
 
 ATTENTION_BLOCK = 64  # the key axis is computed in whole blocks of 64 positions (vectorisable, no remainder)
 
 
-def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None):
+def attention(
+    q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head_dim: int, num_kv_heads: int, group: int | None
+):
     """Causal GQA attention of T new queries over cache positions [0, past+T).
 
     q: (T, h*hd) with h active query heads (any prefix). Query head j reads KV head j % n_kv (interleaved map,
@@ -113,9 +118,7 @@ def attention(q: te.Tensor, k_cache_t: te.Tensor, v_cache: te.Tensor, past, head
     d = te.reduce_axis((0, head_dim), "d")
     dot = te.compute(  # rows t >= T (prefill padding) repeat the last query and are never read
         (h, T_blocks, S_blocks),
-        lambda j, t, s: te.sum(
-            q[tirx.min(t, T - 1), j * head_dim + d] * k_cache_t[kv(j) * head_dim + d, s], axis=d
-        ),
+        lambda j, t, s: te.sum(q[tirx.min(t, T - 1), j * head_dim + d] * k_cache_t[kv(j) * head_dim + d, s], axis=d),
         name=blocks.QK,
     )
     # the softmax chain keeps the padded query rows too, so every stage tiles the same way; only `attention`

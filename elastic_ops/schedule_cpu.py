@@ -1,6 +1,7 @@
 """Hand schedules for the elastic operators on CPUs (the dlight CPU rules are 10-100x slower here).
 
-Kernels are recognised by their block names (elastic_ops/blocks.py, set by the operators in prefix.py). Symbolic extents stay symbolic: widths
+Kernels are recognised by their block names (elastic_ops/blocks.py, set by the operators in prefix.py). Symbolic
+extents stay symbolic: widths
 arrive as whole blocks (heads * 64 outputs, neuron blocks * 64), so splitting the output axis by the register
 tile leaves no remainder and the inner loop vectorises; the token axis of prefill is padded to the tile.
 """
@@ -202,7 +203,11 @@ def pipeline(target: tvm.target.Target, rule=schedule_function) -> tvm.transform
         with target:
             mod = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
+                + [
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                ]
             )(mod)
             mod = schedule_module(mod, rule)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)

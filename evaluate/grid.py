@@ -37,8 +37,14 @@ def read(path: Path) -> list[dict]:
         return []
     with Path(path).open() as f:
         return [
-            {**r, "ratio": float(r["ratio"]), "level": float(r["level"]), "tokens": int(r["tokens"]),
-             "original": int(r["original"]), "correct": int(r["correct"])}
+            {
+                **r,
+                "ratio": float(r["ratio"]),
+                "level": float(r["level"]),
+                "tokens": int(r["tokens"]),
+                "original": int(r["original"]),
+                "correct": int(r["correct"]),
+            }
             for r in csv.DictReader(f)
         ]
 
@@ -73,10 +79,18 @@ def run_grid(
                     if kept:
                         engine.prefill(kept, lv)
                     scores = harness.item_scores(engine, t, len(kept), it, lv, {})
-                    writer.writerow({
-                        "task": t, "part": part, "id": it.id, "ratio": ratio, "level": lv, "tokens": c.achieved,
-                        "original": c.original, "correct": int(int(np.argmax(scores)) == it.answer),
-                    })
+                    writer.writerow(
+                        {
+                            "task": t,
+                            "part": part,
+                            "id": it.id,
+                            "ratio": ratio,
+                            "level": lv,
+                            "tokens": c.achieved,
+                            "original": c.original,
+                            "correct": int(int(np.argmax(scores)) == it.answer),
+                        }
+                    )
                     f.flush()
                     bar.update(1)
     bar.close()

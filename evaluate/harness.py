@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from elastilm.formats.errors import ElastiLMError
 from elastilm.evaluate import tasks
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.choice import option_scores
 
 VARIANTS = {
@@ -52,7 +52,9 @@ def runs(variants: list[str], build: Path, original_build: Path | None = None) -
     if unknown:
         raise ElastiLMError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if "original-order" in variants and original_build is None:
-        raise ElastiLMError("variant original-order needs --original-build (a build of `elastilm elastify --no-reorder`)")
+        raise ElastiLMError(
+            "variant original-order needs --original-build (a build of `elastilm elastify --no-reorder`)"
+        )
     return [Run(v, original_build if v == "original-order" else build) for v in variants]
 
 
@@ -64,7 +66,9 @@ def item_scores(engine, task: str, past: int, item: tasks.Item, level: float, nu
     if task not in tasks.NULL_QUESTION:
         return scores
     if item.options not in null:
-        null[item.options] = option_scores(engine, past, engine.encode(tasks.NULL_QUESTION[task]), options, level, chars)
+        null[item.options] = option_scores(
+            engine, past, engine.encode(tasks.NULL_QUESTION[task]), options, level, chars
+        )
     return [s - b for s, b in zip(scores, null[item.options])]
 
 
@@ -86,7 +90,12 @@ def _done(path: Path) -> set[tuple]:
 
 
 def evaluate(
-    runs: list[Run], task_names: list[str], levels: list[float], ratios: list[float], limit: int | None, out: Path,
+    runs: list[Run],
+    task_names: list[str],
+    levels: list[float],
+    ratios: list[float],
+    limit: int | None,
+    out: Path,
     progress: bool = True,
 ) -> list[dict]:
     """Score every (run, task, level, ratio, item) not yet in out/items.csv; returns the accuracy rows."""
@@ -116,25 +125,39 @@ def evaluate(
             for t in task_names:
                 for level in levels:
                     for ratio in ratios:
-                        todo = [it for it in report[t] if (t, run.variant, f"{level:g}", f"{ratio:g}", it.id) not in done]
+                        todo = [
+                            it for it in report[t] if (t, run.variant, f"{level:g}", f"{ratio:g}", it.id) not in done
+                        ]
                         bar.update(len(report[t]) - len(todo))
                         if not todo:
                             continue
                         if engine is None:
                             engine = ElasticEngine(run.build, adapters=run.variant == "adapters")
                         # the layer-dropping baseline: the variant with this level's parameter share, at full width
-                        model, at = (engine.dropped(engine.drop_for_level(level)), 1.0) if run.variant == "layer-drop" else (engine, level)
+                        model, at = (
+                            (engine.dropped(engine.drop_for_level(level)), 1.0)
+                            if run.variant == "layer-drop"
+                            else (engine, level)
+                        )
                         prefix = compress_prefix(model, t, ratio)
                         model.prefill(prefix, at)
                         null: dict = {}
                         for it in todo:
                             scores = item_scores(model, t, len(prefix), it, at, null)
                             pred = int(np.argmax(scores))
-                            writer.writerow({
-                                "task": t, "variant": run.variant, "level": f"{level:g}", "ratio": f"{ratio:g}", "id": it.id,
-                                "answer": it.answer, "pred": pred, "correct": int(pred == it.answer),
-                                "scores": json.dumps([round(s, 5) for s in scores]),
-                            })
+                            writer.writerow(
+                                {
+                                    "task": t,
+                                    "variant": run.variant,
+                                    "level": f"{level:g}",
+                                    "ratio": f"{ratio:g}",
+                                    "id": it.id,
+                                    "answer": it.answer,
+                                    "pred": pred,
+                                    "correct": int(pred == it.answer),
+                                    "scores": json.dumps([round(s, 5) for s in scores]),
+                                }
+                            )
                             f.flush()
                             bar.update(1)
             if engine is not None:
@@ -151,7 +174,15 @@ def summarize(out: Path) -> list[dict]:
     for r in rows:
         groups.setdefault((r["task"], r["variant"], float(r["level"]), float(r["ratio"])), []).append(int(r["correct"]))
     acc = [
-        {"task": t, "variant": v, "level": lv, "ratio": ra, "n": len(c), "accuracy": round(sum(c) / len(c), 4), "chance": round(tasks.chance(t), 4)}
+        {
+            "task": t,
+            "variant": v,
+            "level": lv,
+            "ratio": ra,
+            "n": len(c),
+            "accuracy": round(sum(c) / len(c), 4),
+            "chance": round(tasks.chance(t), 4),
+        }
         for (t, v, lv, ra), c in sorted(groups.items())
     ]
     with (Path(out) / "accuracy.csv").open("w", newline="") as f:
@@ -172,7 +203,7 @@ def markdown(acc: list[dict]) -> str:
         lines += [f"Prompt ratio {ratio:g}. Accuracy (%) on the report split; n = items per cell.", ""]
         lines.append("| task | variant | n | chance | " + " | ".join(f"{lv:.0%}" for lv in levels) + " | mean 20-60% |")
         lines.append("|---" * (len(levels) + 5) + "|")
-        for (t, v) in sorted({(a["task"], a["variant"]) for a in sel}, key=lambda k: (k[0], list(VARIANTS).index(k[1]))):
+        for t, v in sorted({(a["task"], a["variant"]) for a in sel}, key=lambda k: (k[0], list(VARIANTS).index(k[1]))):
             cells = {a["level"]: a for a in sel if a["task"] == t and a["variant"] == v}
             low = [cells[lv]["accuracy"] for lv in levels if lv <= 0.6 + 1e-9 and lv in cells]
             first = next(iter(cells.values()))
@@ -202,7 +233,11 @@ def _plot(acc: list[dict], path: Path) -> None:
                 ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=VARIANTS[v])
         chance = next(a["chance"] for a in sel if a["task"] == t)
         ax.axhline(100 * chance, color="gray", linestyle="--", linewidth=1, label="chance")
-        ax.set(title=f"{t} (n={next(a['n'] for a in sel if a['task'] == t)})", xlabel="level (% of elastic params)", ylabel="accuracy (%)")
+        ax.set(
+            title=f"{t} (n={next(a['n'] for a in sel if a['task'] == t)})",
+            xlabel="level (% of elastic params)",
+            ylabel="accuracy (%)",
+        )
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -51,8 +51,11 @@ def evaluate(folder: Path, windows: int = 24, seq_len: int = 256, progress: bool
                     original.params, original.config, heldout, layer_widths(original.config, model.anchors, lv)
                 ),
                 # level 1.0 has no adapter (it is the distillation teacher); blank before `elastilm recover`
-                "ppl_adapters": perplexity(model.params, model.config, heldout, model.widths(lv.fraction), adapters=adapters.get(lv.fraction))
-                if adapters else None,
+                "ppl_adapters": perplexity(
+                    model.params, model.config, heldout, model.widths(lv.fraction), adapters=adapters.get(lv.fraction)
+                )
+                if adapters
+                else None,
             }
         )
     _write(folder, rows, f"{windows} x {seq_len} held-out tokens ({corpus.CORPUS_NAME}, held-out part)")

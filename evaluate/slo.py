@@ -28,7 +28,9 @@ PAPER_SLOS = ((0.8, 0.9), (0.6, 0.8), (0.4, 0.7), (0.2, 0.6), (0.2, 0.5))  # <TT
 EVALUATED = ("elastilm", "model-only", "prompt-only", "smallest")
 
 
-def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, slos=PAPER_SLOS, progress: bool = True) -> list[dict]:
+def evaluate(
+    build: Path, task_names: list[str], limit: int | None, out: Path, slos=PAPER_SLOS, progress: bool = True
+) -> list[dict]:
     """Fill the report grid (resumable), then score every strategy at every SLO; returns the summary rows."""
     from elastilm.runtime_py.engine import ElasticEngine
     from elastilm.runtime_py.tlm import CompiledTLM
@@ -38,7 +40,9 @@ def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, s
     tlm = CompiledTLM(build / "tlm")
     latency = planner.LatencyModel.from_file(build / "latency.json")
     engine = ElasticEngine(build, progress=progress)
-    rows = grid.run_grid(engine, tlm, task_names, "report", tlm.ratios, tlm.levels, limit, out / "grid-report.csv", progress)
+    rows = grid.run_grid(
+        engine, tlm, task_names, "report", tlm.ratios, tlm.levels, limit, out / "grid-report.csv", progress
+    )
     cost = tlm.measure_cost()
     outcome: dict[tuple, dict] = {}
     original: dict[tuple, int] = {}
@@ -54,13 +58,28 @@ def evaluate(build: Path, task_names: list[str], limit: int | None, out: Path, s
                 budgets = planner.budgets(planner.SLO(ttft, tpot), latency, original[key])
                 ratio_lp, level_lp = tlm.decide(it.question, budgets.ttft, budgets.tpot)
                 preference = planner.Preference.from_heads(tlm.ratios, ratio_lp, tlm.levels, level_lp)
-                request = planner.PlanRequest(original[key], query_tokens, budgets, tlm.ratios, tlm.levels, cost, preference)
+                request = planner.PlanRequest(
+                    original[key], query_tokens, budgets, tlm.ratios, tlm.levels, cost, preference
+                )
                 for s in EVALUATED:
                     p = planner.choose(s, request, latency)
                     correct = outcome[key][(p.ratio, p.level)]
-                    plans.append({"task": t, "id": it.id, "ttft": ttft, "tpot": tpot, "strategy": s, "ratio": p.ratio,
-                                  "level": p.level, "feasible": int(p.feasible), "correct": correct,
-                                  "ttft_ms": round(p.ttft_ms, 1), "tpot_ms": round(p.tpot_ms, 2), "chosen_by": p.chosen_by})
+                    plans.append(
+                        {
+                            "task": t,
+                            "id": it.id,
+                            "ttft": ttft,
+                            "tpot": tpot,
+                            "strategy": s,
+                            "ratio": p.ratio,
+                            "level": p.level,
+                            "feasible": int(p.feasible),
+                            "correct": correct,
+                            "ttft_ms": round(p.ttft_ms, 1),
+                            "tpot_ms": round(p.tpot_ms, 2),
+                            "chosen_by": p.chosen_by,
+                        }
+                    )
     engine.close()
     _write(out / "slo-plans.csv", plans)
     return summarize(plans, out)
@@ -81,8 +100,19 @@ def summarize(plans: list[dict], out: Path) -> list[dict]:
     summary = [_row(*key, ps) for key, ps in groups.items()]
     for ttft, tpot, s in sorted({k[:3] for k in groups}):
         per_task = [r for r in summary if (r["ttft"], r["tpot"], r["strategy"]) == (ttft, tpot, s)]
-        summary.append({"ttft": ttft, "tpot": tpot, "strategy": s, "task": "mean", "n": sum(r["n"] for r in per_task),
-                        **{k: round(float(np.mean([r[k] for r in per_task])), 4) for k in ("accuracy", "slo_met", "accuracy_within_slo")}})
+        summary.append(
+            {
+                "ttft": ttft,
+                "tpot": tpot,
+                "strategy": s,
+                "task": "mean",
+                "n": sum(r["n"] for r in per_task),
+                **{
+                    k: round(float(np.mean([r[k] for r in per_task])), 4)
+                    for k in ("accuracy", "slo_met", "accuracy_within_slo")
+                },
+            }
+        )
     _write(Path(out) / "slo.csv", summary)
     (Path(out) / "slo.md").write_text(markdown(summary))
     _plot(summary, Path(out) / "slo.png")
@@ -91,17 +121,26 @@ def summarize(plans: list[dict], out: Path) -> list[dict]:
 
 def _row(ttft, tpot, s, t, ps) -> dict:
     n = len(ps)
-    return {"ttft": ttft, "tpot": tpot, "strategy": s, "task": t, "n": n,
-            "accuracy": round(sum(p["correct"] for p in ps) / n, 4),
-            "slo_met": round(sum(p["feasible"] for p in ps) / n, 4),
-            "accuracy_within_slo": round(sum(p["correct"] * p["feasible"] for p in ps) / n, 4)}
+    return {
+        "ttft": ttft,
+        "tpot": tpot,
+        "strategy": s,
+        "task": t,
+        "n": n,
+        "accuracy": round(sum(p["correct"] for p in ps) / n, 4),
+        "slo_met": round(sum(p["feasible"] for p in ps) / n, 4),
+        "accuracy_within_slo": round(sum(p["correct"] * p["feasible"] for p in ps) / n, 4),
+    }
 
 
 def markdown(summary: list[dict]) -> str:
     slos = sorted({(r["ttft"], r["tpot"]) for r in summary}, reverse=True)
     names = sorted({r["task"] for r in summary} - {"mean"}) + ["mean"]
-    lines = ["Accuracy within SLO (%): correct and predicted to meet the SLO; in brackets accuracy ignoring the SLO "
-             "and the share of questions whose plan meets it.", ""]
+    lines = [
+        "Accuracy within SLO (%): correct and predicted to meet the SLO; in brackets accuracy ignoring the SLO "
+        "and the share of questions whose plan meets it.",
+        "",
+    ]
     lines.append("| SLO <TTFT, TPOT> | strategy | " + " | ".join(names) + " |")
     lines.append("|---" * (len(names) + 2) + "|")
     cell = {(r["ttft"], r["tpot"], r["strategy"], r["task"]): r for r in summary}
@@ -110,13 +149,31 @@ def markdown(summary: list[dict]) -> str:
             vals = []
             for t in names:
                 r = cell.get((ttft, tpot, s, t))
-                vals.append("" if r is None else f"{100 * r['accuracy_within_slo']:.1f}" if t != "mean" else
-                            f"**{100 * r['accuracy_within_slo']:.1f}** ({100 * r['accuracy']:.1f}, met {100 * r['slo_met']:.0f}%)")
+                vals.append(
+                    ""
+                    if r is None
+                    else f"{100 * r['accuracy_within_slo']:.1f}"
+                    if t != "mean"
+                    else f"**{100 * r['accuracy_within_slo']:.1f}** ({100 * r['accuracy']:.1f}, met {100 * r['slo_met']:.0f}%)"
+                )
             lines.append(f"| <{ttft:g}, {tpot:g}> | {STRATEGIES[s].description} | " + " | ".join(vals) + " |")
-    means = {s: np.mean([r["accuracy_within_slo"] for r in summary if r["strategy"] == s and r["task"] == "mean"]) for s in EVALUATED}
-    lines += ["", "Average over the SLOs (accuracy within SLO): " + ", ".join(f"{STRATEGIES[s].description} {100 * v:.1f}" for s, v in means.items()),
-              "", "ElastiLM minus each baseline (points): " + ", ".join(
-                  f"{STRATEGIES[s].description} {100 * (means['elastilm'] - v):+.1f}" for s, v in means.items() if s != "elastilm"), ""]
+    means = {
+        s: np.mean([r["accuracy_within_slo"] for r in summary if r["strategy"] == s and r["task"] == "mean"])
+        for s in EVALUATED
+    }
+    lines += [
+        "",
+        "Average over the SLOs (accuracy within SLO): "
+        + ", ".join(f"{STRATEGIES[s].description} {100 * v:.1f}" for s, v in means.items()),
+        "",
+        "ElastiLM minus each baseline (points): "
+        + ", ".join(
+            f"{STRATEGIES[s].description} {100 * (means['elastilm'] - v):+.1f}"
+            for s, v in means.items()
+            if s != "elastilm"
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 

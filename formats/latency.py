@@ -1,9 +1,9 @@
 """A latency profile on disk (`elastilm profile`): `latency.json` in the build folder (or where --out says).
 
-  prompt_lengths  the profiled prompt lengths (tokens)
-  levels          per level: {"fraction", "ttft_ms": one per prompt length, "tpot_ms"}
-  layer_drop      per layer-drop variant: {"fraction": share of layers kept, "dropped", "layers", "ttft_ms", "tpot_ms"}
-  model, target, device, measured_at, decode_tokens, repeat
+prompt_lengths  the profiled prompt lengths (tokens)
+levels          per level: {"fraction", "ttft_ms": one per prompt length, "tpot_ms"}
+layer_drop      per layer-drop variant: {"fraction": share of layers kept, "dropped", "layers", "ttft_ms", "tpot_ms"}
+model, target, device, measured_at, decode_tokens, repeat
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The layer-dropping baseline's choices on disk (`elastilm layer-drop`): `layer_drop.json` in the elastify folder.
 
-  block_influence  per layer, 1 - mean cos(layer input, layer output) on the calibration windows
-  order            layers in the order they are dropped
-  variants         {layers dropped: the dropped layers}, one per elastic level below 1.0
+block_influence  per layer, 1 - mean cos(layer input, layer output) on the calibration windows
+order            layers in the order they are dropped
+variants         {layers dropped: the dropped layers}, one per elastic level below 1.0
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.files import read_json, sha256, verify_files, write_json
+from elastilm.formats.files import read_json, sha256, tree, verify_files, write_json
 
 FOLDER = "tlm"
 WEIGHTS = "tlm.safetensors"
@@ -63,9 +63,8 @@ def read_meta(out: Path) -> dict:
 
 def write_manifest(out: Path, fields: dict) -> Path:
     """The built TLM's manifest.json: `fields` plus the sha256 of every other file in `out`."""
-    files = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file() and p.name != MANIFEST)
-    doc = {"schema": BUILD_SCHEMA, "schema_version": BUILD_VERSION, **fields,
-           "files": {f: sha256(Path(out) / f) for f in files}}
+    files = tree(out, lambda rel: rel.name == MANIFEST)
+    doc = {"schema": BUILD_SCHEMA, "schema_version": BUILD_VERSION, **fields, "files": files}
     return write_json(Path(out) / MANIFEST, doc)
 
 
@@ -73,7 +72,9 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
     """manifest.json of a built TLM after the schema check and, with `verify`, every file's sha256."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ElastiLMError(f"{folder}: no compiled TLM ({MANIFEST} missing); train it with `elastilm train-tlm` and rebuild")
+        raise ElastiLMError(
+            f"{folder}: no compiled TLM ({MANIFEST} missing); train it with `elastilm train-tlm` and rebuild"
+        )
     doc = read_json(path, BUILD_SCHEMA, BUILD_VERSION, "rebuild with `elastilm compile`")
     if verify:
         verify_files(folder, doc["files"], MANIFEST)

@@ -45,7 +45,9 @@ class LevelTable(Mapping[float, Level]):
         try:
             return self._levels[fraction]
         except (KeyError, TypeError):
-            raise ElastiLMError(f"unknown level {fraction!r}; valid levels are {', '.join(f'{f:g}' for f in self)}") from None
+            raise ElastiLMError(
+                f"unknown level {fraction!r}; valid levels are {', '.join(f'{f:g}' for f in self)}"
+            ) from None
 
     def __iter__(self) -> Iterator[float]:
         return iter(self._levels)

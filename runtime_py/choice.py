@@ -14,7 +14,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def option_scores(engine, past: int, question: list[int], options: list[list[int]], level: float, chars: list[int]) -> list[float]:
+def option_scores(
+    engine, past: int, question: list[int], options: list[list[int]], level: float, chars: list[int]
+) -> list[float]:
     """Per-character log-likelihood of each option (token ids) after `past` cached tokens and the question."""
     first = log_softmax(engine.prefill(question, level, past))  # predicts each option's first token
     out = []

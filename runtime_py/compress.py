@@ -86,7 +86,9 @@ def select(scores: np.ndarray, must: np.ndarray, keep: int) -> np.ndarray:
     return np.sort(np.array(order[:keep], dtype=int))
 
 
-def compress(parts: list[Part], ratio: float, tlm, tokenizer, keep_digits: bool = True, force: tuple[str, ...] = ()) -> Compressed:
+def compress(
+    parts: list[Part], ratio: float, tlm, tokenizer, keep_digits: bool = True, force: tuple[str, ...] = ()
+) -> Compressed:
     """Compress `parts` to `ratio` of their LLM tokens. `tlm`: a runtime.tlm.TLMBase (token_scores);
     `tokenizer`: the LLM's `tokenizers.Tokenizer`."""
     if not 0 < ratio <= 1:

@@ -57,7 +57,9 @@ def register() -> None:
     tvm.register_global_func("elastilm.device.commit", commit, override=True)
 
 
-def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = "", cache: Path | None = None):
+def serve(
+    host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = "", cache: Path | None = None
+):
     """Run an RPC server until interrupted; with `tracker` (host:port) it registers under `key`."""
     from tvm import rpc
 
@@ -67,7 +69,9 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
     if tracker:
         tracker_host, _, tracker_port = tracker.rpartition(":")
         tracker_addr = (tracker_host, int(tracker_port))
-    server = rpc.Server(host, port=port, port_end=port + 100, tracker_addr=tracker_addr, key=key, server_init_callback=register)
+    server = rpc.Server(
+        host, port=port, port_end=port + 100, tracker_addr=tracker_addr, key=key, server_init_callback=register
+    )
     where = f"{host}:{server.port}" + (f", registered with tracker {tracker} as '{key}'" if tracker else "")
     print(f"elastilm device: serving on {where}; cache {cache_root()}; Ctrl-C stops", flush=True)
     try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -26,8 +26,14 @@ class ElasticEngine:
     """Generate with one compiled elastic model; `level` picks the sub-model per request."""
 
     def __init__(
-        self, folder: str | Path, device: str = "cpu", rpc: str | None = None, tracker: str | None = None,
-        key: str | None = None, progress: bool = False, adapters: bool = True,
+        self,
+        folder: str | Path,
+        device: str = "cpu",
+        rpc: str | None = None,
+        tracker: str | None = None,
+        key: str | None = None,
+        progress: bool = False,
+        adapters: bool = True,
     ):
         """Runs in this process, or with `rpc` (host:port) / `tracker` (host:port) + `key` on a device over RPC,
         which receives the library and weights once (cached there by checksum). `adapters`: run each level with
@@ -67,8 +73,10 @@ class ElasticEngine:
 
     def _functions(self) -> dict:
         """The library's functions this engine calls, looked up once: the model's, or its layer-drop variant's."""
-        return {signature.EMBED: self.vm[signature.EMBED],
-                **{m: self.vm[signature.function_name(m, self.dropped_layers)] for m in signature.METHODS}}
+        return {
+            signature.EMBED: self.vm[signature.EMBED],
+            **{m: self.vm[signature.function_name(m, self.dropped_layers)] for m in signature.METHODS},
+        }
 
     @property
     def layer_drops(self) -> dict[int, list[int]]:
@@ -79,7 +87,7 @@ class ElasticEngine:
         """The layer-drop variant with elastic level `fraction`'s share of the elastic parameters (0 at 1.0)."""
         return drop_count(self.elastic["config"]["num_layers"], self.levels[fraction].kept)
 
-    def dropped(self, n: int) -> "ElasticEngine":
+    def dropped(self, n: int) -> ElasticEngine:
         """This engine with n layers dropped (one of `layer_drops`; 0: this engine). A view: it shares the library,
         weights and KV cache, runs at full width (its only level is 1.0) and without adapters."""
         if n == 0:
@@ -115,9 +123,11 @@ class ElasticEngine:
         import jinja2
 
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return jinja2.Template(template).render(messages=messages, add_generation_prompt=True, **{
-            k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)
-        })
+        return jinja2.Template(template).render(
+            messages=messages,
+            add_generation_prompt=True,
+            **{k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)},
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -134,8 +144,12 @@ class ElasticEngine:
         with s.guard():
             embeddings = self.functions[signature.EMBED](s.tensor(ids.astype("int32")), self.params)
             args = signature.arguments(
-                embeddings=embeddings, caches=self.caches, adapters=self.adapters.get(lv.fraction, self.no_adapter),
-                past=s.shape(past), heads=s.shape(lv.heads), neuron_blocks=s.shape(lv.neuron_blocks(self.manifest["neuron_block"])),
+                embeddings=embeddings,
+                caches=self.caches,
+                adapters=self.adapters.get(lv.fraction, self.no_adapter),
+                past=s.shape(past),
+                heads=s.shape(lv.heads),
+                neuron_blocks=s.shape(lv.neuron_blocks(self.manifest["neuron_block"])),
             )
             out = self.functions[method](*args, self.params)
             logits = s.first(out)  # (1, vocab), or (T, vocab) for "score"
@@ -166,7 +180,13 @@ class ElasticEngine:
             )
 
     def generate_ids(
-        self, ids: list[int], level: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+        self,
+        ids: list[int],
+        level: float = 1.0,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> Iterator[int]:
         """Token ids one at a time: greedy when temperature is 0, else top-p sampling. The level is fixed per sequence."""
         lv = self.levels[level]
@@ -190,7 +210,15 @@ class ElasticEngine:
                 logits = self._run("prefill", seen + [token], 0, lv)
             seen.append(token)
 
-    def generate(self, prompt: str, level: float = 1.0, max_new_tokens: int = 64, chat: bool = True, stream: bool = False, **sampling):
+    def generate(
+        self,
+        prompt: str,
+        level: float = 1.0,
+        max_new_tokens: int = 64,
+        chat: bool = True,
+        stream: bool = False,
+        **sampling,
+    ):
         """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come."""
         ids = self.encode(self.chat_prompt(prompt) if chat else prompt)
         pieces = self.stream_text(self.generate_ids(ids, level, max_new_tokens, **sampling))

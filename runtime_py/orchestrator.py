@@ -13,9 +13,9 @@ engine runs (this process or a device over RPC).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -74,12 +74,21 @@ class Answer:
 
     def to_dict(self) -> dict:
         return {
-            "plan": self.plan.to_dict(), "prompt_tokens": {"original": self.compressed.original, "requested": self.compressed.requested,
-                                                           "achieved": self.compressed.achieved},
+            "plan": self.plan.to_dict(),
+            "prompt_tokens": {
+                "original": self.compressed.original,
+                "requested": self.compressed.requested,
+                "achieved": self.compressed.achieved,
+            },
             "budget_ms": {"ttft": round(self.ttft_budget_ms, 1), "tpot": round(self.tpot_budget_ms, 1)},
-            "measured_ms": {"ttft": round(self.ttft_ms, 1), "tpot": round(self.tpot_ms, 1)}, "tokens": self.tokens,
+            "measured_ms": {"ttft": round(self.ttft_ms, 1), "tpot": round(self.tpot_ms, 1)},
+            "tokens": self.tokens,
             "slo_met": self.slo_met,
-            **({"choice": self.choice, "option_scores": [round(x, 4) for x in self.option_scores]} if self.choice is not None else {}),
+            **(
+                {"choice": self.choice, "option_scores": [round(x, 4) for x in self.option_scores]}
+                if self.choice is not None
+                else {}
+            ),
         }
 
 
@@ -87,7 +96,13 @@ class Orchestrator:
     """One build folder (LLM, TLM, latency.json) serving requests with SLOs: in this process, or with an RPC
     engine on a device, where the TLM runs too (then `latency` should be a profile measured over that link)."""
 
-    def __init__(self, build: str | Path, engine: ElasticEngine | None = None, calibrate: bool = True, latency: Path | None = None):
+    def __init__(
+        self,
+        build: str | Path,
+        engine: ElasticEngine | None = None,
+        calibrate: bool = True,
+        latency: Path | None = None,
+    ):
         build = Path(build)
         self.engine = engine or ElasticEngine(build)
         self.tlm = CompiledTLM(build / "tlm", self.engine.session)
@@ -121,8 +136,10 @@ class Orchestrator:
         counts = [len(self.engine.encode(p.text)) for p in parts]
         prompt = sum(counts)
         if prompt + request.max_new_tokens > self.engine.max_len:
-            raise InvalidRequest(f"prompt of {prompt} tokens + max_tokens {request.max_new_tokens} exceeds the context "
-                                 f"window of {self.engine.max_len}")
+            raise InvalidRequest(
+                f"prompt of {prompt} tokens + max_tokens {request.max_new_tokens} exceeds the context "
+                f"window of {self.engine.max_len}"
+            )
         fixed = sum(n for p, n in zip(parts, counts) if not p.compress)
         budgets = planner.budgets(request.slo, self.latency, prompt, self.calibration.served)
         ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)
@@ -131,8 +148,16 @@ class Orchestrator:
             query = " ".join(p.text for p in parts if not p.compress)
             ratio_lp, level_lp = self.tlm.decide(query, budgets.ttft, budgets.tpot)
             preference = planner.Preference.from_heads(self.tlm.ratios, ratio_lp, self.tlm.levels, level_lp)
-        plan_request = planner.PlanRequest(prompt, fixed, budgets, tuple(ratios), tuple(self.tlm.levels), self.cost,
-                                           preference, self.calibration.plan_scale)
+        plan_request = planner.PlanRequest(
+            prompt,
+            fixed,
+            budgets,
+            tuple(ratios),
+            tuple(self.tlm.levels),
+            self.cost,
+            preference,
+            self.calibration.plan_scale,
+        )
         return planner.choose(request.strategy, plan_request, self.latency), budgets
 
     def answer(self, request: Request, stream: bool = False):
@@ -173,7 +198,9 @@ class Orchestrator:
                 yield t
 
         engine = self.engine.dropped(p.dropped)  # the layer-dropping baseline runs a variant; everything else: itself
-        yield from engine.stream_text(timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, **request.sampling)))
+        yield from engine.stream_text(
+            timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, **request.sampling))
+        )
         answer.tokens = len(times)
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)
@@ -211,6 +238,6 @@ def describe(a: Answer) -> str:
         f"requested {a.compressed.requested}); chosen by {p.chosen_by}\n"
         f"TTFT predicted {p.ttft_ms:.0f} ms (TLM {p.tlm_ms:.0f} ms), measured {a.ttft_ms:.0f} ms, budget {a.ttft_budget_ms:.0f} ms\n"
         f"TPOT predicted {p.tpot_ms:.1f} ms, measured {a.tpot_ms:.1f} ms, budget {a.tpot_budget_ms:.1f} ms\n"
-        f"SLO {'met' if a.slo_met else 'missed'}" + ("" if p.feasible else " (no plan was predicted to meet it; ran the fastest)")
+        f"SLO {'met' if a.slo_met else 'missed'}"
+        + ("" if p.feasible else " (no plan was predicted to meet it; ran the fastest)")
     )
-

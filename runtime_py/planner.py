@@ -99,7 +99,9 @@ class LatencyModel:
 
     def _row(self, level: float) -> int:
         if level not in self._rows:
-            raise ElastiLMError(f"level {level:g} is not in the latency profile ({', '.join(f'{f:g}' for f in self.levels)})")
+            raise ElastiLMError(
+                f"level {level:g} is not in the latency profile ({', '.join(f'{f:g}' for f in self.levels)})"
+            )
         return self._rows[level]
 
     def ttft(self, level: float, tokens: int) -> float:
@@ -206,7 +208,9 @@ class Calibration:
             self.ratios[k].append(measured_ms / predicted_ms)
 
     def _stat(self, q: float) -> tuple[float, float]:
-        return tuple(float(np.clip(np.quantile(r, q), 0.5, 3.0)) if len(r) >= self.minimum else 1.0 for r in self.ratios)
+        return tuple(
+            float(np.clip(np.quantile(r, q), 0.5, 3.0)) if len(r) >= self.minimum else 1.0 for r in self.ratios
+        )
 
     @property
     def plan_scale(self) -> tuple[float, float]:
@@ -217,11 +221,16 @@ class Calibration:
         return self._stat(0.5)
 
     def to_dict(self) -> dict:
-        return {"answers": len(self.ratios[0]), "plan_scale": [round(x, 3) for x in self.plan_scale],
-                "served": [round(x, 3) for x in self.served]}
+        return {
+            "answers": len(self.ratios[0]),
+            "plan_scale": [round(x, 3) for x in self.plan_scale],
+            "served": [round(x, 3) for x in self.served],
+        }
 
 
-def candidates(request: PlanRequest, latency: LatencyModel, ratios, levels, cost: TLMCost = NO_TLM, decides: bool = False) -> list[Plan]:
+def candidates(
+    request: PlanRequest, latency: LatencyModel, ratios, levels, cost: TLMCost = NO_TLM, decides: bool = False
+) -> list[Plan]:
     """Every (ratio, level) of `ratios` x `levels` with its predictions (scaled by request.scale, the TLM's time
     `cost` included: a decision when `decides`, scoring when a ratio compresses) and whether it meets the budgets."""
     b = request.budgets
@@ -319,6 +328,8 @@ def _layer_drop(request: PlanRequest, latency: LatencyModel) -> Plan:
     """Runs at level 1.0 with layers skipped: planned over the variants' own profile (LatencyModel.layer_drop)."""
     drops = latency.layer_drop
     if drops is None:
-        raise ElastiLMError("this build has no layer-drop variants: run `elastilm layer-drop`, then compile and profile again")
+        raise ElastiLMError(
+            "this build has no layer-drop variants: run `elastilm layer-drop`, then compile and profile again"
+        )
     best = _best(candidates(request, drops, (1.0,), drops.levels), lambda p: p.level, "layer-drop")
     return replace(best, level=1.0, dropped=drops.dropped[best.level])

@@ -1,7 +1,8 @@
 """Latency profile of a build on its device: TTFT over a grid of prompt lengths and TPOT, for every level.
 
 The result, `latency.json` in the build folder (formats/latency.py; with the layer-dropping variants, when the build
-has them), is what the planner reads to pick a level that meets a request's TTFT/TPOT objective on this device. Timings are wall-clock around whole calls as the runtime makes
+has them), is what the planner reads to pick a level that meets a request's TTFT/TPOT objective on this device.
+Timings are wall-clock around whole calls as the runtime makes
 them (over RPC they include the round trips, as a client on that link would see).
 """
 
@@ -42,14 +43,16 @@ def profile(
     engine.prefill(ids[:8], 1.0)  # first call: lazy initialisation on the device
     levels = sorted(engine.levels)
     drops = engine.layer_drops
-    bar = tqdm(total=(len(levels) + len(drops)) * (len(lengths) + 1), desc="profile", unit="point", disable=not progress)
+    bar = tqdm(
+        total=(len(levels) + len(drops)) * (len(lengths) + 1), desc="profile", unit="point", disable=not progress
+    )
 
     def measure(eng: ElasticEngine, fraction: float) -> dict:
         ttft = []
         for n in lengths:
-            ttft.append(_median_ms(lambda: eng.prefill(ids[:n], fraction), repeat))
+            ttft.append(_median_ms(lambda: eng.prefill(ids[:n], fraction), repeat))  # noqa: B023 (called at once)
             bar.update()
-        eng.prefill(ids[:lengths[0]], fraction)
+        eng.prefill(ids[: lengths[0]], fraction)
         steps = [_median_ms(lambda i=i: eng.decode(ids[i], lengths[0] + i, fraction), 1) for i in range(decode_tokens)]
         bar.update()
         return {"ttft_ms": [round(t, 3) for t in ttft], "tpot_ms": round(float(np.median(steps)), 3)}
@@ -57,15 +60,19 @@ def profile(
     rows = [{"fraction": fraction, **measure(engine, fraction)} for fraction in levels]
     # the layer-dropping baseline's variants (full width, layers skipped); "fraction": the share of layers kept
     layers = engine.elastic["config"]["num_layers"]
-    dropped = [{"fraction": round(1 - n / layers, 6), "dropped": n, "layers": which, **measure(engine.dropped(n), 1.0)}
-               for n, which in sorted(drops.items())]
+    dropped = [
+        {"fraction": round(1 - n / layers, 6), "dropped": n, "layers": which, **measure(engine.dropped(n), 1.0)}
+        for n, which in sorted(drops.items())
+    ]
     bar.close()
     return {
         "schema": latency_file.SCHEMA,
         "schema_version": latency_file.VERSION,
         "model": engine.manifest["model"],
         "target": engine.manifest["target"]["name"],
-        "device": engine.session.endpoint if engine.session.endpoint != "this process" else f"{platform.machine()} host",
+        "device": engine.session.endpoint
+        if engine.session.endpoint != "this process"
+        else f"{platform.machine()} host",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "prompt_lengths": lengths,
         "decode_tokens": decode_tokens,
@@ -93,7 +100,12 @@ def write(doc: dict, folder: Path) -> Path:
     right.bar([f"{f:.0%}" for f in fractions], [row["tpot_ms"] for row in doc["levels"]], label="elastic level")
     drops = doc.get("layer_drop", [])
     if drops:  # the layer-dropping baseline beside the elastic levels, at its share of layers kept
-        right.bar([f"-{row['dropped']}L" for row in drops], [row["tpot_ms"] for row in drops], color="tab:gray", label="layers dropped")
+        right.bar(
+            [f"-{row['dropped']}L" for row in drops],
+            [row["tpot_ms"] for row in drops],
+            color="tab:gray",
+            label="layers dropped",
+        )
         right.legend(fontsize=7)
         right.tick_params(axis="x", labelrotation=60, labelsize=7)
     right.set(xlabel="level", ylabel="TPOT (ms)", title="time per output token")
@@ -108,7 +120,15 @@ def markdown(doc: dict) -> str:
     head = "| level | " + " | ".join(f"TTFT {n} tok (ms)" for n in doc["prompt_lengths"]) + " | TPOT (ms) |"
     lines = [head, "|" + "---|" * (len(doc["prompt_lengths"]) + 2)]
     for row in doc["levels"]:
-        lines.append(f"| {row['fraction']:.0%} | " + " | ".join(f"{t:.1f}" for t in row["ttft_ms"]) + f" | {row['tpot_ms']:.2f} |")
+        lines.append(
+            f"| {row['fraction']:.0%} | "
+            + " | ".join(f"{t:.1f}" for t in row["ttft_ms"])
+            + f" | {row['tpot_ms']:.2f} |"
+        )
     for row in doc.get("layer_drop", []):
-        lines.append(f"| drop {row['dropped']} layers | " + " | ".join(f"{t:.1f}" for t in row["ttft_ms"]) + f" | {row['tpot_ms']:.2f} |")
+        lines.append(
+            f"| drop {row['dropped']} layers | "
+            + " | ".join(f"{t:.1f}" for t in row["ttft_ms"])
+            + f" | {row['tpot_ms']:.2f} |"
+        )
     return "\n".join(lines)

@@ -83,7 +83,14 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 class RemoteSession:
     """A device reached through an RPC server (`rpc=host:port`) or a tracker (`tracker=host:port`, `key`)."""
 
-    def __init__(self, rpc: str | None = None, tracker: str | None = None, key: str | None = None, retries: int = 3, progress: bool = True):
+    def __init__(
+        self,
+        rpc: str | None = None,
+        tracker: str | None = None,
+        key: str | None = None,
+        retries: int = 3,
+        progress: bool = True,
+    ):
         if (rpc is None) == (tracker is None):
             raise ElastiLMError("give either rpc=host:port or tracker=host:port with key=NAME")
         if tracker is not None and not key:
@@ -105,7 +112,9 @@ class RemoteSession:
                 if self.rpc:
                     self.remote = rpc.connect(*parse_endpoint(self.rpc), session_timeout=0)
                 else:
-                    self.remote = rpc.connect_tracker(*parse_endpoint(self.tracker)).request(self.key, session_timeout=0)
+                    self.remote = rpc.connect_tracker(*parse_endpoint(self.tracker)).request(
+                        self.key, session_timeout=0
+                    )
                 self.connections += 1
                 if hasattr(self, "device_type"):  # a reconnect: the device handle belongs to the new link
                     self.device = self.remote.device(self.device_type)
@@ -156,8 +165,10 @@ class RemoteSession:
         has, commit, path = (self.function(f"elastilm.device.{n}", required=False) for n in ("has", "commit", "path"))
         if has is None:  # a stock TVM RPC server: files go to its session folder, names without folders
             if getattr(self, "_staged", key) != key:
-                raise ElastiLMError(f"the device at {self.endpoint} is a stock TVM RPC server, where a second build's "
-                                    "files would overwrite the first's; run `elastilm device serve` there")
+                raise ElastiLMError(
+                    f"the device at {self.endpoint} is a stock TVM RPC server, where a second build's "
+                    "files would overwrite the first's; run `elastilm device serve` there"
+                )
             self._staged = key
             for f in self._progress(files, "upload (device has no cache)"):
                 self.call(self.remote.upload, str(folder / f), Path(f).name)

@@ -46,7 +46,9 @@ class TLMBase:
     def _forward(self, ids: np.ndarray, mask: np.ndarray, slo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def windows(self, text: str, window: int | None = None) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+    def windows(
+        self, text: str, window: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
         """`text` as model inputs of `window` tokens (default: the scoring window): (ids (1, W) int64, mask
         (1, W) int64, character spans of the real tokens)."""
         window = window or self.window

@@ -70,7 +70,9 @@ class TargetPreset:
         if self.schedule == "cpu":
             from elastilm.elastic_ops import schedule_cpu
 
-            return schedule_cpu.pipeline(self.tvm_target(), schedule_cpu.schedule_dense if dense else schedule_cpu.schedule_function)
+            return schedule_cpu.pipeline(
+                self.tvm_target(), schedule_cpu.schedule_dense if dense else schedule_cpu.schedule_function
+            )
         if self.schedule == "gpu":
             from elastilm.elastic_ops import schedule_gpu
 

@@ -81,7 +81,12 @@ def elastified_tiny(tmp_path_factory, variant: str, neuron_multiple: int = 1):
 
     src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("elastic")
     save_hf_folder(src, variant)
-    elastify(str(src), out, ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=neuron_multiple), progress=False)
+    elastify(
+        str(src),
+        out,
+        ElastifyOptions(calib_samples=2, calib_seq_len=12, neuron_multiple=neuron_multiple),
+        progress=False,
+    )
     return out
 
 
@@ -105,8 +110,7 @@ def tiny_build_with_tlm(tmp_path_factory):
     (build folder, TLM metadata)."""
     import json
 
-    from elastilm.compile import layer_drop
-    from elastilm.compile import tlm_model
+    from elastilm.compile import layer_drop, tlm_model
     from elastilm.compile.build import build
 
     folder = elastified_tiny(tmp_path_factory, "llama")
@@ -115,10 +119,30 @@ def tiny_build_with_tlm(tmp_path_factory):
     tlm_model.save(model, meta, folder)
     layers = layer_drop.layer_drop(folder, progress=False)["variants"]
     out = build(folder, "host-cpu", max_len=64)
-    kept = {int(n): 1 - int(n) / len(json.loads((folder / "layer_drop.json").read_text())["block_influence"]) for n in layers}
-    (out / "latency.json").write_text(json.dumps({"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [4, 32], "levels": [
-        {"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels], "layer_drop": [
-        {"fraction": k, "dropped": n, "layers": layers[str(n)], "ttft_ms": [k * 4, k * 32], "tpot_ms": 1 + k} for n, k in kept.items()]}))
+    kept = {
+        int(n): 1 - int(n) / len(json.loads((folder / "layer_drop.json").read_text())["block_influence"])
+        for n in layers
+    }
+    (out / "latency.json").write_text(
+        json.dumps(
+            {
+                "schema": "elastilm.latency",
+                "schema_version": 1,
+                "prompt_lengths": [4, 32],
+                "levels": [{"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels],
+                "layer_drop": [
+                    {
+                        "fraction": k,
+                        "dropped": n,
+                        "layers": layers[str(n)],
+                        "ttft_ms": [k * 4, k * 32],
+                        "tpot_ms": 1 + k,
+                    }
+                    for n, k in kept.items()
+                ],
+            }
+        )
+    )
     return out, meta
 
 
@@ -133,7 +157,10 @@ def random_adapters(model, rank: int, seed: int) -> dict:
         out[lv.fraction] = {}
         for name in projection_names(model.config):
             rows, cols = model.params[name + ".weight"].shape
-            out[lv.fraction][name] = (torch.randn(rank, cols, generator=g) / cols**0.5, torch.randn(rows, rank, generator=g) / rank)
+            out[lv.fraction][name] = (
+                torch.randn(rank, cols, generator=g) / cols**0.5,
+                torch.randn(rows, rank, generator=g) / rank,
+            )
     return out
 
 

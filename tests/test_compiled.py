@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import elastified_tiny, random_ids
-from elastilm.formats.errors import ElastiLMError
+
 from elastilm.compile import reference
-from elastilm.formats import elastic as artifact
 from elastilm.compile.build import build
 from elastilm.compile.export import ExportShape, export, kernel_layout
+from elastilm.formats import elastic as artifact
+from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.widths import Level
 from elastilm.runtime_py.engine import ElasticEngine
 
@@ -43,7 +43,9 @@ def test_odd_widths_outside_the_level_table(compiled, heads, blocks):
     model, engine = compiled
     cfg = model.config
     ids = random_ids(cfg, batch=1, length=6, seed=heads)[0].tolist()
-    widths = [(cfg.num_heads, cfg.intermediate_size) if i in model.anchors else (heads, blocks) for i in range(cfg.num_layers)]
+    widths = [
+        (cfg.num_heads, cfg.intermediate_size) if i in model.anchors else (heads, blocks) for i in range(cfg.num_layers)
+    ]
     got = engine._run("prefill", ids, 0, Level(0.0, heads, blocks * engine.manifest["neuron_block"], 0.0))
     assert np.abs(got - oracle_last_logits(model, ids, widths)).max() <= 1e-3
 
@@ -76,15 +78,14 @@ def test_greedy_generation_equals_oracle_greedy(compiled):
         seq = list(ids)
         for _ in range(len(got)):
             seq.append(int(np.argmax(oracle_last_logits(model, seq, model.widths(fraction)))))
-        assert got == seq[len(ids):]
+        assert got == seq[len(ids) :]
 
 
 def test_prefix_kernels_receive_whole_weight_buffers():
     """No weight is sliced or copied: every weight reaches a kernel as the full buffer, through call_tir only
     (the embedding lookup gathers token rows, never the matrix)."""
-    from tvm import relax
-
     from conftest import tiny_model
+    from tvm import relax
 
     _, params, cfg = tiny_model("qwen2")
     mod, names = export(cfg, ExportShape(anchors=(0,), neuron_block=1, max_len=16))
@@ -121,7 +122,9 @@ def test_bad_requests_get_clear_errors(compiled, tmp_path):
         engine.prefill([1, 2], 0.45)
     with pytest.raises(ElastiLMError, match="token ids must lie in \\[0, 97\\), got 5..97"):
         engine.prefill([5, 97], 1.0)
-    with pytest.raises(ElastiLMError, match="prompt of 39 tokens \\+ 5 new tokens exceeds the context window of 40 tokens"):
+    with pytest.raises(
+        ElastiLMError, match="prompt of 39 tokens \\+ 5 new tokens exceeds the context window of 40 tokens"
+    ):
         list(engine.generate_ids(list(range(39)), 1.0, max_new_tokens=5))
 
 

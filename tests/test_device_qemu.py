@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import elastified_tiny
+
 from elastilm.compile.build import build
 from elastilm.runtime_py.engine import ElasticEngine
 
@@ -27,8 +27,12 @@ def phone(tmp_path_factory):
     # The server's output goes to a file, not a pipe: a pipe nobody drains would block the server once full.
     log = tmp_path_factory.mktemp("phone") / "serve.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([str(REPO / "scripts/qemu-phone/serve.sh"), "9600"], stdout=sink,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(REPO / "scripts/qemu-phone/serve.sh"), "9600"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + 120
         while "RPC server ready on" not in log.read_text():

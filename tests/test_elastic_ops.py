@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import tvm
+from conftest import numpy_attention
 from tvm import te, tirx
 
-from conftest import numpy_attention
 from elastilm.compile.export import kernel_layout
 from elastilm.elastic_ops import prefix, schedule_cpu
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from elastilm.formats.errors import ElastiLMError
 from elastilm.evaluate import harness, tasks
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import choice
 
 
@@ -49,7 +49,9 @@ def test_calibrated_task_subtracts_the_content_free_scores():
         got = harness.item_scores(engine, "droidtask", 4, item, 0.3, null)
         assert got == pytest.approx([math.log(0.6 / 0.8) / 2, math.log(0.3 / 0.1) / 2], abs=1e-9)
     assert [c[1] for c in engine.calls] == [[0], [9], [0]]  # the null question is scored once
-    assert harness.item_scores(engine, "arc_easy", 4, item, 0.3, {}) == pytest.approx([math.log(0.6) / 2, math.log(0.3) / 2])
+    assert harness.item_scores(engine, "arc_easy", 4, item, 0.3, {}) == pytest.approx(
+        [math.log(0.6) / 2, math.log(0.3) / 2]
+    )
 
 
 def test_log_softmax_normalises_any_logits():
@@ -77,7 +79,9 @@ def test_unknown_dataset_or_split_is_refused_with_the_valid_names(tmp_path):
     with pytest.raises(ElastiLMError, match="unknown dataset 'mmlu'; known: arc_easy, obqa, piqa, sciq, droidtask"):
         tasks.items("mmlu", "report")
     with pytest.raises(ElastiLMError, match="unknown dataset 'hellaswag'"):
-        harness.evaluate([harness.Run("adapters", tmp_path)], ["hellaswag"], [1.0], [1.0], 1, tmp_path / "out", progress=False)
+        harness.evaluate(
+            [harness.Run("adapters", tmp_path)], ["hellaswag"], [1.0], [1.0], 1, tmp_path / "out", progress=False
+        )
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 

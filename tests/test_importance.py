@@ -3,8 +3,8 @@
 import copy
 
 import torch
-
 from conftest import random_ids, tiny_model
+
 from elastilm.compile import importance
 
 

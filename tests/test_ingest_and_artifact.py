@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
-
 from conftest import random_ids, save_hf_folder
-from elastilm.formats.errors import ElastiLMError
+
 from elastilm.compile import reference
-from elastilm.formats import elastic as artifact
 from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.ingest import ingest
+from elastilm.formats import elastic as artifact
+from elastilm.formats.errors import ElastiLMError
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])
@@ -42,7 +42,11 @@ def test_elastified_folder_reloads_as_the_same_function(elastified):
     diff = reference.logits(model.params, model.config, ids, model.widths(1.0)) - reference.logits(params, cfg, ids)
     assert diff.abs().max() < 1e-5
     doc = json.loads((out / "elastic.json").read_text())
-    assert doc["calibration"]["samples"] == 3 and set(doc["files"]) >= {"model.safetensors", "importance.safetensors", "tokenizer.json"}
+    assert doc["calibration"]["samples"] == 3 and set(doc["files"]) >= {
+        "model.safetensors",
+        "importance.safetensors",
+        "tokenizer.json",
+    }
 
 
 def test_unknown_level_lists_the_valid_ones(elastified):
@@ -93,10 +97,22 @@ def test_bad_sources_get_one_line_errors(tmp_path):
 
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "elastilm", "elastify", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            "-m",
+            "elastilm",
+            "elastify",
+            "--model",
+            str(tmp_path / "nope.gguf"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
     )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines() == [f"elastilm: error: {tmp_path / 'nope.gguf'}: no such file or folder; give a .gguf file, a Hugging Face folder (config.json + safetensors) or a packaged model (smollm2-135m)"]
+    assert run.stderr.strip().splitlines() == [
+        f"elastilm: error: {tmp_path / 'nope.gguf'}: no such file or folder; give a .gguf file, a Hugging Face folder "
+        "(config.json + safetensors) or a packaged model (smollm2-135m)"
+    ]

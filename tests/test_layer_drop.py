@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import elastified_tiny, random_ids, tiny_build_with_tlm, tiny_model
-from elastilm.formats.errors import ElastiLMError
+
 from elastilm.compile import layer_drop, reference
-from elastilm.formats import layer_drop as layer_drop_file
-from elastilm.formats import elastic as artifact
 from elastilm.compile.build import build
+from elastilm.formats import elastic as artifact
+from elastilm.formats import layer_drop as layer_drop_file
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.engine import ElasticEngine
 
@@ -73,7 +73,9 @@ def test_compiled_variants_equal_the_reference_with_layers_skipped(dropped_build
     full = engine.prefill(ids, 1.0)
     for n, layers in engine.layer_drops.items():
         got = engine.dropped(n).prefill(ids, 1.0)
-        expected = reference.logits(params, model.config, torch.tensor([ids]), skip_widths(model.config, layers))[0, -1].numpy()
+        expected = reference.logits(params, model.config, torch.tensor([ids]), skip_widths(model.config, layers))[
+            0, -1
+        ].numpy()
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
         assert np.abs(got - full).max() > 1e-2  # really a different model
 
@@ -92,7 +94,9 @@ def test_dropped_layers_leave_their_cache_alone_and_decode_matches_recompute(dro
     view.prefill(ids[:6], 1.0)
     stepped = [view.decode(t, 6 + k, 1.0) for k, t in enumerate(ids[6:])]
     for i in layers:
-        assert all((c.numpy() == poison).all() for c in engine.caches[2 * i : 2 * i + 2]), f"layer {i} was dropped but written"
+        assert all((c.numpy() == poison).all() for c in engine.caches[2 * i : 2 * i + 2]), (
+            f"layer {i} was dropped but written"
+        )
     kept = next(i for i in range(cfg.num_layers) if i not in layers)
     assert np.abs(engine.caches[2 * kept + 1].numpy()[:9]).max() > 0  # kept layers wrote theirs
     for k, logits in enumerate(stepped):
@@ -111,9 +115,11 @@ def test_view_generates_the_reference_greedy_and_shares_the_engine(dropped_build
     got = list(view.generate_ids(ids, 1.0, max_new_tokens=6))
     seq = list(ids)
     for _ in range(6):
-        logits = reference.logits(model.params, model.config, torch.tensor([seq]), skip_widths(model.config, layers))[0, -1]
+        logits = reference.logits(model.params, model.config, torch.tensor([seq]), skip_widths(model.config, layers))[
+            0, -1
+        ]
         seq.append(int(logits.argmax()))
-    assert got == seq[len(ids):]
+    assert got == seq[len(ids) :]
     with pytest.raises(ElastiLMError, match="no variant with 29 layers dropped"):
         engine.dropped(29)
     with pytest.raises(ElastiLMError, match="unknown level 0.5"):
@@ -138,7 +144,9 @@ def test_profile_measures_the_variants(dropped_build):
     _, doc, out = dropped_build
     lat = profile(ElasticEngine(out), prompt_lengths=(4, 8), decode_tokens=2, repeat=1, progress=False)
     assert [r["dropped"] for r in lat["layer_drop"]] == sorted(int(n) for n in doc["variants"])
-    assert all(r["fraction"] == pytest.approx(1 - r["dropped"] / 4) and len(r["ttft_ms"]) == 2 for r in lat["layer_drop"])
+    assert all(
+        r["fraction"] == pytest.approx(1 - r["dropped"] / 4) and len(r["ttft_ms"]) == 2 for r in lat["layer_drop"]
+    )
     model = planner.LatencyModel(lat)
     assert sorted(model.layer_drop.dropped.values()) == [0] + sorted(r["dropped"] for r in lat["layer_drop"])
     assert "drop 1 layers" in markdown(lat) or "drop 2 layers" in markdown(lat)
@@ -147,11 +155,27 @@ def test_profile_measures_the_variants(dropped_build):
 def drop_table() -> dict:
     """Elastic levels with a TPOT floor of 0.6, and layer-drop variants of 30 layers whose time is proportional to
     the layers kept."""
-    rows = [{"fraction": f, "ttft_ms": [10 * (0.6 + 0.4 * f), 100 * (0.6 + 0.4 * f)], "tpot_ms": 10 * (0.6 + 0.4 * f)}
-            for f in (0.2, 0.5, 1.0)]
-    drops = [{"fraction": 1 - n / 30, "dropped": n, "layers": list(range(n)), "ttft_ms": [10 * (1 - n / 30), 100 * (1 - n / 30)],
-              "tpot_ms": 10 * (1 - n / 30)} for n in (3, 9, 15, 23)]
-    return {"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [10, 100], "levels": rows, "layer_drop": drops}
+    rows = [
+        {"fraction": f, "ttft_ms": [10 * (0.6 + 0.4 * f), 100 * (0.6 + 0.4 * f)], "tpot_ms": 10 * (0.6 + 0.4 * f)}
+        for f in (0.2, 0.5, 1.0)
+    ]
+    drops = [
+        {
+            "fraction": 1 - n / 30,
+            "dropped": n,
+            "layers": list(range(n)),
+            "ttft_ms": [10 * (1 - n / 30), 100 * (1 - n / 30)],
+            "tpot_ms": 10 * (1 - n / 30),
+        }
+        for n in (3, 9, 15, 23)
+    ]
+    return {
+        "schema": "elastilm.latency",
+        "schema_version": 1,
+        "prompt_lengths": [10, 100],
+        "levels": rows,
+        "layer_drop": drops,
+    }
 
 
 def _request(slo, lat) -> planner.PlanRequest:
@@ -159,8 +183,10 @@ def _request(slo, lat) -> planner.PlanRequest:
     return planner.PlanRequest(50, 5, planner.budgets(slo, lat, 50), (1.0,), tuple(lat.levels))
 
 
-@pytest.mark.parametrize("tpot, dropped, feasible", [(1.0, 0, True), (0.95, 3, True), (0.7, 9, True), (0.5, 15, True),
-                                                     (0.3, 23, True), (0.2, 23, False)])
+@pytest.mark.parametrize(
+    "tpot, dropped, feasible",
+    [(1.0, 0, True), (0.95, 3, True), (0.7, 9, True), (0.5, 15, True), (0.3, 23, True), (0.2, 23, False)],
+)
 def test_layer_drop_strategy_keeps_the_most_layers_that_fit(tpot, dropped, feasible):
     lat = planner.LatencyModel(drop_table())
     p = planner.choose("layer-drop", _request(planner.SLO(1.0, tpot), lat), lat)
@@ -188,8 +214,17 @@ def test_orchestrator_runs_the_layer_drop_plan(tmp_path_factory):
     a = orch.answer(Request("w5 w9 w3", "w11 w12 w13 w14", False, planner.SLO(1.0, 1.0), 5, strategy="layer-drop"))
     assert a.plan.dropped == 0 and a.plan.feasible
     kept = min(drops)  # the synthetic profile's TPOT is 1 + share kept: this budget only fits the fewest layers kept
-    a = orch.answer(Request("w5 w9 w3", "w11 w12 w13 w14", False, planner.SLO(1.0, (1 + kept) / 2), 5, strategy="layer-drop",
-                            options=["w7", "w8 w9"]))
+    a = orch.answer(
+        Request(
+            "w5 w9 w3",
+            "w11 w12 w13 w14",
+            False,
+            planner.SLO(1.0, (1 + kept) / 2),
+            5,
+            strategy="layer-drop",
+            options=["w7", "w8 w9"],
+        )
+    )
     assert a.plan.dropped == most and a.plan.feasible and f"{most} layers dropped" in describe(a)
     view = orch.engine.dropped(most)
     assert a.text == "".join(view.stream_text(view.generate_ids(a.compressed.ids, 1.0, 5)))

@@ -2,9 +2,9 @@
 
 import pytest
 
-from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.config import ModelConfig
 from elastilm.compile.levels import DEFAULT_FRACTIONS, kept_fraction, level_table
+from elastilm.formats.config import ModelConfig
+from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.widths import layer_widths
 
 SMOLLM2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 1e-5, 1e5, 8192, True)
@@ -28,7 +28,11 @@ def test_level_table_properties(cfg, anchors, multiple):
         assert lv.neurons == cfg.intermediate_size or lv.neurons % multiple == 0
         assert lv.kept == pytest.approx(kept_fraction(cfg, len(anchors), lv.heads, lv.neurons))
         # within one rounding step of the target, unless the floor (one head, one block) holds it up
-        step = kept_fraction(cfg, 0, 1, multiple) - kept_fraction(cfg, 0, 0, 0) if multiple < cfg.intermediate_size else 0.2
+        step = (
+            kept_fraction(cfg, 0, 1, multiple) - kept_fraction(cfg, 0, 0, 0)
+            if multiple < cfg.intermediate_size
+            else 0.2
+        )
         assert lv.kept <= max(lv.fraction + step, floor + 1e-9)
         assert lv.kept >= lv.fraction - step
         widths = layer_widths(cfg, anchors, lv)

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import tvm
+from conftest import numpy_attention
 from tvm import te, tirx
 from tvm.s_tir import dlight as dl
 
-from conftest import numpy_attention
-from elastilm.formats.errors import ElastiLMError
 from elastilm.compile.export import kernel_layout
 from elastilm.elastic_ops import pocl, prefix, schedule_gpu
+from elastilm.formats.errors import ElastiLMError
 from elastilm.targets import preset
 
 I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
@@ -45,7 +45,12 @@ def test_prefix_matmul_on_pocl(name, tokens, blocks, active_in):
     fn = scheduled([x, w, prefix.prefix_matmul(x, w, nb * 64, name="up_proj"), nb], target)
     full, packed = strips(rng, 192, 96, blocks * 64, active_in)
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
-    out = pocl.run(fn, target, {"x": xs, "w": packed, "up_proj_out": np.full((tokens, blocks * 64), np.nan, "float32")}, {"nb": blocks})
+    out = pocl.run(
+        fn,
+        target,
+        {"x": xs, "w": packed, "up_proj_out": np.full((tokens, blocks * 64), np.nan, "float32")},
+        {"nb": blocks},
+    )
     np.testing.assert_allclose(out["up_proj_out"], xs @ full[: blocks * 64, :active_in].T, rtol=1e-4, atol=1e-4)
 
 
@@ -63,10 +68,26 @@ def test_ffn_chain_on_pocl(name, tokens, blocks):
     wg = te.placeholder((I64(f // 64), I64(d), I64(64)), "float32", name="wg")
     up_in = te.placeholder((T, nb * 64), "float32", name="up")
     act_in = te.placeholder((T, tirx.Var("k", "int64")), "float32", name="act")  # its width is read from the shape
-    wd = te.placeholder((I64(1), I64(f), I64(d)), "float32", name="wd")  # (d, f) in one strip: d is not a multiple of 64
+    wd = te.placeholder(
+        (I64(1), I64(f), I64(d)), "float32", name="wd"
+    )  # (d, f) in one strip: d is not a multiple of 64
     up = scheduled([x, wu, prefix.prefix_matmul(x, wu, nb * 64, name="up_proj"), nb], target)
-    gate_act = scheduled([x, wg, up_in, prefix.silu_mul(prefix.prefix_matmul(x, wg, nb * 64, name="gate_proj"), up_in), nb], target)
-    down = scheduled([act_in, wd, x, te.compute((T, I64(d)), lambda t, i: prefix.prefix_matmul(act_in, wd, name="down_proj")[t, i] + x[t, i], name="residual")], target)
+    gate_act = scheduled(
+        [x, wg, up_in, prefix.silu_mul(prefix.prefix_matmul(x, wg, nb * 64, name="gate_proj"), up_in), nb], target
+    )
+    down = scheduled(
+        [
+            act_in,
+            wd,
+            x,
+            te.compute(
+                (T, I64(d)),
+                lambda t, i: prefix.prefix_matmul(act_in, wd, name="down_proj")[t, i] + x[t, i],
+                name="residual",
+            ),
+        ],
+        target,
+    )
 
     u_full, u_packed = strips(rng, f, d, blocks * 64, d)
     g_full, g_packed = strips(rng, f, d, blocks * 64, d)
@@ -75,9 +96,23 @@ def test_ffn_chain_on_pocl(name, tokens, blocks):
     xs = rng.standard_normal((tokens, d)).astype("float32")
     poison = lambda shape: np.full(shape, np.nan, "float32")  # noqa: E731
 
-    u = pocl.run(up, target, {"x": xs, "wu": u_packed, "up_proj_out": poison((tokens, blocks * 64))}, {"nb": blocks})["up_proj_out"]
-    a = pocl.run(gate_act, target, {"x": xs, "wg": g_packed, "up": u, "silu_mul": poison((tokens, blocks * 64))}, {"nb": blocks})["silu_mul"]
-    y = pocl.run(down, target, {"act": a, "wd": np.ascontiguousarray(kernel_layout("mlp.down_proj.weight", d_full)), "x": xs, "residual": poison((tokens, d))}, {})["residual"]
+    u = pocl.run(up, target, {"x": xs, "wu": u_packed, "up_proj_out": poison((tokens, blocks * 64))}, {"nb": blocks})[
+        "up_proj_out"
+    ]
+    a = pocl.run(
+        gate_act, target, {"x": xs, "wg": g_packed, "up": u, "silu_mul": poison((tokens, blocks * 64))}, {"nb": blocks}
+    )["silu_mul"]
+    y = pocl.run(
+        down,
+        target,
+        {
+            "act": a,
+            "wd": np.ascontiguousarray(kernel_layout("mlp.down_proj.weight", d_full)),
+            "x": xs,
+            "residual": poison((tokens, d)),
+        },
+        {},
+    )["residual"]
 
     gate, upv = xs @ g_full[: blocks * 64].T, xs @ u_full[: blocks * 64].T
     expected = (gate / (1 + np.exp(-gate)) * upv) @ d_full[:, : blocks * 64].T + xs
@@ -101,9 +136,16 @@ def test_attention_on_pocl(name, tokens, past, heads, group):
     qs = rng.standard_normal((tokens, heads * hd)).astype("float32")
     k_all, v_all = np.full((rows, n_kv * hd), 1e30, "float32"), np.full((rows, n_kv * hd), 1e30, "float32")
     k_all[:S], v_all[:S] = rng.standard_normal((S, n_kv * hd)), rng.standard_normal((S, n_kv * hd))
-    arrays = {"q": qs, "kt": np.ascontiguousarray(k_all.T), "v": v_all, "attention": np.full((tokens, heads * hd), np.nan, "float32")}
+    arrays = {
+        "q": qs,
+        "kt": np.ascontiguousarray(k_all.T),
+        "v": v_all,
+        "attention": np.full((tokens, heads * hd), np.nan, "float32"),
+    }
     out = pocl.run(fn, target, arrays, {"past": past})
-    np.testing.assert_allclose(out["attention"], numpy_attention(qs, k_all, v_all, past, heads, hd, n_kv, group), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        out["attention"], numpy_attention(qs, k_all, v_all, past, heads, hd, n_kv, group), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_check_catches_invalid_opencl_that_tvm_accepts():
@@ -147,5 +189,12 @@ def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows):
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
     ys = rng.standard_normal((tokens, rows)).astype("float32")
     bt_packed = np.ascontiguousarray(kernel_layout("mlp.up_proj.lora_B", b_full))
-    out = pocl.run(fn, target, {"x": xs, "y": ys, "a": a_full, "bt": bt_packed, "lora_out": np.full((tokens, rows), np.nan, "float32")}, {})
-    np.testing.assert_allclose(out["lora_out"], ys + xs @ a_full[:, :active_in].T @ b_full[:rows].T, rtol=1e-4, atol=1e-4)
+    out = pocl.run(
+        fn,
+        target,
+        {"x": xs, "y": ys, "a": a_full, "bt": bt_packed, "lora_out": np.full((tokens, rows), np.nan, "float32")},
+        {},
+    )
+    np.testing.assert_allclose(
+        out["lora_out"], ys + xs @ a_full[:, :active_in].T @ b_full[:rows].T, rtol=1e-4, atol=1e-4
+    )

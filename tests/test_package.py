@@ -4,14 +4,14 @@ import json
 import shutil
 
 import pytest
-
 from conftest import elastified_tiny
-from elastilm.formats.errors import ElastiLMError
+
 from elastilm.compile.build import build
 from elastilm.compile.package import package
 from elastilm.formats.bundle import APP_CONFIG
-from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.latency import FILE as LATENCY
+from elastilm.runtime_py.engine import ElasticEngine
 from elastilm.runtime_py.profile import profile, write
 
 

@@ -70,20 +70,31 @@ def _preference(fn) -> planner.Preference:
     return planner.Preference({(r, lv): fn(r, lv) for r in RATIOS for lv in LEVELS})
 
 
-def _request(slo, lat, prompt, query, ratios=RATIOS, levels=LEVELS, cost=planner.NO_TLM, preference=None, scale=(1.0, 1.0)):
-    return planner.PlanRequest(prompt, query, planner.budgets(slo, lat, prompt), ratios, levels, cost, preference, scale)
+def _request(
+    slo, lat, prompt, query, ratios=RATIOS, levels=LEVELS, cost=planner.NO_TLM, preference=None, scale=(1.0, 1.0)
+):
+    return planner.PlanRequest(
+        prompt, query, planner.budgets(slo, lat, prompt), ratios, levels, cost, preference, scale
+    )
 
 
 def _plan(slo, lat, prompt, query, preference, cost, scale=(1.0, 1.0)) -> planner.Plan:
     """ElastiLM's plan (the TLM's `preference`)."""
-    return planner.choose("elastilm", _request(slo, lat, prompt, query, cost=cost, preference=preference, scale=scale), lat)
+    return planner.choose(
+        "elastilm", _request(slo, lat, prompt, query, cost=cost, preference=preference, scale=scale), lat
+    )
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    ttft=st.floats(0.05, 1.5), tpot=st.floats(0.3, 1.5), prompt=st.integers(8, 1500), query_share=st.floats(0.0, 1.0),
-    seed=st.integers(0, 10_000), noise=st.lists(st.floats(-0.1, 0.1), min_size=9, max_size=9),
-    window_ms=st.floats(0.0, 50.0), relative=st.booleans(),
+    ttft=st.floats(0.05, 1.5),
+    tpot=st.floats(0.3, 1.5),
+    prompt=st.integers(8, 1500),
+    query_share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000),
+    noise=st.lists(st.floats(-0.1, 0.1), min_size=9, max_size=9),
+    window_ms=st.floats(0.0, 50.0),
+    relative=st.booleans(),
 )
 def test_plan_never_breaks_a_feasible_slo(ttft, tpot, prompt, query_share, seed, noise, window_ms, relative):
     """Whatever the TLM prefers: if some plan meets the SLO, the chosen one does (by the same predictions,

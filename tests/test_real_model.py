@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elastilm.compile import corpus, layer_drop, reference
-from elastilm.formats import elastic as artifact
-from elastilm.formats.config import ModelConfig
 from elastilm.compile.elastify import ElastifyOptions, elastify
 from elastilm.compile.ingest import resolve
-from elastilm.formats.widths import layer_widths
 from elastilm.evaluate.quality import perplexity
+from elastilm.formats import elastic as artifact
+from elastilm.formats.config import ModelConfig
+from elastilm.formats.widths import layer_widths
 
 pytestmark = pytest.mark.real
 
@@ -123,7 +123,11 @@ def test_serving_all_levels_needs_no_more_memory_than_full_width(engine):
         "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
     )
     peak = {
-        mode: int(subprocess.run([sys.executable, "-c", code, str(engine.folder), mode], capture_output=True, text=True, check=True).stdout.split()[-1])
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", code, str(engine.folder), mode], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
         for mode in ("full", "all")
     }
     print(f"peak RSS: full width only {peak['full'] / 1024:.0f} MB, all 9 levels {peak['all'] / 1024:.0f} MB")
@@ -152,7 +156,12 @@ def test_eval_harness_scores_like_the_oracle_and_resumes(smollm2, engine, tmp_pa
             continue
         for option, got in zip(item.options, json.loads(row["scores"])):
             ids = prefix + question + engine.encode(option)
-            logp = torch.log_softmax(reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(float(row["level"])))[0].double(), -1)
+            logp = torch.log_softmax(
+                reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(float(row["level"])))[
+                    0
+                ].double(),
+                -1,
+            )
             start = len(prefix) + len(question)
             expected = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / len(option)
             assert got == pytest.approx(expected, abs=2e-3)
@@ -173,15 +182,24 @@ def test_layer_drop_variant_scores_like_the_oracle_with_its_layers_skipped(smoll
     layers = engine.layer_drops[n]
     assert n == round((1 - model.levels[0.5].kept) * model.config.num_layers) and len(layers) == n
     assert 0 not in layers  # the first layer changes the residual stream most (ShortGPT's finding, and here)
-    harness.evaluate([harness.Run("layer-drop", engine.folder)], ["arc_easy"], [0.5], [0.2], 2, tmp_path, progress=False)
+    harness.evaluate(
+        [harness.Run("layer-drop", engine.folder)], ["arc_easy"], [0.5], [0.2], 2, tmp_path, progress=False
+    )
     rows = list(csv.DictReader((tmp_path / "items.csv").open()))
     assert [r["variant"] for r in rows] == ["layer-drop"] * 2
-    widths = [(0, 0) if i in layers else (model.config.num_heads, model.config.intermediate_size) for i in range(model.config.num_layers)]
+    widths = [
+        (0, 0) if i in layers else (model.config.num_heads, model.config.intermediate_size)
+        for i in range(model.config.num_layers)
+    ]
     prefix = harness.compress_prefix(engine, "arc_easy", 0.2)
     for item, row in zip(tasks.items("arc_easy", "report"), rows):
         question = engine.encode(item.question)
         for option, got in zip(item.options, json.loads(row["scores"])):
             ids = prefix + question + engine.encode(option)
-            logp = torch.log_softmax(reference.logits(model.params, model.config, torch.tensor([ids]), widths)[0].double(), -1)
+            logp = torch.log_softmax(
+                reference.logits(model.params, model.config, torch.tensor([ids]), widths)[0].double(), -1
+            )
             start = len(prefix) + len(question)
-            assert got == pytest.approx(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / len(option), abs=2e-3)
+            assert got == pytest.approx(
+                sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / len(option), abs=2e-3
+            )

@@ -6,15 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import elastified_tiny, random_adapters, random_ids
-from elastilm.formats.errors import ElastiLMError
+
 from elastilm.compile import reference
+from elastilm.compile.build import build
 from elastilm.formats import adapters as adapters_file
 from elastilm.formats import elastic as artifact
-from elastilm.train import recover
-from elastilm.compile.build import build
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.train import recover
 
 TRAIN = recover.RecoverOptions(rank=4, alpha=8.0, tokens=6 * 2 * 16, seq_len=16, batch=2, lr=1e-2, checkpoint_every=1)
 
@@ -51,7 +51,9 @@ def test_recovery_lowers_the_kl_and_resumes_to_the_same_adapters(elastic, tmp_pa
         assert row["kl_last"] < row["kl_first"], row
     expected = adapters_file.load(straight)
     stamp = (straight / adapters_file.TENSORS).stat().st_mtime_ns
-    assert recover.recover(straight, TRAIN, progress=False) == json.loads((straight / adapters_file.SUMMARY).read_text())
+    assert recover.recover(straight, TRAIN, progress=False) == json.loads(
+        (straight / adapters_file.SUMMARY).read_text()
+    )
     assert (straight / adapters_file.TENSORS).stat().st_mtime_ns == stamp  # same options: nothing retrained
     assert sorted(expected) == list(artifact.load(straight, with_tokenizer=False).levels)[:-1]
 
@@ -96,7 +98,9 @@ def adapted(elastic, tmp_path_factory):
 
 
 def oracle(model, ids, fraction, adapters):
-    return reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(fraction), adapters)[0].numpy()
+    return reference.logits(model.params, model.config, torch.tensor([ids]), model.widths(fraction), adapters)[
+        0
+    ].numpy()
 
 
 def test_compiled_adapters_match_the_oracle_at_every_level(adapted):

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+
 from elastilm.compile import reference, reorder
 from elastilm.compile.importance import UnitScores
 
@@ -35,7 +35,10 @@ def masked_copy(hf, cfg, active_heads, active_neurons):
 def random_widths(cfg, seed):
     g = torch.Generator().manual_seed(seed)
     return [
-        (int(torch.randint(1, cfg.num_heads + 1, (1,), generator=g)), int(torch.randint(1, cfg.intermediate_size + 1, (1,), generator=g)))
+        (
+            int(torch.randint(1, cfg.num_heads + 1, (1,), generator=g)),
+            int(torch.randint(1, cfg.intermediate_size + 1, (1,), generator=g)),
+        )
         for _ in range(cfg.num_layers)
     ]
 
@@ -54,9 +57,7 @@ def test_prefix_widths_match_masked_transformers(tiny, seed):
     hf, params, cfg = tiny
     widths = random_widths(cfg, seed)
     ids = random_ids(cfg, seed=seed)
-    expected = hf_logits(
-        masked_copy(hf, cfg, [range(h) for h, _ in widths], [range(n) for _, n in widths]), ids
-    )
+    expected = hf_logits(masked_copy(hf, cfg, [range(h) for h, _ in widths], [range(n) for _, n in widths]), ids)
     got = reference.logits(params, cfg, ids, widths)
     assert (got - expected).abs().max() < 1e-4
     # and the prefix really changes the function (the comparison is not vacuous)
@@ -68,7 +69,10 @@ def test_prefix_of_reordered_model_is_the_chosen_units(tiny, seed):
     """A prefix of the reordered (interleaved-KV) model keeps exactly the top-ranked original units."""
     hf, params, cfg = tiny
     g = torch.Generator().manual_seed(seed)
-    scores = UnitScores(torch.rand(cfg.num_layers, cfg.num_heads, generator=g), torch.rand(cfg.num_layers, cfg.intermediate_size, generator=g))
+    scores = UnitScores(
+        torch.rand(cfg.num_layers, cfg.num_heads, generator=g),
+        torch.rand(cfg.num_layers, cfg.intermediate_size, generator=g),
+    )
     perm = reorder.permutation(cfg, scores)
     new_params, new_cfg = reorder.apply(params, cfg, perm)
     widths = random_widths(new_cfg, seed + 10)

@@ -2,15 +2,18 @@
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+
 from elastilm.compile import importance, reference, reorder
 from elastilm.compile.importance import UnitScores
 
 
 def random_scores(cfg, seed):
     g = torch.Generator().manual_seed(seed)
-    return UnitScores(torch.rand(cfg.num_layers, cfg.num_heads, generator=g), torch.rand(cfg.num_layers, cfg.intermediate_size, generator=g))
+    return UnitScores(
+        torch.rand(cfg.num_layers, cfg.num_heads, generator=g),
+        torch.rand(cfg.num_layers, cfg.intermediate_size, generator=g),
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

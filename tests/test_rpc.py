@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
+from conftest import elastified_tiny, random_adapters
 from tvm import rpc
 from tvm.rpc.tracker import Tracker
 
-from conftest import elastified_tiny, random_adapters
-from elastilm.formats.errors import ElastiLMError
+from elastilm.compile.build import build
 from elastilm.formats import adapters as adapters_file
 from elastilm.formats import elastic as artifact
-from elastilm.compile.build import build
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import device
 from elastilm.runtime_py.engine import ElasticEngine
 
@@ -18,7 +18,9 @@ from elastilm.runtime_py.engine import ElasticEngine
 def built(tmp_path_factory):
     """With recovery adapters, so that the device also holds and switches each level's adapter set."""
     out = elastified_tiny(tmp_path_factory, "llama")
-    adapters_file.save(out, random_adapters(artifact.load(out, with_tokenizer=False), 4, seed=5), {"note": "random, for tests"})
+    adapters_file.save(
+        out, random_adapters(artifact.load(out, with_tokenizer=False), 4, seed=5), {"note": "random, for tests"}
+    )
     return build(out, "host-cpu", max_len=40)
 
 
@@ -34,7 +36,9 @@ def device_cache(tmp_path, monkeypatch):
 
 
 def start_server(port=9100, **kw):
-    return rpc.Server("127.0.0.1", port=port, port_end=port + 50, server_init_callback=device.register, silent=True, **kw)
+    return rpc.Server(
+        "127.0.0.1", port=port, port_end=port + 50, server_init_callback=device.register, silent=True, **kw
+    )
 
 
 def prompt(engine, length, seed):
@@ -69,7 +73,9 @@ def test_generate_over_rpc_equals_local_and_uploads_once(built, local, device_ca
 
 def test_tracker_and_a_stock_server_without_the_cache(built, local):
     tracker = Tracker("127.0.0.1", port=9200, port_end=9250, silent=True)
-    server = rpc.Server("127.0.0.1", port=9300, port_end=9350, tracker_addr=("127.0.0.1", tracker.port), key="phone", silent=True)
+    server = rpc.Server(
+        "127.0.0.1", port=9300, port_end=9350, tracker_addr=("127.0.0.1", tracker.port), key="phone", silent=True
+    )
     try:
         engine = ElasticEngine(built, tracker=f"127.0.0.1:{tracker.port}", key="phone")
         ids = prompt(local, 5, 8)
@@ -113,7 +119,8 @@ def test_cli_device_serve_runs_until_interrupted(built, local, tmp_path):
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "elastilm", "device", "serve", "--port", "9500", "--cache", str(tmp_path / "cache")],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         banner = proc.stdout.readline()
@@ -132,12 +139,12 @@ def test_cli_device_serve_runs_until_interrupted(built, local, tmp_path):
 def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory, device_cache, tmp_path):
     """The LLM and the TLM both run on the device; plans, compressed prompts and answers equal a local run's."""
     import httpx
-
     from conftest import tiny_build_with_tlm
+
     from elastilm.compile.package import package
+    from elastilm.evaluate.trace import start_service as spawn
     from elastilm.runtime_py.orchestrator import Orchestrator, Request
     from elastilm.runtime_py.planner import SLO
-    from elastilm.evaluate.trace import start_service as spawn
 
     out, _ = tiny_build_with_tlm(tmp_path_factory)
     bundle = package([out], tmp_path / "bundle")
@@ -148,8 +155,12 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
         remote = Orchestrator(out, ElasticEngine(out, rpc=endpoint), calibrate=False)
         query = "w5 w6 w7 w30"
         for ttft, tpot in ((0.9, 0.9), (0.3, 0.6)):
-            np.testing.assert_allclose(np.concatenate(remote.tlm.decide(query, ttft, tpot)),
-                                       np.concatenate(local.tlm.decide(query, ttft, tpot)), rtol=0, atol=1e-5)
+            np.testing.assert_allclose(
+                np.concatenate(remote.tlm.decide(query, ttft, tpot)),
+                np.concatenate(local.tlm.decide(query, ttft, tpot)),
+                rtol=0,
+                atol=1e-5,
+            )
         context = " ".join(f"w{i}" for i in range(9, 40))
         for slo, strategy in ((SLO(0.6, 0.9), "elastilm"), (SLO(1.0, 1.0), "full"), (SLO(0.5, 0.8), "layer-drop")):
             request = Request(query, context, False, slo, 5, strategy)
@@ -162,17 +173,30 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
         request = Request(query, context, False, SLO(0.6, 0.9), 5)
         b = remote.answer(request)
         a = local.answer(request)
-        assert (a.plan.level, a.plan.ratio, a.compressed.ids, a.text) == (b.plan.level, b.plan.ratio, b.compressed.ids, b.text)
+        assert (a.plan.level, a.plan.ratio, a.compressed.ids, a.text) == (
+            b.plan.level,
+            b.plan.ratio,
+            b.compressed.ids,
+            b.text,
+        )
         assert remote.engine.session.connections == 2
         remote.close()  # the RPC server serves one session at a time
 
         process, url = spawn(out, tmp_path / "serve.log", bundle=bundle, rpc=endpoint)
         try:
-            body = {"prompt": query, "context": " ".join(f"w{i}" for i in range(9, 40)), "max_tokens": 5, "slo": {"ttft": 0.6, "tpot": 0.9}}
+            body = {
+                "prompt": query,
+                "context": " ".join(f"w{i}" for i in range(9, 40)),
+                "max_tokens": 5,
+                "slo": {"ttft": 0.6, "tpot": 0.9},
+            }
             got = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
             expected = local.answer(request)
             assert got["choices"][0]["text"] == expected.text
-            assert (got["elastilm"]["level"], got["elastilm"]["prompt_ratio"]) == (expected.plan.level, expected.plan.ratio)
+            assert (got["elastilm"]["level"], got["elastilm"]["prompt_ratio"]) == (
+                expected.plan.level,
+                expected.plan.ratio,
+            )
         finally:
             process.terminate()
             process.wait(30)

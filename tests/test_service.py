@@ -27,7 +27,9 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -70,8 +72,14 @@ def server(built):
     service.close()
 
 
-CHAT = {"messages": [{"role": "system", "content": " ".join(f"w{i}" for i in range(3, 25))},
-                     {"role": "user", "content": "w5 w6 w7"}], "max_tokens": 6, "slo": {"ttft": 0.6, "tpot": 0.9}}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": " ".join(f"w{i}" for i in range(3, 25))},
+        {"role": "user", "content": "w5 w6 w7"},
+    ],
+    "max_tokens": 6,
+    "slo": {"ttft": 0.6, "tpot": 0.9},
+}
 
 
 def test_chat_answer_is_the_orchestrators_and_reports_the_plan(server, built):
@@ -102,14 +110,20 @@ def test_streaming_matches_the_whole_answer(server):
     assert chunks[-1] == "[DONE]"
     events = [json.loads(c) for c in chunks[:-1]]
     assert all(e["object"] == "chat.completion.chunk" for e in events)
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole["choices"][0]["message"]["content"]
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        == whole["choices"][0]["message"]["content"]
+    )
     assert events[-1]["elastilm"]["level"] == whole["elastilm"]["level"] and events[-1]["choices"][0]["finish_reason"]
 
 
 def test_completions_models_health_metrics(server):
     srv, _ = server
-    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "w9 w10", "context": "w11 w12 w13", "max_tokens": 3,
-                                                      "slo": {"ttft_ms": 500, "tpot_ms": 50}}, timeout=60)
+    r = httpx.post(
+        f"{srv.url}/v1/completions",
+        json={"prompt": "w9 w10", "context": "w11 w12 w13", "max_tokens": 3, "slo": {"ttft_ms": 500, "tpot_ms": 50}},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["object"] == "text_completion" and isinstance(r.json()["choices"][0]["text"], str)
     models = httpx.get(f"{srv.url}/v1/models").json()["data"][0]
@@ -120,17 +134,20 @@ def test_completions_models_health_metrics(server):
     assert "elastilm_slo_total" in metrics and "elastilm_ttft_seconds_bucket" in metrics
 
 
-@pytest.mark.parametrize("body, reason", [
-    (b"{not json", "malformed JSON"),
-    (b"[1, 2]", "JSON object"),
-    ({**CHAT, "slo": {"ttft_ms": -5, "tpot_ms": 40}}, "greater than 0"),
-    ({**CHAT, "slo": {"ttft_ms": 300, "tpot": 0.5}}, "either ttft_ms and tpot_ms"),
-    ({**CHAT, "frequency_penality": 1}, "unknown field"),
-    ({**CHAT, "messages": [{"role": "user", "content": " ".join(["w5"] * 80)}]}, "context window"),
-    ({**CHAT, "messages": [{"role": "assistant", "content": "w5"}]}, "last message must be from the user"),
-    ({**CHAT, "model": "gpt-9"}, "unknown model"),
-    ({"messages": []}, "at least 1"),
-])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"{not json", "malformed JSON"),
+        (b"[1, 2]", "JSON object"),
+        ({**CHAT, "slo": {"ttft_ms": -5, "tpot_ms": 40}}, "greater than 0"),
+        ({**CHAT, "slo": {"ttft_ms": 300, "tpot": 0.5}}, "either ttft_ms and tpot_ms"),
+        ({**CHAT, "frequency_penality": 1}, "unknown field"),
+        ({**CHAT, "messages": [{"role": "user", "content": " ".join(["w5"] * 80)}]}, "context window"),
+        ({**CHAT, "messages": [{"role": "assistant", "content": "w5"}]}, "last message must be from the user"),
+        ({**CHAT, "model": "gpt-9"}, "unknown model"),
+        ({"messages": []}, "at least 1"),
+    ],
+)
 def test_bad_requests_get_400_with_the_reason_and_the_server_goes_on(server, body, reason):
     srv, _ = server
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -153,7 +170,9 @@ def test_api_key_full_queue_and_disconnect(built):
 
         def call(name, timeout=60.0):
             try:
-                results[name] = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "user": name}, headers=auth, timeout=timeout)
+                results[name] = httpx.post(
+                    f"{srv.url}/v1/chat/completions", json={**CHAT, "user": name}, headers=auth, timeout=timeout
+                )
             except httpx.ReadTimeout as e:
                 results[name] = e
 
@@ -212,8 +231,14 @@ def test_multiple_choice_and_baseline_strategies(server, built):
     from elastilm.runtime_py.compress import compress
 
     srv, _ = server
-    body = {"prompt": "w5 w6", "context": " ".join(f"w{i}" for i in range(20, 40)), "options": [" w7", " w8 w9", " w10"],
-            "calibration": "w2", "max_tokens": 2, "slo": {"ttft": 0.5, "tpot": 0.9}}
+    body = {
+        "prompt": "w5 w6",
+        "context": " ".join(f"w{i}" for i in range(20, 40)),
+        "options": [" w7", " w8 w9", " w10"],
+        "calibration": "w2",
+        "max_tokens": 2,
+        "slo": {"ttft": 0.5, "tpot": 0.9},
+    }
     r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     ext = r.json()["elastilm"]
@@ -255,20 +280,42 @@ def test_trace_arrivals_and_shares():
 def test_trace_replay_over_http_and_summary(server, monkeypatch, tmp_path):
     """A short trace through the real service (prompts shortened to the tiny model's window), then the summary
     figures against a hand count."""
-    from elastilm.evaluate import trace, tasks
+    from elastilm.evaluate import tasks, trace
 
     srv, _ = server
     item = tasks.Item("x", "w5 w6", (" w7", " w8"), 1)
     requests = [trace.Request(0.05 * i, trace.APPS[i % 2], item) for i in range(4)]
-    monkeypatch.setattr(trace, "request_body", lambda r, s: {
-        "prompt": "w5 w6", "context": "w9 w10 w11 w12", "options": [" w7", " w8"], "max_tokens": 3, "strategy": s,
-        "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot}, "user": r.app.name})
-    rows = [{**r, "alpha": 0.0} for s in ("elastilm", "smallest", "layer-drop") for r in trace.replay(srv.url, requests, s, progress=False)]
+    monkeypatch.setattr(
+        trace,
+        "request_body",
+        lambda r, s: {
+            "prompt": "w5 w6",
+            "context": "w9 w10 w11 w12",
+            "options": [" w7", " w8"],
+            "max_tokens": 3,
+            "strategy": s,
+            "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot},
+            "user": r.app.name,
+        },
+    )
+    rows = [
+        {**r, "alpha": 0.0}
+        for s in ("elastilm", "smallest", "layer-drop")
+        for r in trace.replay(srv.url, requests, s, progress=False)
+    ]
     assert len(rows) == 12 and all(r["ok"] for r in rows)
-    assert all(r["level"] == 0.2 and r["ratio"] == 1.0 and r["layers_dropped"] == 0 for r in rows if r["strategy"] == "smallest")
+    assert all(
+        r["level"] == 0.2 and r["ratio"] == 1.0 and r["layers_dropped"] == 0
+        for r in rows
+        if r["strategy"] == "smallest"
+    )
     dropping = [r for r in rows if r["strategy"] == "layer-drop"]
-    assert all(r["level"] == 1.0 for r in dropping) and {r["layers_dropped"] for r in dropping if r["app"] == "Rewind"} == {0}
-    assert {r["layers_dropped"] for r in dropping if r["app"] == "GMail"} == {1}  # TPOT 0.9 of full: 3 of the 4 layers fit
+    assert all(r["level"] == 1.0 for r in dropping) and {
+        r["layers_dropped"] for r in dropping if r["app"] == "Rewind"
+    } == {0}
+    assert {r["layers_dropped"] for r in dropping if r["app"] == "GMail"} == {
+        1
+    }  # TPOT 0.9 of full: 3 of the 4 layers fit
     table = trace.summarize(rows, tmp_path)
     overall = {r["strategy"]: r for r in table if r["app"] == "all"}
     for s in ("elastilm", "smallest", "layer-drop"):
@@ -290,12 +337,21 @@ def test_trace_run_warms_the_service_up_and_replays_every_strategy(server, monke
 
     def body(r, s):
         sent.append(s)
-        return {"prompt": "w5 w6", "context": "w9 w10 w11", "options": [" w7", " w8"], "max_tokens": 2, "strategy": s,
-                "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot}, "user": r.app.name}
+        return {
+            "prompt": "w5 w6",
+            "context": "w9 w10 w11",
+            "options": [" w7", " w8"],
+            "max_tokens": 2,
+            "strategy": s,
+            "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot},
+            "user": r.app.name,
+        }
 
     monkeypatch.setattr(trace, "request_body", body)
     table = trace.run(srv.url, 3, [0.0], None, rate=50.0, seed=0, out=tmp_path, progress=False, warmup=2)
-    assert sent[:2] == ["full", "full"] and len(sent) == 2 + 3 * len(STRATEGIES)  # this server never calibrates: 2 warm-ups
+    assert sent[:2] == ["full", "full"] and len(sent) == 2 + 3 * len(
+        STRATEGIES
+    )  # this server never calibrates: 2 warm-ups
     assert {r["strategy"] for r in table if r["app"] == "all"} == set(STRATEGIES)
     rows = trace._read(tmp_path / "trace-requests.csv")
     assert len(rows) == 3 * len(STRATEGIES) and all(r["ok"] == 1 for r in rows)

@@ -5,10 +5,10 @@ import shutil
 import tarfile
 
 import pytest
-
 from conftest import elastified_tiny
-from elastilm.formats.errors import ElastiLMError
+
 from elastilm.compile.build import build
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.engine import ElasticEngine
 from elastilm.targets import names, preset
 

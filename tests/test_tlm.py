@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from conftest import small_tlm, tiny_build_with_tlm
 
-from elastilm.formats.errors import ElastiLMError
 from elastilm.compile import tlm_model
-from elastilm.formats import tlm as tlm_file
-from elastilm.train import train_tlm
 from elastilm.evaluate import tasks
+from elastilm.formats import tlm as tlm_file
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.compress import WORD, Part, compress
+from elastilm.train import train_tlm
 
 LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
@@ -71,7 +71,9 @@ def test_kept_tokens_are_the_best_scored_words(llm_tokenizer):
         word_len[m.start() : m.end()] = len(m.group())
     expected = np.array([word_len[s:e].max() / 100 for s, e in enc.offsets])
     for ratio in (0.8, 0.5, 0.25):
-        c = compress([Part(prefix), Part(question, compress=False)], ratio, WordLengthScores(), llm_tokenizer, keep_digits=False)
+        c = compress(
+            [Part(prefix), Part(question, compress=False)], ratio, WordLengthScores(), llm_tokenizer, keep_digits=False
+        )
         kept_ids = c.ids[: len(c.ids) - len(llm_tokenizer.encode(question, add_special_tokens=False).ids)]
         # recover which positions were kept: the selection keeps order, so walk the original
         kept, j = np.zeros(len(enc.ids), bool), 0
@@ -135,7 +137,9 @@ def test_compiled_tlm_equals_torch_tlm(tmp_path, torch_tlm):
             np.testing.assert_allclose(got[2], want[2], atol=2e-4, rtol=1e-4)
     a, b = compiled.decide(real_prompts()[5][1], 0.2, 0.6), reference.decide(real_prompts()[5][1], 0.2, 0.6)
     assert int(np.argmax(a[0])) == int(np.argmax(b[0])) and int(np.argmax(a[1])) == int(np.argmax(b[1]))
-    np.testing.assert_allclose([p for *_, p in compiled.token_scores(text)], [p for *_, p in reference.token_scores(text)], atol=1e-4)
+    np.testing.assert_allclose(
+        [p for *_, p in compiled.token_scores(text)], [p for *_, p in reference.token_scores(text)], atol=1e-4
+    )
     assert compiled.measure_cost(repeat=1).window_ms > 0
 
     # a changed weight file is refused before anything runs, in the trained folder and in the build
@@ -188,8 +192,14 @@ def test_word_labels_follow_the_llm_surprisal(llm_tokenizer):
 
 
 def test_decision_label_is_the_most_capable_correct_feasible_plan():
-    lat = planner.LatencyModel({"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [32, 512], "levels": [
-        {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS]})
+    lat = planner.LatencyModel(
+        {
+            "schema": "elastilm.latency",
+            "schema_version": 1,
+            "prompt_lengths": [32, 512],
+            "levels": [{"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS],
+        }
+    )
     ratios = [1.0, 0.5]
     correct = {(r, lv): int(lv <= 0.6) for r in ratios for lv in LEVELS}
     slo = planner.SLO(0.7, 1.0)  # TTFT 280 ms of 400: ratio 1.0 fits up to level 0.7, ratio 0.5 every level
@@ -214,10 +224,18 @@ def test_sampled_slos_reach_budgets_the_full_model_meets():
     assert len(slos) == 24 and slos[: len(PAPER_SLOS) + 1] == [*PAPER_SLOS, (1.0, 1.0)]
     assert all(0.1 <= a <= 1.0 and 0.5 <= b <= 1.1 for a, b in slos[len(PAPER_SLOS) + 1 :])
     assert any(b >= 1.0 for _, b in slos[len(PAPER_SLOS) + 1 :])
-    lat = planner.LatencyModel({"schema": "elastilm.latency", "schema_version": 1, "prompt_lengths": [32, 512], "levels": [
-        {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS]})
+    lat = planner.LatencyModel(
+        {
+            "schema": "elastilm.latency",
+            "schema_version": 1,
+            "prompt_lengths": [32, 512],
+            "levels": [{"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS],
+        }
+    )
     all_right = {(1.0, lv): 1 for lv in LEVELS}
-    assert train_tlm.decision_label("t", all_right, 400, 20, planner.SLO(1.0, 1.0), lat, [1.0], LEVELS, planner.NO_TLM) == (1.0, 1.0)
+    assert train_tlm.decision_label(
+        "t", all_right, 400, 20, planner.SLO(1.0, 1.0), lat, [1.0], LEVELS, planner.NO_TLM
+    ) == (1.0, 1.0)
 
 
 def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
@@ -249,11 +267,10 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     orch.close()
     engine.close()
 
-    from elastilm.compile.package import package
-    from elastilm.formats.bundle import read as read_bundle
-
     # a build re-made in a folder that has a latency profile stays loadable when the profile is re-measured
     from elastilm.compile.build import build
+    from elastilm.compile.package import package
+    from elastilm.formats.bundle import read as read_bundle
 
     build(out.parent, "host-cpu", out, max_len=64)
     (out / "latency.json").write_text((out / "latency.json").read_text().replace('"tpot_ms": 1', '"tpot_ms": 2'))

@@ -84,14 +84,19 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         raise ElastiLMError(f"{folder}: no level below 1.0 to recover")
     gen = torch.Generator().manual_seed(options.seed)
     adapters = {lv.fraction: _init(params, cfg, options.rank, gen) for lv in levels}
-    optims = {f: torch.optim.AdamW([t for pair in ad.values() for t in pair], lr=options.lr, weight_decay=0.0) for f, ad in adapters.items()}
+    optims = {
+        f: torch.optim.AdamW([t for pair in ad.values() for t in pair], lr=options.lr, weight_decay=0.0)
+        for f, ad in adapters.items()
+    }
     history = {f"{lv.fraction:g}": [] for lv in levels}
     start, seconds = 0, 0.0
     ckpt_path = folder / CHECKPOINT
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["options"] != asdict(options):
-            raise ElastiLMError(f"{ckpt_path} was written with other options ({ckpt['options']}); delete it to start over")
+            raise ElastiLMError(
+                f"{ckpt_path} was written with other options ({ckpt['options']}); delete it to start over"
+            )
         for f, ad in adapters.items():
             for name, (a, b) in ad.items():
                 a.data.copy_(ckpt["adapters"][f][name][0])
@@ -103,14 +108,24 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
     windows = corpus.random_windows(stream, options.steps * options.batch, options.seq_len, options.seed + 1)
     scale = options.alpha / options.rank
     torch.manual_seed(options.seed)
-    bar = tqdm(range(start, options.steps), desc="recover", unit="step", disable=not progress, initial=start, total=options.steps)
+    bar = tqdm(
+        range(start, options.steps),
+        desc="recover",
+        unit="step",
+        disable=not progress,
+        initial=start,
+        total=options.steps,
+    )
     for step in bar:
         t = time.perf_counter()
         batch = windows[step * options.batch : (step + 1) * options.batch]
         with torch.no_grad():
             teacher = F.log_softmax(reference.logits(params, cfg, batch), -1)
         for lv in levels:
-            loss = _kl(teacher, reference.logits(params, cfg, batch, model.widths(lv.fraction), _scaled(adapters[lv.fraction], scale)))
+            loss = _kl(
+                teacher,
+                reference.logits(params, cfg, batch, model.widths(lv.fraction), _scaled(adapters[lv.fraction], scale)),
+            )
             optims[lv.fraction].zero_grad()
             loss.backward()
             optims[lv.fraction].step()
@@ -120,8 +135,13 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
             torch.save(
                 {
-                    "options": asdict(options), "step": step + 1, "history": history, "seconds": seconds,
-                    "adapters": {f: {n: (a.detach(), b.detach()) for n, (a, b) in ad.items()} for f, ad in adapters.items()},
+                    "options": asdict(options),
+                    "step": step + 1,
+                    "history": history,
+                    "seconds": seconds,
+                    "adapters": {
+                        f: {n: (a.detach(), b.detach()) for n, (a, b) in ad.items()} for f, ad in adapters.items()
+                    },
                     "optims": {f: o.state_dict() for f, o in optims.items()},
                 },
                 ckpt_path,
@@ -143,6 +163,10 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         ],
         "history": history,
     }
-    adapters_file.save(folder, {f: {n: (a.detach(), b.detach() * scale) for n, (a, b) in ad.items()} for f, ad in adapters.items()}, summary)
+    adapters_file.save(
+        folder,
+        {f: {n: (a.detach(), b.detach() * scale) for n, (a, b) in ad.items()} for f, ad in adapters.items()},
+        summary,
+    )
     ckpt_path.unlink(missing_ok=True)
     return summary

@@ -52,7 +52,7 @@ class TorchTLM(TLMBase):
         self.model = model.eval()
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "TorchTLM":
+    def from_folder(cls, folder: Path) -> TorchTLM:
         model, meta = tlm_model.load(folder)
         return cls(model, meta, Path(folder) / tlm_file.FOLDER)
 
@@ -85,8 +85,12 @@ def passages(opts: TLMOptions) -> list[str]:
         pool = tasks.items(t, "tune")
         for _ in range(opts.passages_per_task):
             shots = rng.sample(pool, min(len(pool), rng.randint(2, 6)))
-            out.append("\n\n".join([tasks.TASKS[t][1]] + [f"{it.question}{it.options[it.answer]}" for it in shots]) + "\n\n")
-    words = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in corpus.split_files("calibration")).split(" ")
+            out.append(
+                "\n\n".join([tasks.TASKS[t][1]] + [f"{it.question}{it.options[it.answer]}" for it in shots]) + "\n\n"
+            )
+    words = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in corpus.split_files("calibration")).split(
+        " "
+    )
     for _ in range(opts.essay_chunks):
         start = rng.randrange(0, max(1, len(words) - 150))
         out.append(" ".join(words[start : start + rng.randint(60, 150)]))
@@ -173,11 +177,20 @@ def keep_accuracy(model, examples) -> float:
 
 # -- stage 2: self-induced decision labels ---------------------------------------------------------------
 def decision_label(
-    task: str, correct: dict[tuple, int], prompt_tokens: int, query_tokens: int, slo: planner.SLO,
-    latency: planner.LatencyModel, ratios, levels, cost: planner.TLMCost,
+    task: str,
+    correct: dict[tuple, int],
+    prompt_tokens: int,
+    query_tokens: int,
+    slo: planner.SLO,
+    latency: planner.LatencyModel,
+    ratios,
+    levels,
+    cost: planner.TLMCost,
 ) -> tuple[float, float] | None:
     """The self-induced (ratio, level) for one question under `slo`, or None when no plan meets it."""
-    request = planner.PlanRequest(prompt_tokens, query_tokens, planner.budgets(slo, latency, prompt_tokens), tuple(ratios), tuple(levels), cost)
+    request = planner.PlanRequest(
+        prompt_tokens, query_tokens, planner.budgets(slo, latency, prompt_tokens), tuple(ratios), tuple(levels), cost
+    )
     feasible = [p for p in planner.candidates(request, latency, ratios, levels, cost, decides=True) if p.feasible]
     if not feasible:
         return None
@@ -194,7 +207,9 @@ def sample_slos(rng: random.Random, count: int) -> list[tuple[float, float]]:
     return fixed + [(rng.uniform(0.1, 1.0), rng.uniform(0.5, 1.1)) for _ in range(count - len(fixed))]
 
 
-def decision_examples(rows, queries: dict, latency, ratios, levels, cost, opts: TLMOptions, tokenizer_count) -> list[tuple]:
+def decision_examples(
+    rows, queries: dict, latency, ratios, levels, cost, opts: TLMOptions, tokenizer_count
+) -> list[tuple]:
     """(task, id, ttft, tpot, ratio index, level index) for every tune question and sampled SLO."""
     by_question: dict[tuple, dict] = {}
     tokens: dict[tuple, int] = {}
@@ -206,7 +221,9 @@ def decision_examples(rows, queries: dict, latency, ratios, levels, cost, opts: 
     for (t, qid), correct in sorted(by_question.items()):
         q_tokens = tokenizer_count(queries[(t, qid)])
         for ttft, tpot in sample_slos(rng, opts.slos_per_question):
-            label = decision_label(t, correct, tokens[(t, qid)], q_tokens, planner.SLO(ttft, tpot), latency, ratios, levels, cost)
+            label = decision_label(
+                t, correct, tokens[(t, qid)], q_tokens, planner.SLO(ttft, tpot), latency, ratios, levels, cost
+            )
             if label is not None:
                 out.append((t, qid, ttft, tpot, ratios.index(label[0]), levels.index(label[1])))
     return out
@@ -267,7 +284,7 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
         labels = [word_labels(t, engine) for t in tqdm(texts, desc="tlm labels (LLM surprisal)", disable=not progress)]
         labels_file.write_text(json.dumps({"options": asdict(opts), "labels": labels}))
     examples = [ex for text, lab in zip(texts, labels) for ex in _token_targets(tlm, text, lab)]
-    held = examples[:: 10]
+    held = examples[::10]
     train = [ex for i, ex in enumerate(examples) if i % 10]
     if stage1.is_file() and torch.load(stage1)["options"] == asdict(opts):
         state = torch.load(stage1)
@@ -276,13 +293,25 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
     else:
         before = keep_accuracy(model, held)
         score_losses = train_scores(model, train, opts, progress)
-        torch.save({"options": asdict(opts), "model": model.state_dict(), "losses": score_losses, "before": before}, stage1)
+        torch.save(
+            {"options": asdict(opts), "model": model.state_dict(), "losses": score_losses, "before": before}, stage1
+        )
     before = torch.load(stage1)["before"]
     after = keep_accuracy(model, held)
 
     # stage 2
     cost = tlm.measure_cost()
-    rows = grid.run_grid(engine, tlm, list(tasks.TASKS), "tune", list(meta["ratios"]), levels, opts.grid_questions, work / "grid-tune.csv", progress)
+    rows = grid.run_grid(
+        engine,
+        tlm,
+        list(tasks.TASKS),
+        "tune",
+        list(meta["ratios"]),
+        levels,
+        opts.grid_questions,
+        work / "grid-tune.csv",
+        progress,
+    )
     engine.close()
     items = {(t, it.id): it.question for t in tasks.TASKS for it in grid.questions(t, "tune", opts.grid_questions)}
     count = lambda text: len(engine.tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
@@ -293,10 +322,20 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
 
     meta["training"] = {
         "options": asdict(opts),
-        "score_head": {"passages": len(texts), "windows": len(examples), "loss_first": score_losses[0],
-                       "loss_last20": float(np.mean(score_losses[-20:])), "heldout_keep_accuracy_before": before,
-                       "heldout_keep_accuracy_after": after},
-        "decision_head": {"questions": len(items), "examples": len(dec), "loss_first": decision_losses[0], "loss_last": decision_losses[-1]},
+        "score_head": {
+            "passages": len(texts),
+            "windows": len(examples),
+            "loss_first": score_losses[0],
+            "loss_last20": float(np.mean(score_losses[-20:])),
+            "heldout_keep_accuracy_before": before,
+            "heldout_keep_accuracy_after": after,
+        },
+        "decision_head": {
+            "questions": len(items),
+            "examples": len(dec),
+            "loss_first": decision_losses[0],
+            "loss_last": decision_losses[-1],
+        },
         "tlm_cost_ms_torch": asdict(cost),
         "latency_profile": str(build / "latency.json"),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -308,7 +347,9 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
 def summary(info: dict) -> str:
     """Lines for the training record of tlm.json ("training")."""
     s, d = info["score_head"], info["decision_head"]
-    return (f"score head: {s['passages']} passages, loss {s['loss_first']:.3f} -> {s['loss_last20']:.3f}; held-out keep/drop "
-            f"accuracy {s['heldout_keep_accuracy_before']:.1%} -> {s['heldout_keep_accuracy_after']:.1%}\n"
-            f"decision head: {d['questions']} tune questions, {d['examples']} (question, SLO) labels, "
-            f"loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}\ntime {info['seconds']:.0f}s")
+    return (
+        f"score head: {s['passages']} passages, loss {s['loss_first']:.3f} -> {s['loss_last20']:.3f}; held-out keep/drop "
+        f"accuracy {s['heldout_keep_accuracy_before']:.1%} -> {s['heldout_keep_accuracy_after']:.1%}\n"
+        f"decision head: {d['questions']} tune questions, {d['examples']} (question, SLO) labels, "
+        f"loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}\ntime {info['seconds']:.0f}s"
+    )

@@ -1,10 +1,10 @@
 """`elastilm serve`: an OpenAI-compatible HTTP service over one elastic model, with a latency objective per request.
 
-  protocol.py  request and response bodies (OpenAI's, plus the SLO extension)
-  queue.py     the fair per-app queue of jobs
-  metrics.py   Prometheus metrics
-  worker.py    the thread that runs one request at a time on the Orchestrator
-  app.py       the HTTP routes
+protocol.py  request and response bodies (OpenAI's, plus the SLO extension)
+queue.py     the fair per-app queue of jobs
+metrics.py   Prometheus metrics
+worker.py    the thread that runs one request at a time on the Orchestrator
+app.py       the HTTP routes
 """
 
 from __future__ import annotations

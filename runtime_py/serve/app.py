@@ -65,13 +65,15 @@ async def _body(request: Request, schema):
     try:
         raw = json.loads(await request.body() or b"null")
     except json.JSONDecodeError as e:
-        raise ElastiLMError(f"malformed JSON: {e}")
+        raise ElastiLMError(f"malformed JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ElastiLMError("the request body must be a JSON object")
     if _service(request).strict:
         unknown = sorted(set(raw) - set(schema.model_fields))
         if unknown:
-            raise ElastiLMError(f"unknown field(s) {unknown}; this server is strict (start it with --lenient to ignore them)")
+            raise ElastiLMError(
+                f"unknown field(s) {unknown}; this server is strict (start it with --lenient to ignore them)"
+            )
     return schema.model_validate(raw)
 
 
@@ -94,16 +96,25 @@ async def _handle(request: Request, schema):
     try:
         body = await _body(request, schema)
         if body.model not in (None, service.model_id):
-            raise ElastiLMError(f"unknown model '{body.model}'; this server serves '{service.model_id}' (GET /v1/models)")
-        job = Job(_app_name(request, body), body.to_request(min(body.max_tokens or service.max_tokens, service.max_tokens)),
-                  asyncio.get_running_loop())
+            raise ElastiLMError(
+                f"unknown model '{body.model}'; this server serves '{service.model_id}' (GET /v1/models)"
+            )
+        job = Job(
+            _app_name(request, body),
+            body.to_request(min(body.max_tokens or service.max_tokens, service.max_tokens)),
+            asyncio.get_running_loop(),
+        )
     except (ElastiLMError, ValueError) as e:
         service.metrics.requests.labels(endpoint, "400").inc()
         return _error(400, str(e))
     if not service.submit(job):
         service.metrics.requests.labels(endpoint, "429").inc()
-        return _error(429, f"the queue is full ({service.queue.capacity} waiting); retry later", "rate_limit_error",
-                      {"Retry-After": str(service.retry_after())})
+        return _error(
+            429,
+            f"the queue is full ({service.queue.capacity} waiting); retry later",
+            "rate_limit_error",
+            {"Retry-After": str(service.retry_after())},
+        )
     rid = service.next_id("chatcmpl" if schema.kind == "chat" else "cmpl")
     first = await _next(request, job)
     if first is None:
@@ -154,8 +165,14 @@ async def _stream(request: Request, job: Job, item, rid: str, kind: str):
                 return
             if isinstance(item, Answer):
                 service.metrics.answered(item, request.url.path)
-                last = {**head, "choices": [protocol.choice(kind, "", protocol.finish_reason(item, job.request.max_new_tokens), True)],
-                        "usage": protocol.usage(item), "elastilm": protocol.report(item)}
+                last = {
+                    **head,
+                    "choices": [
+                        protocol.choice(kind, "", protocol.finish_reason(item, job.request.max_new_tokens), True)
+                    ],
+                    "usage": protocol.usage(item),
+                    "elastilm": protocol.report(item),
+                }
                 yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
@@ -170,15 +187,30 @@ async def models(request: Request):
         return denied
     service = _service(request)
     orch = service.orch
-    return {"object": "list", "data": [{"id": service.model_id, "object": "model", "owned_by": "elastilm",
-                                        "levels": list(orch.tlm.levels), "prompt_ratios": list(orch.tlm.ratios),
-                                        "context_window": orch.engine.max_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": service.model_id,
+                "object": "model",
+                "owned_by": "elastilm",
+                "levels": list(orch.tlm.levels),
+                "prompt_ratios": list(orch.tlm.ratios),
+                "context_window": orch.engine.max_len,
+            }
+        ],
+    }
 
 
 async def health(request: Request):
     service = _service(request)
-    return {"status": "ok", "model": service.model_id, "queued": len(service.queue), "busy": service.busy,
-            "calibration": service.orch.calibration.to_dict()}
+    return {
+        "status": "ok",
+        "model": service.model_id,
+        "queued": len(service.queue),
+        "busy": service.busy,
+        "calibration": service.orch.calibration.to_dict(),
+    }
 
 
 async def metrics(request: Request):

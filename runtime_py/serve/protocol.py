@@ -32,7 +32,9 @@ class SLOField(BaseModel):
             return self
         if all(v is not None for v in frac) and all(v is None for v in ms):
             return self
-        raise ValueError("give either ttft_ms and tpot_ms (milliseconds) or ttft and tpot (fractions of the full model)")
+        raise ValueError(
+            "give either ttft_ms and tpot_ms (milliseconds) or ttft and tpot (fractions of the full model)"
+        )
 
     def to_slo(self) -> SLO:
         if self.ttft_ms is not None:
@@ -72,8 +74,15 @@ class ChatRequest(_Common):
         turns = [m for m in self.messages if m.role in ("user", "assistant")]
         if not turns or turns[-1].role != "user":
             raise ValueError("the last message must be from the user")
-        return Request("\n".join(m.content for m in turns), system, True, self.slo.to_slo() if self.slo else SLO(1.0, 1.0),
-                       max_tokens, self.strategy, sampling=self.sampling())
+        return Request(
+            "\n".join(m.content for m in turns),
+            system,
+            True,
+            self.slo.to_slo() if self.slo else SLO(1.0, 1.0),
+            max_tokens,
+            self.strategy,
+            sampling=self.sampling(),
+        )
 
 
 class CompletionRequest(_Common):
@@ -84,8 +93,17 @@ class CompletionRequest(_Common):
     calibration: str | None = None  # extension: a content-free prompt whose option scores are subtracted
 
     def to_request(self, max_tokens: int) -> Request:
-        return Request(self.prompt, self.context, False, self.slo.to_slo() if self.slo else SLO(1.0, 1.0), max_tokens,
-                       self.strategy, self.options or None, self.calibration if self.options else None, self.sampling())
+        return Request(
+            self.prompt,
+            self.context,
+            False,
+            self.slo.to_slo() if self.slo else SLO(1.0, 1.0),
+            max_tokens,
+            self.strategy,
+            self.options or None,
+            self.calibration if self.options else None,
+            self.sampling(),
+        )
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> dict:
@@ -96,8 +114,15 @@ def report(answer: Answer) -> dict:
     """The "elastilm" field of a response."""
     d = answer.to_dict()
     plan = d.pop("plan")
-    return {"level": plan["level"], "layers_dropped": plan["dropped"], "prompt_ratio": plan["ratio"], "chosen_by": plan["chosen_by"],
-            "feasible": plan["feasible"], "predicted_ms": {"ttft": plan["ttft_ms"], "tpot": plan["tpot_ms"], "tlm": plan["tlm_ms"]}, **d}
+    return {
+        "level": plan["level"],
+        "layers_dropped": plan["dropped"],
+        "prompt_ratio": plan["ratio"],
+        "chosen_by": plan["chosen_by"],
+        "feasible": plan["feasible"],
+        "predicted_ms": {"ttft": plan["ttft_ms"], "tpot": plan["tpot_ms"], "tlm": plan["tlm_ms"]},
+        **d,
+    }
 
 
 def choice(kind: str, text: str, finish: str | None, delta: bool) -> dict:
@@ -109,8 +134,11 @@ def choice(kind: str, text: str, finish: str | None, delta: bool) -> dict:
 
 
 def usage(answer: Answer) -> dict:
-    return {"prompt_tokens": answer.compressed.achieved, "completion_tokens": answer.tokens,
-            "total_tokens": answer.compressed.achieved + answer.tokens}
+    return {
+        "prompt_tokens": answer.compressed.achieved,
+        "completion_tokens": answer.tokens,
+        "total_tokens": answer.compressed.achieved + answer.tokens,
+    }
 
 
 def finish_reason(answer: Answer, max_tokens: int) -> str:
@@ -120,13 +148,21 @@ def finish_reason(answer: Answer, max_tokens: int) -> str:
 def completion(kind: str, rid: str, model: str, text: str, answer: Answer, max_tokens: int) -> dict:
     """A whole (not streamed) response."""
     return {
-        "id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
-        "model": model, "choices": [choice(kind, text, finish_reason(answer, max_tokens), False)],
-        "usage": usage(answer), "elastilm": report(answer),
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice(kind, text, finish_reason(answer, max_tokens), False)],
+        "usage": usage(answer),
+        "elastilm": report(answer),
     }
 
 
 def chunk_head(kind: str, rid: str, model: str) -> dict:
     """The fields every streamed chunk repeats."""
-    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": int(time.time()),
-            "model": model}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }

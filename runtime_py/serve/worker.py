@@ -16,7 +16,15 @@ from elastilm.runtime_py.serve.queue import FairQueue, Job
 class Service:
     """The worker, the queue and the metrics around one Orchestrator."""
 
-    def __init__(self, orchestrator, model_id: str, queue: int = 16, max_tokens: int = 256, api_key: str | None = None, strict: bool = True):
+    def __init__(
+        self,
+        orchestrator,
+        model_id: str,
+        queue: int = 16,
+        max_tokens: int = 256,
+        api_key: str | None = None,
+        strict: bool = True,
+    ):
         self.orch = orchestrator
         self.model_id = model_id
         self.queue = FairQueue(queue)
