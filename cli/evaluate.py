@@ -83,7 +83,8 @@ def eval_slo(args) -> None:
 
 
 def bench_trace(args) -> None:
-    from elastilm.evaluate.trace import run, summary_lines
+    from elastilm.evaluate.trace import run
+    from elastilm.evaluate.trace_report import summary_lines
 
     table = run(
         args.url,

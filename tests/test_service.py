@@ -280,7 +280,7 @@ def test_trace_arrivals_and_shares():
 def test_trace_replay_over_http_and_summary(server, monkeypatch, tmp_path):
     """A short trace through the real service (prompts shortened to the tiny model's window), then the summary
     figures against a hand count."""
-    from elastilm.evaluate import tasks, trace
+    from elastilm.evaluate import tasks, trace, trace_report
 
     srv, _ = server
     item = tasks.Item("x", "w5 w6", (" w7", " w8"), 1)
@@ -316,7 +316,7 @@ def test_trace_replay_over_http_and_summary(server, monkeypatch, tmp_path):
     assert {r["layers_dropped"] for r in dropping if r["app"] == "GMail"} == {
         1
     }  # TPOT 0.9 of full: 3 of the 4 layers fit
-    table = trace.summarize(rows, tmp_path)
+    table = trace_report.summarize(rows, tmp_path, [a.name for a in trace.APPS])
     overall = {r["strategy"]: r for r in table if r["app"] == "all"}
     for s in ("elastilm", "smallest", "layer-drop"):
         sel = [r for r in rows if r["strategy"] == s]
