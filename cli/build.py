@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: FOLDER/TARGET")
     p.add_argument("--max-len", type=int, default=2048, help="context window (KV cache rows)")
     p.add_argument(
+        "--quant", default="q0f32", help="linear weights: q0f32 (fp32), q4f32_1 or q8f32_1 (4/8-bit groups of 32)"
+    )
+    p.add_argument(
         "--check-kernels",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -30,7 +33,7 @@ def compile_(args) -> None:
     from elastilm.compile.build import build
     from elastilm.formats import build as build_file
 
-    out = build(args.folder, args.target, args.out, args.max_len, args.check_kernels)
+    out = build(args.folder, args.target, args.out, args.max_len, args.check_kernels, args.quant)
     manifest = build_file.read_manifest(out, verify=False, runs=None)
     size = (out / manifest["library"]).stat().st_size
     checked = ""

@@ -20,29 +20,61 @@ from pathlib import Path
 from elastilm import __version__
 from elastilm.compile.build_tlm import build_tlm
 from elastilm.compile.export import ExportShape, adapter_names, adapter_shapes, export, kernel_layout
+from elastilm.compile.quantize import quantize
 from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
 from elastilm.formats import adapters as adapters_file
 from elastilm.formats import build as build_file
-from elastilm.formats import elastic, layer_drop
+from elastilm.formats import elastic, layer_drop, quant
 from elastilm.formats import tlm as tlm_file
 from elastilm.formats.config import PROJECTIONS
 from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.quant import Scheme
 from elastilm.targets import preset
 
 
 def export_shape(
-    model: elastic.ElasticModel, max_len: int, lora_rank: int, drops: dict[int, tuple[int, ...]] | None = None
+    model: elastic.ElasticModel,
+    max_len: int,
+    lora_rank: int,
+    drops: dict[int, tuple[int, ...]] | None = None,
+    scheme: Scheme = quant.SCHEMES["q0f32"],
 ) -> ExportShape:
     cfg = model.config
+    block = math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size)
+    # every active input width of a quantized projection is a whole number of groups
+    scheme.check_width(cfg.hidden_size, "the hidden size", "this model cannot use this scheme")
+    scheme.check_width(cfg.head_dim, "the head dim (o_proj reads whole heads)", "this model cannot use this scheme")
+    scheme.check_width(
+        block,
+        "the neuron block (down_proj reads whole blocks)",
+        f"re-run `elastilm elastify --neuron-multiple {max(scheme.group, 64)}`",
+    )
     return ExportShape(
         anchors=tuple(model.anchors),
         # a divisor of the FFN size, so the full width is a whole number of blocks too
-        neuron_block=math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size),
+        neuron_block=block,
         max_len=max_len,
         biases=frozenset(b for b in PROJECTIONS if f"model.layers.0.{b}.bias" in model.params),
         lora_rank=lora_rank,
         layer_drops=tuple(sorted((drops or {}).items())),
+        quant=scheme.name,
     )
+
+
+def library_tensors(names: list[str], params: dict, scheme: Scheme):
+    """(name, array) of every parameter the library takes, in the layout its kernels read: fp32 strips
+    (`kernel_layout`), or a linear weight quantized once into its `q_weight` and `q_scale` (compile/quantize.py)."""
+    import numpy as np
+
+    packed: dict[str, tuple] = {}
+    for name in names:
+        base, _, part = name.rpartition(".")
+        if part in ("q_weight", "q_scale"):
+            if base not in packed:
+                packed[base] = quantize(params[base + ".weight"].numpy(), scheme)
+            yield name, packed[base][0 if part == "q_weight" else 1]
+        else:
+            yield name, np.ascontiguousarray(kernel_layout(name, params[name]).numpy())
 
 
 def _host_triple(target) -> str:
@@ -74,15 +106,16 @@ def build(
     out: Path | None = None,
     max_len: int = 2048,
     kernel_check: bool | None = None,
+    quantization: str = "q0f32",
 ) -> Path:
-    """Compile `folder` (an elastify output) for `target`; returns the build folder. `kernel_check`: see
-    check_kernels (OpenCL targets only)."""
-    import numpy as np
+    """Compile `folder` (an elastify output) for `target` with the linear weights in `quantization`
+    (formats/quant.py); returns the build folder. `kernel_check`: see check_kernels (OpenCL targets only)."""
     import tvm
     from tvm.contrib.tvmjs import dump_tensor_cache
 
     if max_len < 1:
         raise ElastiLMError(f"max_len must be positive, got {max_len}")
+    scheme = quant.scheme(quantization)
     spec = preset(target)
     spec.check_buildable()
     folder = Path(folder)
@@ -94,7 +127,7 @@ def build(
     adapters = adapters_file.load(folder)  # {} before `elastilm recover`: the model runs with zero adapters
     rank = adapters_file.rank(adapters)
     drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
-    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops)
+    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops, scheme)
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
@@ -109,15 +142,15 @@ def build(
 
     params_dir = out / "params"
     shutil.rmtree(params_dir, ignore_errors=True)
-    tensors = [(n, model.params[n]) for n in names] + [
-        (build_file.adapter_tensor(f, f"{name}.lora_{part}"), pair[0 if part == "A" else 1])
+    adapter_tensors = {
+        build_file.adapter_tensor(f, f"{name}.lora_{part}"): pair[0 if part == "A" else 1]
         for f, ad in sorted(adapters.items())
         for name, pair in ad.items()
         for part in ("A", "B")
-    ]
+    }
     with contextlib.redirect_stdout(io.StringIO()):  # it prints where it writes; our summary says so
         dump_tensor_cache(
-            ((n, np.ascontiguousarray(kernel_layout(n, t).numpy())) for n, t in tensors),
+            library_tensors(names + list(adapter_tensors), {**model.params, **adapter_tensors}, scheme),
             str(params_dir),
             encode_format="raw",
             show_progress=False,
@@ -155,6 +188,8 @@ def build(
             "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
             "adapter_shapes": adapter_shapes(model.config, rank),
             "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
+            # the linear weights' scheme (formats/quant.py); quantized: q_weight/q_scale strips (compile/quantize.py)
+            "quantization": {"scheme": scheme.name, "bits": scheme.bits, "group": scheme.group},
             "compile_seconds": round(compile_seconds, 2),
             # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
             "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},

@@ -28,8 +28,9 @@ from tvm.relax.frontend.nn import op, spec
 
 from elastilm.elastic_ops import blocks, prefix
 from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
-from elastilm.formats import signature
+from elastilm.formats import quant, signature
 from elastilm.formats.config import PROJECTIONS, ModelConfig, projection_names
+from elastilm.formats.quant import Scheme
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,22 @@ class ExportShape:
     biases: frozenset[str] = frozenset()  # per-layer parameter suffixes that have a bias, e.g. "self_attn.q_proj"
     lora_rank: int = 8
     layer_drops: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (n, dropped layers): the layer-dropping baseline
+    quant: str = "q0f32"  # the linear layers' weights (formats/quant.py)
 
 
 class _Linear(nn.Module):
-    """A linear layer whose weight is packed in strips of output columns, (out/strip, in, strip): see
-    `kernel_layout`."""
+    """A linear layer whose weight is packed in strips of output columns: fp32 (out/strip, in, strip) (see
+    `kernel_layout`), or quantized, `q_weight` (out/strip, in/per_word, strip) uint32 and `q_scale`
+    (out/strip, in/group, strip) (compile/quantize.py)."""
 
-    def __init__(self, rows: int, cols: int, bias: bool):
+    def __init__(self, rows: int, cols: int, bias: bool, scheme: Scheme):
         strip = prefix.strip_width(rows)
-        self.weight = nn.Parameter((rows // strip, cols, strip), "float32")
+        self.scheme = scheme
+        if scheme.quantized:
+            self.q_weight = nn.Parameter((rows // strip, cols // scheme.per_word, strip), "uint32")
+            self.q_scale = nn.Parameter((rows // strip, cols // scheme.group, strip), "float32")
+        else:
+            self.weight = nn.Parameter((rows // strip, cols, strip), "float32")
         self.bias = nn.Parameter((rows,), "float32") if bias else None
 
 
@@ -79,34 +87,34 @@ class _Norm(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, biases):
+    def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _Linear(cfg.num_heads * hd, d, "self_attn.q_proj" in biases)
-        self.k_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.k_proj" in biases)
-        self.v_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.v_proj" in biases)
-        self.o_proj = _Linear(d, cfg.num_heads * hd, "self_attn.o_proj" in biases)
+        self.q_proj = _Linear(cfg.num_heads * hd, d, "self_attn.q_proj" in biases, scheme)
+        self.k_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.k_proj" in biases, scheme)
+        self.v_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.v_proj" in biases, scheme)
+        self.o_proj = _Linear(d, cfg.num_heads * hd, "self_attn.o_proj" in biases, scheme)
 
 
 class _MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, biases):
+    def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _Linear(f, d, "mlp.gate_proj" in biases)
-        self.up_proj = _Linear(f, d, "mlp.up_proj" in biases)
-        self.down_proj = _Linear(d, f, "mlp.down_proj" in biases)
+        self.gate_proj = _Linear(f, d, "mlp.gate_proj" in biases, scheme)
+        self.up_proj = _Linear(f, d, "mlp.up_proj" in biases, scheme)
+        self.down_proj = _Linear(d, f, "mlp.down_proj" in biases, scheme)
 
 
 class _Layer(nn.Module):
-    def __init__(self, cfg: ModelConfig, biases):
+    def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
         self.input_layernorm = _Norm(cfg.hidden_size)
-        self.self_attn = _Attention(cfg, biases)
+        self.self_attn = _Attention(cfg, biases, scheme)
         self.post_attention_layernorm = _Norm(cfg.hidden_size)
-        self.mlp = _MLP(cfg, biases)
+        self.mlp = _MLP(cfg, biases, scheme)
 
 
 class _Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, biases):
+    def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
         self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([_Layer(cfg, biases) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([_Layer(cfg, biases, scheme) for _ in range(cfg.num_layers)])
         self.norm = _Norm(cfg.hidden_size)
 
 
@@ -126,7 +134,7 @@ def _te(fn, name, *args):
 class ElasticRelaxModel(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: ExportShape):
         self.cfg, self.shape = cfg, shape
-        self.model = _Decoder(cfg, shape.biases)
+        self.model = _Decoder(cfg, shape.biases, quant.scheme(shape.quant))
         self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size)
 
     def _linear(self, x, lin: _Linear, projection: str, lora, rows=None):
@@ -134,7 +142,18 @@ class ElasticRelaxModel(nn.Module):
         plus the adapter `lora[projection]` = (A, B^T) on the same prefix."""
         name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
         assert name in blocks.LINEAR, name
-        y = _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
+        s = lin.scheme
+        if s.quantized:
+            y = _te(
+                lambda x, q, scale, b: prefix.prefix_matmul_q(x, q, scale, s.bits, s.group, rows, b, name),
+                name,
+                x,
+                lin.q_weight,
+                lin.q_scale,
+                lin.bias,
+            )
+        else:
+            y = _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
         return _te(prefix.lora_prefix, "lora", x, y, *lora[projection])
 
     def _norm(self, x, norm: _Norm):

@@ -51,6 +51,43 @@ def prefix_matmul(x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None
     return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
 
 
+def prefix_matmul_q(
+    x: te.Tensor,
+    q: te.Tensor,
+    scale: te.Tensor,
+    bits: int,
+    group: int,
+    rows=None,
+    bias: te.Tensor | None = None,
+    name: str = "matmul",
+):
+    """`prefix_matmul` over group-quantized weights, dequantized inside the reduction: no unpacked weight exists.
+
+    x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
+    weights per word (lowest bits first); scale: (M / strip, K / group, strip) float32 (compile/quantize.py).
+    W[i, k] = (((q[i // strip, k // per, i % strip] >> (k % per) * bits) & mask) - qmax) * scale[.., k // group, ..].
+    Returns (T, rows), rows defaulting to M.
+    """
+    T, K_active = x.shape
+    n_strips, _, strip = q.shape
+    rows = n_strips * strip if rows is None else rows
+    per, mask, qmax = 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
+    T_blocks = _token_blocks(T)
+    k = te.reduce_axis((0, K_active), "k")
+
+    def weight(i, k):
+        word = q[i // strip, k // per, i % strip]
+        level = (word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")
+        return (level.astype("float32") - float(qmax)) * scale[i // strip, k // group, i % strip]
+
+    y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
+        (T_blocks, rows), lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * weight(i, k), axis=k), name=name
+    )
+    if bias is None:
+        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
+    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+
+
 def lm_head(x: te.Tensor, w: te.Tensor):
     """logits[t, v] = sum_k x[t, k] * w[v, k]: (T, d) x (vocab, d) -> (T, vocab); w is the (tied) embedding."""
     T, d = x.shape

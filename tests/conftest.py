@@ -31,6 +31,18 @@ VARIANTS = {
 }
 
 
+# A tiny model whose widths are whole groups of 32 (hidden 64, 4 heads of 32, 96 FFN neurons in blocks of 32), for
+# the quantized builds; not part of `VARIANTS`, so the other tests do not run on it.
+GROUPED = {
+    "llama-grouped": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **{**TINY, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32, "num_attention_heads": 4},
+            tie_word_embeddings=True,
+        )
+    ),
+}
+
+
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Weights large enough that every unit matters (the default init makes near-constant logits)."""
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +59,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def tiny_model(variant: str, seed: int = 0):
     """(transformers model, our params dict, our config) for one tiny variant."""
     torch.manual_seed(seed)
-    hf = VARIANTS[variant]().eval()
+    hf = {**VARIANTS, **GROUPED}[variant]().eval()
     randomize(hf, seed)
     cfg = ModelConfig.from_hf(hf.config)
     params = {k: v.detach().clone() for k, v in hf.state_dict().items()}

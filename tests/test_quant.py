@@ -1,0 +1,151 @@
+"""Group-quantized weights: the packing against a hand computation, the round trip within half a step, and the
+fused dequantizing prefix matmul against numpy on the dequantized weights at several (odd) widths, reading only
+the active prefix (words outside it are garbage, scales NaN)."""
+
+import numpy as np
+import pytest
+import tvm
+from test_elastic_ops import I64, compile_te, poisoned
+from tvm import te, tirx
+
+from elastilm.compile.quantize import dequantize, quantize
+from elastilm.elastic_ops import prefix
+from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.quant import SCHEMES, scheme
+
+QUANTIZED = [s for s in SCHEMES.values() if s.quantized]
+
+
+def test_four_bit_packing_by_hand():
+    """One output row, 32 inputs: scale max|w| / 7 = 1.0; stored w + 7, eight per word, lowest bits first."""
+    s = scheme("q4f32_1")
+    w = np.zeros((1, 32), np.float32)
+    w[0, :8] = [-7, -3, 0, 1, 2, 3, 7, 5]
+    q, scale = quantize(w, s)
+    assert q.shape == (1, 4, 1) and scale.shape == (1, 1, 1) and scale[0, 0, 0] == 1.0
+    expected = sum((v + 7) << (4 * n) for n, v in enumerate([-7, -3, 0, 1, 2, 3, 7, 5]))
+    assert int(q[0, 0, 0]) == expected and int(q[0, 1, 0]) == sum(7 << (4 * n) for n in range(8))
+    np.testing.assert_array_equal(dequantize(q, scale, s), w)
+
+
+@pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
+@pytest.mark.parametrize("rows,cols", [(128, 64), (40, 96), (1536, 576)])
+def test_round_trip_is_within_half_a_step(s, rows, cols):
+    rng = np.random.default_rng(rows)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 3, (rows, 1))).astype(np.float32)
+    w[0, : s.group] = 0  # an all-zero group stays zero
+    q, scale = quantize(w, s)
+    deq = dequantize(q, scale, s)
+    step = np.repeat(scale.swapaxes(1, 2).reshape(rows, -1), s.group, axis=1)
+    assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-5))
+    assert np.all(deq[0, : s.group] == 0)
+    per_group = np.abs(w).reshape(rows, -1, s.group).max(-1)  # the largest weight of each group is exact
+    np.testing.assert_allclose(np.abs(deq).reshape(rows, -1, s.group).max(-1), per_group, rtol=1e-6)
+
+
+def test_widths_must_be_whole_groups():
+    with pytest.raises(ElastiLMError, match="unknown quantization 'q4'; valid schemes are q0f32, q4f32_1, q8f32_1"):
+        scheme("q4")
+    with pytest.raises(ElastiLMError, match="neurons is 40, not a whole number of q4f32_1's groups of 32; use 64"):
+        scheme("q4f32_1").check_width(40, "neurons", "use 64")
+    scheme("q4f32_1").check_width(64, "neurons", "")
+    scheme("q0f32").check_width(40, "neurons", "")
+
+
+@pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_quantized_prefix_matmul_reads_only_the_prefix(s, tokens, blocks, active_in, scheduled):
+    rng = np.random.default_rng(blocks + tokens)
+    w = rng.standard_normal((1536, 576)).astype(np.float32)
+    q, scale = quantize(w, s)
+    words, groups = active_in // s.per_word, active_in // s.group
+    q[:, words:, :], scale[:, groups:, :] = 0xFFFFFFFF, np.nan  # past the active inputs
+    q[blocks:], scale[blocks:] = 0xFFFFFFFF, np.nan  # past the active outputs
+    deq = dequantize(q[:blocks, :words], scale[:blocks, :groups], s)  # (blocks*64, active_in)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in = tirx.Var("nb", "int64"), tirx.Var("k", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    qp = te.placeholder(tuple(I64(d) for d in q.shape), "uint32", name="q")
+    sp = te.placeholder(tuple(I64(d) for d in scale.shape), "float32", name="s")
+    y = prefix.prefix_matmul_q(x, qp, sp, s.bits, s.group, nb * 64, name="gate_proj")
+    fn = compile_te([x, qp, sp, y, nb], scheduled)
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    out = poisoned((tokens, blocks * 64))
+    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), out, blocks)
+    np.testing.assert_allclose(out.numpy(), xs @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=[s.name for s in QUANTIZED])
+def quantized_build(request, tmp_path_factory):
+    """The grouped tiny model with large random adapters, compiled with quantized weights; (model, adapters, the
+    reference's parameters: the same packed weights dequantized, build folder, scheme)."""
+    import torch
+    from conftest import elastified_tiny, random_adapters
+
+    from elastilm.compile.build import build
+    from elastilm.formats import adapters as adapters_file
+    from elastilm.formats import elastic
+    from elastilm.formats.config import projection_names
+
+    s = scheme(request.param)
+    folder = elastified_tiny(tmp_path_factory, "llama-grouped", neuron_multiple=32)
+    model = elastic.load(folder, with_tokenizer=False)
+    adapters = random_adapters(model, 4, seed=3)
+    adapters_file.save(folder, adapters, {"note": "random adapters for tests"})
+    params = dict(model.params)
+    for name in projection_names(model.config):
+        params[name + ".weight"] = torch.from_numpy(dequantize(*quantize(params[name + ".weight"].numpy(), s), s))
+    return (
+        model,
+        adapters,
+        params,
+        build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "build", 40, quantization=s.name),
+        s,
+    )
+
+
+def test_quantized_build_matches_the_dequantized_reference_at_every_level(quantized_build):
+    """Prefill and decode at every level, with each level's adapter and without, against the torch reference on the
+    dequantized weights (max |logit diff| <= 1e-3); the fp32 weights give other logits (the test sees the scheme)."""
+    import torch
+    from conftest import random_ids
+
+    from elastilm.compile import reference
+    from elastilm.formats import build as build_file
+    from elastilm.runtime_py.engine import ElasticEngine
+
+    model, adapters, params, out, s = quantized_build
+    manifest = build_file.read_manifest(out)
+    assert manifest["quantization"] == {"scheme": s.name, "bits": s.bits, "group": 32}
+    assert any(n.endswith(".q_weight") for n in manifest["param_names"])
+    assert not any(n.endswith("_proj.weight") for n in manifest["param_names"])
+    ids = random_ids(model.config, batch=1, length=7, seed=2)[0].tolist()
+    assert len({lv.neurons for lv in model.levels.values()}) > 2  # several widths, each whole groups
+    for use in (True, False):
+        engine = ElasticEngine(out, adapters=use)
+        for lv in model.levels.values():
+            widths = model.widths(lv.fraction)
+            level_adapters = adapters.get(lv.fraction) if use else None
+            expected = reference.logits(params, model.config, torch.tensor([ids]), widths, level_adapters)[0].numpy()
+            got = engine.prefill(ids[:-1], lv.fraction)
+            np.testing.assert_allclose(got, expected[-2], atol=1e-3, rtol=0)
+            np.testing.assert_allclose(
+                engine.decode(ids[-1], len(ids) - 1, lv.fraction), expected[-1], atol=1e-3, rtol=0
+            )
+        fp32 = reference.logits(model.params, model.config, torch.tensor([ids]))[0, -1].numpy()
+        assert np.abs(engine.decode(ids[-1], len(ids) - 1, 1.0) - fp32).max() > 1e-3
+        engine.close()
+
+
+def test_a_model_whose_widths_are_not_whole_groups_is_refused(tmp_path_factory):
+    from conftest import elastified_tiny
+
+    from elastilm.compile.build import build
+
+    folder = elastified_tiny(tmp_path_factory, "llama")  # hidden 48, head_dim 8, neuron blocks of 1
+    with pytest.raises(ElastiLMError, match="the hidden size is 48, not a whole number of q4f32_1's groups of 32"):
+        build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "build", 40, quantization="q4f32_1")
+    with pytest.raises(ElastiLMError, match="unknown quantization 'int4'"):
+        build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "build", 40, quantization="int4")
