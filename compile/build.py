@@ -193,9 +193,7 @@ def build(
             "compile_seconds": round(compile_seconds, 2),
             # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
             "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},
-            "tlm": tlm_file.FOLDER
-            if tlm_dir is not None
-            else None,  # its own manifest inside; its files are listed here too
+            "tlm": tlm_file.FOLDER if tlm_dir else None,  # its own manifest inside; its files are listed here too
         },
     )
     return out

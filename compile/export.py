@@ -26,6 +26,7 @@ from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
+from elastilm.compile.quantize import strips
 from elastilm.elastic_ops import blocks, prefix
 from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
 from elastilm.formats import quant, signature
@@ -76,9 +77,7 @@ def kernel_layout(name: str, tensor):
         return tensor.T
     if not name.endswith("_proj.weight"):
         return tensor
-    rows, cols = tensor.shape
-    strip = prefix.strip_width(rows)
-    return tensor.reshape(rows // strip, strip, cols).swapaxes(1, 2)  # works for torch and numpy
+    return strips(tensor, prefix.strip_width(tensor.shape[0]))
 
 
 class _Norm(nn.Module):

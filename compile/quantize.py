@@ -35,7 +35,7 @@ def quantize(w: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
     for n in range(p):
         words |= q[..., n] << np.uint32(n * scheme.bits)
     s = strip_width(rows)
-    return _strips(words, s), _strips(scale, s)
+    return np.ascontiguousarray(strips(words, s)), np.ascontiguousarray(strips(scale, s))
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, scheme: Scheme) -> np.ndarray:
@@ -47,10 +47,11 @@ def dequantize(q: np.ndarray, scale: np.ndarray, scheme: Scheme) -> np.ndarray:
     return values * np.repeat(scales, scheme.group, axis=1)
 
 
-def _strips(a: np.ndarray, s: int) -> np.ndarray:
-    """(out, n) -> (out/s, n, s)."""
+def strips(a, s: int):
+    """(out, n) -> (out/s, n, s): strip j holds rows j*s .. j*s + s-1, the n columns input-major (a view; torch
+    or numpy)."""
     rows, n = a.shape
-    return np.ascontiguousarray(a.reshape(rows // s, s, n).swapaxes(1, 2))
+    return a.reshape(rows // s, s, n).swapaxes(1, 2)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

@@ -28,6 +28,19 @@ def strip_width(out_features: int) -> int:
     return STRIP if out_features % STRIP == 0 else out_features
 
 
+def _matmul_over(x: te.Tensor, weight, rows, bias: te.Tensor | None, name: str):
+    """y[t, i] = sum_{k < K_active} x[t, k] * weight(i, k) (+ bias[i]) for i < rows: (T, rows)."""
+    T, K_active = x.shape
+    T_blocks = _token_blocks(T)
+    k = te.reduce_axis((0, K_active), "k")
+    y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
+        (T_blocks, rows), lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * weight(i, k), axis=k), name=name
+    )
+    if bias is None:
+        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
+    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+
+
 def prefix_matmul(x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul"):
     """y[t, i] = sum_{k < K_active} x[t, k] * W[i, k] (+ bias[i]) for i < rows.
 
@@ -36,19 +49,9 @@ def prefix_matmul(x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None
     first strips, the active inputs the first rows of each strip, and a kernel streams one strip at a time.
     Returns (T, rows), rows defaulting to M.
     """
-    T, K_active = x.shape
     n_strips, _, strip = wp.shape
     rows = n_strips * strip if rows is None else rows
-    T_blocks = _token_blocks(T)
-    k = te.reduce_axis((0, K_active), "k")
-    y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
-        (T_blocks, rows),
-        lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * wp[i // strip, k, i % strip], axis=k),
-        name=name,
-    )
-    if bias is None:
-        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
-    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+    return _matmul_over(x, lambda i, k: wp[i // strip, k, i % strip], rows, bias, name)
 
 
 def prefix_matmul_q(
@@ -68,24 +71,16 @@ def prefix_matmul_q(
     W[i, k] = (((q[i // strip, k // per, i % strip] >> (k % per) * bits) & mask) - qmax) * scale[.., k // group, ..].
     Returns (T, rows), rows defaulting to M.
     """
-    T, K_active = x.shape
     n_strips, _, strip = q.shape
     rows = n_strips * strip if rows is None else rows
     per, mask, qmax = 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
-    T_blocks = _token_blocks(T)
-    k = te.reduce_axis((0, K_active), "k")
 
     def weight(i, k):
         word = q[i // strip, k // per, i % strip]
         level = (word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")
         return (level.astype("float32") - float(qmax)) * scale[i // strip, k // group, i % strip]
 
-    y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
-        (T_blocks, rows), lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * weight(i, k), axis=k), name=name
-    )
-    if bias is None:
-        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
-    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+    return _matmul_over(x, weight, rows, bias, name)
 
 
 def lm_head(x: te.Tensor, w: te.Tensor):

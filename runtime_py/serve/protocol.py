@@ -60,6 +60,10 @@ class _Common(BaseModel):
     slo: SLOField | None = None
     n: int = Field(1, ge=1, le=1)
 
+    def _slo(self) -> SLO:
+        """The request's SLO; none given: the full model's own latency."""
+        return self.slo.to_slo() if self.slo else SLO(1.0, 1.0)
+
     def sampling(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed or 0}
 
@@ -78,7 +82,7 @@ class ChatRequest(_Common):
             "\n".join(m.content for m in turns),
             system,
             True,
-            self.slo.to_slo() if self.slo else SLO(1.0, 1.0),
+            self._slo(),
             max_tokens,
             self.strategy,
             sampling=self.sampling(),
@@ -97,7 +101,7 @@ class CompletionRequest(_Common):
             self.prompt,
             self.context,
             False,
-            self.slo.to_slo() if self.slo else SLO(1.0, 1.0),
+            self._slo(),
             max_tokens,
             self.strategy,
             self.options or None,
