@@ -28,6 +28,7 @@ _PUBLIC = {
     "Request": "elastilm.runtime_py.orchestrator",
     "Answer": "elastilm.runtime_py.orchestrator",
     "SLO": "elastilm.runtime_py.planner",
+    "Sampling": "elastilm.runtime_py.sampling",
     "profile": "elastilm.runtime_py.profile",
     "serve": "elastilm.runtime_py.serve",
 }
@@ -44,6 +45,7 @@ __all__ = [
     "Request",
     "Answer",
     "SLO",
+    "Sampling",
     "profile",
     "serve",
 ]
@@ -56,6 +58,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time `__getattr__` im
     from elastilm.runtime_py.orchestrator import Answer, Orchestrator, Request
     from elastilm.runtime_py.planner import SLO
     from elastilm.runtime_py.profile import profile
+    from elastilm.runtime_py.sampling import Sampling
     from elastilm.runtime_py.serve import serve
 
 

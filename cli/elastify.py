@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from elastilm.cli.common import fractions
+from elastilm.cli.common import fractions, names
 from elastilm.compile.levels import DEFAULT_FRACTIONS
 
 
@@ -35,10 +35,24 @@ def register(sub) -> None:
     p.add_argument("folder", type=Path, nargs="?", default=Path("dist/smollm2-135m"), help="an elastify output folder")
     p.set_defaults(run=layer_drop)
 
-    p = sub.add_parser("quality", help="held-out perplexity per level, reordered vs original order")
+    p = sub.add_parser(
+        "quality", help="held-out perplexity per level, reordered vs original order (--generate: free-text answers)"
+    )
     p.add_argument("folder", type=Path, help="an elastify output folder")
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="instead: answer held-out chat prompts at every level through the compiled build (resumable)",
+    )
+    p.add_argument("--build", type=Path, default=None, help="with --generate: the build (default FOLDER/host-cpu)")
+    p.add_argument("--levels", type=fractions, default=DEFAULT_FRACTIONS, help="with --generate")
+    p.add_argument("--variants", type=names, default=["adapters"], help="with --generate: adapters, no-adapters")
+    p.add_argument("--limit", type=int, default=None, help="with --generate: prompts (default all 60)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate")
+    p.add_argument("--prompts", type=Path, default=None, help="with --generate: a JSON-lines file of id, prompt")
+    p.add_argument("--out", type=Path, default=None, help="with --generate (default FOLDER/generation)")
     p.set_defaults(run=quality)
 
 
@@ -79,9 +93,23 @@ def layer_drop(args) -> None:
 
 
 def quality(args) -> None:
+    if args.generate:
+        return generation(args)
     from elastilm.evaluate.quality import evaluate, markdown
 
     rows = evaluate(args.folder, windows=args.windows, seq_len=args.seq_len)
     print()
     print(markdown(rows, f"{args.windows} x {args.seq_len} held-out tokens"))
     print(f"wrote {args.folder}/quality.csv, quality.md, quality.png")
+
+
+def generation(args) -> None:
+    from elastilm.evaluate.generation import PROMPTS, markdown, run
+
+    out = args.out or args.folder / "generation"
+    build = args.build or args.folder / "host-cpu"
+    rows = run(
+        build, out, args.levels, args.variants, args.limit, args.max_new_tokens, prompts_file=args.prompts or PROMPTS
+    )
+    print(markdown(rows))
+    print(f"wrote {out}/answers.csv, generation.csv, generation.md, generation.png, samples.md")

@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2: minus count x this per answer token")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2: minus this once per answer token")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already seen")
+    p.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable, <= 4)")
     p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument(
         "--slo-ttft",
@@ -62,13 +66,25 @@ def run(args) -> None:
         args.max_new_tokens,
         chat=not args.no_chat,
         stream=True,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+        sampling=sampling(args),
     )
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+
+
+def sampling(args):
+    from elastilm.runtime_py.sampling import Sampling
+
+    return Sampling(
+        args.temperature,
+        args.top_p,
+        args.seed,
+        args.frequency_penalty,
+        args.presence_penalty,
+        args.repetition_penalty,
+        tuple(args.stop),
+    )
 
 
 def run_slo(args) -> None:
@@ -91,7 +107,7 @@ def run_slo(args) -> None:
         not args.no_chat,
         SLO(args.slo_ttft, args.slo_tpot, relative=not args.slo_ms),
         args.max_new_tokens,
-        sampling={"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
+        sampling=sampling(args),
     )
     answer = None
     for piece in orch.answer(request, stream=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from elastilm.formats import build as build_file
 from elastilm.formats import bundle, elastic, signature
 from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.widths import Level, LevelTable, drop_count
+from elastilm.runtime_py.sampling import GREEDY, Sampling, until_stop
 from elastilm.runtime_py.session import DeviceLost, LocalSession, RemoteSession
 
 
@@ -180,35 +181,31 @@ class ElasticEngine:
             )
 
     def generate_ids(
-        self,
-        ids: list[int],
-        level: float = 1.0,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        self, ids: list[int], level: float = 1.0, max_new_tokens: int = 64, sampling: Sampling = GREEDY
     ) -> Iterator[int]:
-        """Token ids one at a time: greedy when temperature is 0, else top-p sampling. The level is fixed per sequence."""
+        """Token ids one at a time, picked by `sampling` (greedy by default). The level is fixed per sequence."""
         lv = self.levels[level]
         self._check_length(len(ids), max_new_tokens)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(sampling.seed)
         try:
             logits = self._run("prefill", ids, 0, lv)
         except DeviceLost:  # nothing generated yet: reconnect and start over
             self.session.connect()
             logits = self._run("prefill", ids, 0, lv)
-        seen = list(ids)
+        answer: list[int] = []
         for _ in range(max_new_tokens):
-            token = _pick(logits, temperature, top_p, rng)
+            if sampling.penalized:
+                logits = sampling.penalize(logits, ids, answer)
+            token = sampling.pick(logits, rng)
             yield token
             if token == self.eos_id:
                 return
             try:
-                logits = self._run("decode", [token], len(seen), lv)
+                logits = self._run("decode", [token], len(ids) + len(answer), lv)
             except DeviceLost:  # the device's KV cache is gone: reconnect, then recompute it from the tokens so far
                 self.session.connect()
-                logits = self._run("prefill", seen + [token], 0, lv)
-            seen.append(token)
+                logits = self._run("prefill", ids + answer + [token], 0, lv)
+            answer.append(token)
 
     def generate(
         self,
@@ -217,33 +214,31 @@ class ElasticEngine:
         max_new_tokens: int = 64,
         chat: bool = True,
         stream: bool = False,
-        **sampling,
+        sampling: Sampling = GREEDY,
     ):
         """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come."""
         ids = self.encode(self.chat_prompt(prompt) if chat else prompt)
-        pieces = self.stream_text(self.generate_ids(ids, level, max_new_tokens, **sampling))
+        pieces = self.stream_text(self.generate_ids(ids, level, max_new_tokens, sampling), sampling.stop)
         return pieces if stream else "".join(pieces)
 
-    def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Text pieces for generated token ids, holding back incomplete UTF-8 sequences; stops at end-of-sequence."""
-        out: list[int] = []
-        shown = ""
-        for token in tokens:
-            if token == self.eos_id:
-                break
-            out.append(token)
-            text = self.tokenizer.decode(out)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            yield text[len(shown) :]
-            shown = text
+    def stream_text(self, tokens: Iterator[int], stop: Sequence[str] = ()) -> Generator[str, None, str]:
+        """Text pieces for generated token ids, holding back incomplete UTF-8 sequences (and text that may begin a
+        stop sequence). Ends at end-of-sequence or the first stop sequence (not shown), returning the finish
+        reason: "stop" there, "length" when the tokens ran out."""
 
+        eos = False
 
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = (logits - logits.max()) / temperature
-    p = np.exp(z) / np.exp(z).sum()
-    order = np.argsort(-p)
-    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
-    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+        def texts():
+            nonlocal eos
+            out: list[int] = []
+            for token in tokens:
+                if token == self.eos_id:
+                    eos = True
+                    return
+                out.append(token)
+                text = self.tokenizer.decode(out)
+                if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                    yield text
+
+        stopped = yield from until_stop(texts(), stop)
+        return "stop" if stopped or eos else "length"

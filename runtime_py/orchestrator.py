@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from elastilm.runtime_py import planner
 from elastilm.runtime_py.choice import option_scores
 from elastilm.runtime_py.compress import Compressed, Part, compress
 from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.runtime_py.sampling import GREEDY, Sampling
 from elastilm.runtime_py.session import DeviceLost
 from elastilm.runtime_py.tlm import CompiledTLM
 
@@ -45,7 +46,7 @@ class Request:
     strategy: str = "elastilm"  # a plan policy of planner.STRATEGIES
     options: list[str] | None = None  # multiple choice: score these continuations after the answer
     calibration: str | None = None  # ... minus their scores after this content-free question
-    sampling: dict = field(default_factory=dict)  # temperature, top_p, seed
+    sampling: Sampling = GREEDY  # temperature, top_p, seed, penalties, stop sequences
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Answer:
     ttft_ms: float = 0.0  # measured: from the request to the first token, TLM included
     tpot_ms: float = 0.0  # measured: mean time per token after the first
     tokens: int = 0
+    finish_reason: str = "length"  # "stop": end-of-sequence or a stop sequence; "length": max_new_tokens reached
     choice: int | None = None  # multiple-choice requests: the best option
     option_scores: list[float] | None = None
 
@@ -198,9 +200,8 @@ class Orchestrator:
                 yield t
 
         engine = self.engine.dropped(p.dropped)  # the layer-dropping baseline runs a variant; everything else: itself
-        yield from engine.stream_text(
-            timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, **request.sampling))
-        )
+        tokens = timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, request.sampling))
+        answer.finish_reason = yield from engine.stream_text(tokens, request.sampling.stop)
         answer.tokens = len(times)
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)

@@ -14,6 +14,7 @@ from elastilm.formats import elastic as artifact
 from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.widths import Level
 from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.runtime_py.sampling import Sampling
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama-untied-bias"])
@@ -152,11 +153,52 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(compiled):
     model, engine = compiled
     ids = random_ids(model.config, batch=1, length=5, seed=13)[0].tolist()
     greedy = list(engine.generate_ids(ids, 1.0, max_new_tokens=8))
-    assert list(engine.generate_ids(ids, 1.0, 8, temperature=1.0, top_p=1e-6, seed=1)) == greedy
-    first = list(engine.generate_ids(ids, 1.0, 8, temperature=1.5, seed=3))
-    assert list(engine.generate_ids(ids, 1.0, 8, temperature=1.5, seed=3)) == first
-    draws = {tuple(engine.generate_ids(ids, 1.0, 8, temperature=1.5, seed=s)) for s in range(6)}
+    assert list(engine.generate_ids(ids, 1.0, 8, Sampling(temperature=1.0, top_p=1e-6, seed=1))) == greedy
+    first = list(engine.generate_ids(ids, 1.0, 8, Sampling(temperature=1.5, seed=3)))
+    assert list(engine.generate_ids(ids, 1.0, 8, Sampling(temperature=1.5, seed=3))) == first
+    draws = {tuple(engine.generate_ids(ids, 1.0, 8, Sampling(temperature=1.5, seed=s))) for s in range(6)}
     assert len(draws) > 1  # sampling at temperature 1.5 over a random 97-token vocabulary varies with the seed
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_penalized_generation_equals_oracle_with_the_same_penalties(compiled, fraction):
+    """Greedy after the repetition, frequency and presence penalties (on the prompt and the answer so far), step by
+    step against the torch oracle's logits; the penalties change the answer."""
+    model, engine = compiled
+    ids = random_ids(model.config, batch=1, length=6, seed=17)[0].tolist()
+    sampling = Sampling(repetition_penalty=1.8, frequency_penalty=0.7, presence_penalty=0.4)
+    got = list(engine.generate_ids(ids, fraction, 12, sampling))
+    answer: list[int] = []
+    for _ in range(len(got)):
+        raw = oracle_last_logits(model, ids + answer, model.widths(fraction))
+        logits = raw.copy()
+        seen = set(ids) | set(answer)
+        for t in seen:  # transformers' repetition penalty, by hand
+            logits[t] = logits[t] / 1.8 if logits[t] > 0 else logits[t] * 1.8
+        for t in set(answer):  # OpenAI's frequency and presence penalties, by hand
+            logits[t] -= answer.count(t) * 0.7 + 0.4
+        answer.append(int(np.argmax(logits)))
+    assert got == answer
+    assert got != list(engine.generate_ids(ids, fraction, 12))
+
+
+def test_stop_sequence_ends_the_text_before_it(compiled):
+    model, engine = compiled
+    ids = random_ids(model.config, batch=1, length=5, seed=19)[0].tolist()
+    tokens = list(engine.generate_ids(ids, 0.5, 10))
+    full = engine.tokenizer.decode(tokens)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip() and full.find(stop) > 0
+    pieces = engine.stream_text(engine.generate_ids(ids, 0.5, 10), [stop])
+    shown = []
+    while True:
+        try:
+            shown.append(next(pieces))
+        except StopIteration as end:
+            reason = end.value
+            break
+    assert "".join(shown) == full[: full.find(stop)] and reason == "stop"
+    assert "".join(engine.stream_text(iter(tokens))) == full
 
 
 def test_cli_run_streams_without_torch(compiled):

@@ -143,3 +143,51 @@ def test_a_changed_adapter_file_is_refused(adapted, tmp_path):
     with pytest.raises(ElastiLMError, match="checksum"):
         build(folder, "host-cpu", max_len=40)
     assert json.loads((folder / adapters_file.SUMMARY).read_text())["sha256"]
+
+
+def test_generation_quality_scores_answers_with_the_full_model_and_resumes(adapted, tmp_path):
+    """quality --generate: every answer's full-model NLL equals the torch oracle's at level 1.0, the summary pools
+    what answers.csv holds, and a rerun answers nothing again."""
+    import csv
+
+    from elastilm.evaluate import generation
+
+    model, adapters, build_dir = adapted
+    file = tmp_path / "prompts.jsonl"  # words the tiny tokenizer spells
+    file.write_text("".join(f'{{"id": "p{i}", "prompt": "w{i + 3} w{2 * i + 5} w9"}}\n' for i in range(4)))
+    run = dict(variants=["adapters", "no-adapters"], limit=3, max_new_tokens=6, progress=False, prompts_file=file)
+    rows = generation.run(build_dir, tmp_path, [1.0, 0.5], **run)
+    with (tmp_path / "answers.csv").open() as f:
+        answers = list(csv.DictReader(f))
+    assert len(answers) == 2 * 2 * 3 and {r["variant"] for r in answers} == {"adapters", "no-adapters"}
+    engine = ElasticEngine(build_dir, adapters=False)
+    prompts = {p["id"]: p["prompt"] for p in generation.prompts(3, file)}
+    for r in answers:
+        ids = [int(t) for t in r["answer_ids"].split()]
+        prompt = engine.encode(engine.chat_prompt(prompts[r["id"]]))
+        logp = torch.log_softmax(torch.tensor(oracle(model, prompt + ids, 1.0, None)).double(), -1)
+        want = -sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids))
+        assert float(r["nll_sum"]) == pytest.approx(want, rel=1e-3, abs=1e-3)
+        assert (int(r["repeats"]), int(r["ngrams"])) == generation.repeats(ids)
+    half = [r for r in answers if r["variant"] == "adapters" and r["level"] == "0.5"]
+    summary = {(s["variant"], s["level"]): s for s in rows}
+    tokens = sum(int(r["tokens"]) for r in half)
+    assert summary[("adapters", 0.5)]["nll_full"] == pytest.approx(sum(float(r["nll_sum"]) for r in half) / tokens)
+    assert summary[("adapters", 1.0)]["rouge_l"] == 1.0 and summary[("adapters", 1.0)]["nll_ratio"] == 1.0
+    # the adapters change the 50% answers (random adapters are large), not the full model's
+    plain = {r["id"]: r["answer_ids"] for r in answers if r["variant"] == "no-adapters" and r["level"] == "0.5"}
+    assert any(r["answer_ids"] != plain[r["id"]] for r in half)
+    generation.run(build_dir, tmp_path, [1.0, 0.5], **run)
+    with (tmp_path / "answers.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(answers)
+    assert (tmp_path / "generation.png").stat().st_size > 0 and "| adapters | 50% |" in (
+        tmp_path / "generation.md"
+    ).read_text()
+
+
+def test_repeated_ngrams_by_hand():
+    from elastilm.evaluate.generation import repeats
+
+    # 4-grams of 1 2 3 4 1 2 3 4 1: 1234 2341 3412 4123 1234* 2341* -> 2 repeats of 6
+    assert repeats([1, 2, 3, 4, 1, 2, 3, 4, 1]) == (2, 6)
+    assert repeats([7, 7, 7]) == (0, 0) and repeats([5] * 6) == (2, 3)

@@ -358,3 +358,78 @@ def test_trace_run_warms_the_service_up_and_replays_every_strategy(server, monke
     sent.clear()
     trace.run(srv.url, 3, [0.0], None, rate=50.0, seed=0, out=tmp_path, progress=False, warmup=0)
     assert sent == []
+
+
+@pytest.fixture(scope="module")
+def client(built):
+    """The official OpenAI Python client against the service, with an API key, the way users call it."""
+    import openai
+
+    service = Service(built, "tiny", queue=4, max_tokens=8, api_key="secret")
+    srv = Server(service)
+    yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="secret", max_retries=0, timeout=60), srv
+    srv.stop()
+    service.close()
+
+
+def _library(built, sampling=None, **fields):
+    """The same chat request answered by the library: the service must give this text."""
+    from elastilm.runtime_py.sampling import Sampling
+
+    request = Request("w5 w6 w7", CHAT["messages"][0]["content"], True, planner.SLO(0.6, 0.9), 6)
+    request.sampling = sampling or Sampling(**fields)
+    return built.answer(request)
+
+
+def test_openai_client_chat_streaming_usage_and_the_slo_extension(client, built):
+    c, _ = client
+    chat = {"model": "tiny", "messages": CHAT["messages"], "max_tokens": 6, "extra_body": {"slo": CHAT["slo"]}}
+    r = c.chat.completions.create(**chat)
+    direct = _library(built)
+    assert r.choices[0].message.content == direct.text and r.choices[0].finish_reason == direct.finish_reason
+    assert r.usage.completion_tokens == direct.tokens and r.usage.prompt_tokens == direct.compressed.achieved
+    assert r.model_extra["elastilm"]["level"] == direct.plan.level
+    chunks = list(c.chat.completions.create(**chat, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == direct.text
+    assert chunks[-1].choices[0].finish_reason == direct.finish_reason and chunks[-1].usage.completion_tokens
+    # the newer name of the limit, and completions with the context extension
+    r = c.chat.completions.create(**{**chat, "max_tokens": None, "max_completion_tokens": 2})
+    assert r.usage.completion_tokens <= 2
+    text = c.completions.create(model="tiny", prompt="w9 w10", max_tokens=3, extra_body={"context": "w11 w12 w13"})
+    assert text.object == "text_completion" and text.usage.completion_tokens <= 3
+
+
+def test_openai_client_penalties_and_stop_sequences(client, built):
+    from elastilm.runtime_py.sampling import Sampling
+
+    c, _ = client
+    chat = {"model": "tiny", "messages": CHAT["messages"], "max_tokens": 6, "extra_body": {"slo": CHAT["slo"]}}
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 1.0}
+    r = c.chat.completions.create(
+        **{**chat, "extra_body": {**chat["extra_body"], "repetition_penalty": 2.0}}, **penalties
+    )
+    direct = _library(built, **penalties, repetition_penalty=2.0)
+    assert r.choices[0].message.content == direct.text
+    assert direct.text != _library(built).text  # the penalties reached the engine
+
+    plain = _library(built).text
+    stop = plain[len(plain) // 2 : len(plain) // 2 + 2]
+    assert stop.strip()
+    r = c.chat.completions.create(**chat, stop=[stop, "never"])
+    assert r.choices[0].message.content == plain[: plain.find(stop)] and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == _library(built, Sampling(stop=(stop,))).text
+    streamed = list(c.chat.completions.create(**chat, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == r.choices[0].message.content
+
+
+def test_openai_client_sees_clear_errors(client):
+    import openai
+
+    c, srv = client
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 2"):
+        c.chat.completions.create(model="tiny", messages=CHAT["messages"], frequency_penalty=3)
+    with pytest.raises(openai.BadRequestError, match="at most 4 non-empty strings"):
+        c.chat.completions.create(model="tiny", messages=CHAT["messages"], stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in c.models.list()] == ["tiny"]

@@ -101,7 +101,7 @@ async def _handle(request: Request, schema):
             )
         job = Job(
             _app_name(request, body),
-            body.to_request(min(body.max_tokens or service.max_tokens, service.max_tokens)),
+            body.to_request(body.max_new_tokens(service.max_tokens)),
             asyncio.get_running_loop(),
         )
     except (ElastiLMError, ValueError) as e:
@@ -151,7 +151,7 @@ async def _whole(request: Request, job: Job, item, rid: str, kind: str):
         pieces.append(item)
         item = await _next(request, job)
     service.metrics.answered(item, request.url.path)
-    return protocol.completion(kind, rid, service.model_id, "".join(pieces), item, job.request.max_new_tokens)
+    return protocol.completion(kind, rid, service.model_id, "".join(pieces), item)
 
 
 async def _stream(request: Request, job: Job, item, rid: str, kind: str):
@@ -167,9 +167,7 @@ async def _stream(request: Request, job: Job, item, rid: str, kind: str):
                 service.metrics.answered(item, request.url.path)
                 last = {
                     **head,
-                    "choices": [
-                        protocol.choice(kind, "", protocol.finish_reason(item, job.request.max_new_tokens), True)
-                    ],
+                    "choices": [protocol.choice(kind, "", item.finish_reason, True)],
                     "usage": protocol.usage(item),
                     "elastilm": protocol.report(item),
                 }

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from elastilm.runtime_py.orchestrator import Answer, Request
 from elastilm.runtime_py.planner import SLO
+from elastilm.runtime_py.sampling import MAX_STOP, Sampling
 
 
 class SLOField(BaseModel):
@@ -52,20 +53,46 @@ class _Common(BaseModel):
     model: str | None = None
     strategy: str = "elastilm"  # elastilm extension: a baseline plan policy instead (runtime_py.planner.STRATEGIES)
     max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens in OpenAI's chat API
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # extension, as in transformers and llama.cpp; 1 = off
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} sequences; the text ends before one")
     stream: bool = False
+    stream_options: dict | None = None  # accepted; the last streamed chunk always carries the usage
     user: str | None = None
     slo: SLOField | None = None
     n: int = Field(1, ge=1, le=1)
+
+    def max_new_tokens(self, cap: int) -> int:
+        """The answer's token limit: the request's (either name), at most the server's `cap`."""
+        return min(self.max_completion_tokens or self.max_tokens or cap, cap)
 
     def _slo(self) -> SLO:
         """The request's SLO; none given: the full model's own latency."""
         return self.slo.to_slo() if self.slo else SLO(1.0, 1.0)
 
-    def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed or 0}
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP or not all(stops):
+            raise ValueError(f"stop: at most {MAX_STOP} non-empty strings")
+        return stop
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            self.temperature,
+            self.top_p,
+            self.seed or 0,
+            self.frequency_penalty,
+            self.presence_penalty,
+            self.repetition_penalty,
+            tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()),
+        )
 
 
 class ChatRequest(_Common):
@@ -145,18 +172,14 @@ def usage(answer: Answer) -> dict:
     }
 
 
-def finish_reason(answer: Answer, max_tokens: int) -> str:
-    return "length" if answer.tokens >= max_tokens else "stop"
-
-
-def completion(kind: str, rid: str, model: str, text: str, answer: Answer, max_tokens: int) -> dict:
+def completion(kind: str, rid: str, model: str, text: str, answer: Answer) -> dict:
     """A whole (not streamed) response."""
     return {
         "id": rid,
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice(kind, text, finish_reason(answer, max_tokens), False)],
+        "choices": [choice(kind, text, answer.finish_reason, False)],
         "usage": usage(answer),
         "elastilm": report(answer),
     }
