@@ -51,7 +51,11 @@ def register(sub) -> None:
     p.add_argument("--variants", type=names, default=["adapters"], help="with --generate: adapters, no-adapters")
     p.add_argument("--limit", type=int, default=None, help="with --generate: prompts (default all 60)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate")
-    p.add_argument("--prompts", type=Path, default=None, help="with --generate: a JSON-lines file of id, prompt")
+    p.add_argument(
+        "--prompts",
+        default="heldout",
+        help="with --generate: heldout (report), tune (for decisions) or a JSON-lines file of id, prompt",
+    )
     p.add_argument("--out", type=Path, default=None, help="with --generate (default FOLDER/generation)")
     p.set_defaults(run=quality)
 
@@ -104,12 +108,18 @@ def quality(args) -> None:
 
 
 def generation(args) -> None:
-    from elastilm.evaluate.generation import PROMPTS, markdown, run
+    from elastilm.evaluate.generation import PROMPT_SETS, markdown, run
 
     out = args.out or args.folder / "generation"
     build = args.build or args.folder / "host-cpu"
     rows = run(
-        build, out, args.levels, args.variants, args.limit, args.max_new_tokens, prompts_file=args.prompts or PROMPTS
+        build,
+        out,
+        args.levels,
+        args.variants,
+        args.limit,
+        args.max_new_tokens,
+        prompts_file=PROMPT_SETS.get(args.prompts, Path(args.prompts)),
     )
     print(markdown(rows))
     print(f"wrote {out}/answers.csv, generation.csv, generation.md, generation.png, samples.md")

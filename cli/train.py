@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from elastilm.formats.errors import ElastiLMError
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -17,6 +19,11 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat", type=float, default=0.5, help="share of the steps on the full model's own chat answers (0..1)"
+    )
+    p.add_argument("--answer-tokens", type=int, default=96, help="the longest full-model chat answer")
+    p.add_argument("--bf16", action="store_true", help="the students under bf16 autocast (the teacher stays fp32)")
     p.set_defaults(run=recover)
 
     p = sub.add_parser(
@@ -46,7 +53,12 @@ def recover(args) -> None:
         batch=args.batch,
         lr=args.lr,
         seed=args.seed,
+        chat=args.chat,
+        answer_tokens=args.answer_tokens,
+        bf16=args.bf16,
     )
+    if not 0 <= options.chat <= 1:
+        raise ElastiLMError(f"--chat must lie in [0, 1], got {options.chat}")
     summary = recover(args.folder, options)
     print(
         f"\nrecovery adapters (r={options.rank}, alpha={options.alpha:g}), {options.tokens} tokens per level, "

@@ -74,8 +74,9 @@ def _hf_architecture(folder: Path) -> str:
         raise ElastiLMError(f"{config}: not a valid Hugging Face config ({e})") from None
 
 
-def ingest(model: str) -> Checkpoint:
-    """Load `model` (packaged name, .gguf path, or Hugging Face folder) as fp32 tensors."""
+def load_hf(model: str):
+    """`model` (packaged name, .gguf path, or Hugging Face folder) as a transformers model in fp32 and its
+    tokenizer; returns (name, path, model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, path = resolve(model)
@@ -93,6 +94,12 @@ def ingest(model: str) -> Checkpoint:
     except (OSError, ValueError, RuntimeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ElastiLMError(f"{path}: cannot load the checkpoint ({first_line})") from None
+    return name, path, hf, tokenizer
+
+
+def ingest(model: str) -> Checkpoint:
+    """Load `model` (packaged name, .gguf path, or Hugging Face folder) as fp32 tensors."""
+    name, path, hf, tokenizer = load_hf(model)
     config = ModelConfig.from_hf(hf.config)
     params = {k: v.detach().float().contiguous() for k, v in hf.state_dict().items()}
     if config.tie_word_embeddings:

@@ -1,7 +1,7 @@
 """Generation quality per level: free-text answers to held-out chat prompts, measured against the full model.
 
 Multiple-choice likelihoods (the accuracy harness) hide what a reader of free text sees: loops and noise. Each
-level answers the prompts of data/chat/heldout.jsonl through the compiled engine, greedily, 64 tokens, no
+level answers the prompts of data/chat/heldout.jsonl (or tune.jsonl, for decisions) through the compiled engine, greedily, 64 tokens, no
 penalties (the measure is of the sub-model, not of the decoding controls), and per level we report:
 - rep4: the repeated-4-gram rate, token 4-grams that already occurred earlier in the same answer, pooled over
   the answers (a loop drives it towards 1);
@@ -25,7 +25,9 @@ from tqdm import tqdm
 from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.choice import log_softmax
 
-PROMPTS = Path(__file__).resolve().parents[1] / "data" / "chat" / "heldout.jsonl"  # report only: SOURCE.md there
+CHAT = Path(__file__).resolve().parents[1] / "data" / "chat"  # SOURCE.md there
+PROMPTS = CHAT / "heldout.jsonl"  # report only
+PROMPT_SETS = {"heldout": PROMPTS, "tune": CHAT / "tune.jsonl"}  # tune: for decisions, never reported
 VARIANTS = {"adapters": "with recovery adapters", "no-adapters": "plain sub-models"}
 ANSWER_FIELDS = ("variant", "level", "id", "tokens", "repeats", "ngrams", "nll_sum", "answer_ids", "text")
 COLUMNS = ("variant", "level", "answers", "tokens", "rep4", "nll_full", "nll_ratio", "rouge_l")
@@ -208,4 +210,29 @@ def _write(out: Path, rows: list[dict], answers: dict, ids: list[str], samples: 
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "generation.png", dpi=120)
+    plt.close(fig)
+
+
+def compare(runs: dict[str, Path], path: Path) -> None:
+    """One PNG of several runs' generation.csv (label -> output folder), e.g. before and after a recovery recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for label, folder in runs.items():
+        with (Path(folder) / "generation.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        x = [float(r["level"]) * 100 for r in rows]
+        for ax, key, scale in zip(axes, ("rep4", "nll_ratio", "rouge_l"), (100, 1, 1)):
+            ax.plot(x, [float(r[key]) * scale if r[key] else np.nan for r in rows], "o-", label=label)
+    titles = ["repeated 4-grams (%)", "full-model NLL of the answers (x full's own)", "ROUGE-L vs the full model"]
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("level (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,11 +1,14 @@
 """Recovery: one LoRA adapter per level, distilled from the full-width model.
 
 Each level's sub-model is trained to match the full model's next-token distribution (KL on the logits) on the
-calibration part of the essay corpus, which no evaluation uses. Adapters sit on q, k, v, o, gate, up and down of
-every layer, full-width like the weights and sliced by the level's prefix in the same way (`reference._linear`),
-so a level only ever trains and reads the rows and columns it runs. They are never merged into the weights.
-All levels train in one loop over the same batches, so the teacher's logits are computed once per batch.
-Level 1.0 is the teacher itself and gets no adapter.
+calibration part of the essay corpus, which no evaluation uses, and (a share `chat` of the steps) along the full
+model's own answers to chat prompts in the chat template (train/chat_answers.py; the KL there is taken on the
+answer's positions only): sequence-level self-distillation in the format the model is served in.
+
+Adapters sit on q, k, v, o, gate, up and down of every layer, full-width like the weights and sliced by the
+level's prefix in the same way (`reference._linear`), so a level only ever trains and reads the rows and columns
+it runs. They are never merged into the weights. All levels train in one loop over the same batches, so the
+teacher's logits are computed once per batch. Level 1.0 is the teacher itself and gets no adapter.
 
 Output: `adapters.safetensors` and `recover.json` in the elastified folder (formats/adapters.py), the scale alpha/r
 folded into B. Training is resumable from `recover.ckpt`.
@@ -26,6 +29,7 @@ from elastilm.formats import adapters as adapters_file
 from elastilm.formats import elastic
 from elastilm.formats.config import ModelConfig, projection_names
 from elastilm.formats.errors import ElastiLMError
+from elastilm.train import chat_answers
 
 CHECKPOINT = "recover.ckpt"
 
@@ -40,6 +44,18 @@ class RecoverOptions:
     lr: float = 1e-3
     seed: int = 0
     checkpoint_every: int = 8  # steps
+    chat: float = (
+        0.5  # share of the steps on the full model's chat answers (0: essays only; docs/results-generation.md)
+    )
+    answer_tokens: int = 96  # the longest full-model answer to a chat prompt
+    bf16: bool = False  # the student's forward and backward under bf16 autocast (the teacher stays fp32)
+
+    def is_chat(self, step: int) -> bool:
+        """Whether `step` trains on chat answers: the chat steps spread evenly, floor(steps * chat) in all."""
+        return math.floor((step + 1) * self.chat) > math.floor(step * self.chat)
+
+    def chat_before(self, step: int) -> int:
+        return math.floor(step * self.chat)
 
     @property
     def steps(self) -> int:
@@ -60,30 +76,59 @@ def _scaled(adapters: dict, scale: float) -> dict:
     return {name: (a, b * scale) for name, (a, b) in adapters.items()}
 
 
-def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token, averaged over all positions."""
-    student_logp = F.log_softmax(student_logits, -1)
-    return F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None, count=None):
+    """KL(teacher || student) summed over all positions (or those where `mask` is True), divided by `count` (the
+    number of those positions in the whole batch, of which this may be one process's share; default: these)."""
+    student_logp = F.log_softmax(student_logits.float(), -1)
+    if mask is None:
+        mask = torch.ones(teacher_logp.shape[:2], dtype=torch.bool, device=teacher_logp.device)
+    kl = F.kl_div(student_logp[mask], teacher_logp[mask], log_target=True, reduction="sum")
+    return kl / (int(mask.sum()) if count is None else count)
+
+
+def chat_batches(rows: list[dict], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prompt + answer sequences in batches, right-padded (causal attention never reads the padding), with the
+    mask of the positions whose next token is an answer token."""
+    out = []
+    for start in range(0, len(rows) - batch + 1, batch):
+        seqs = [r["ids"] + r["answer"] for r in rows[start : start + batch]]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, (seq, r) in enumerate(zip(seqs, rows[start : start + batch])):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, len(r["ids"]) - 1 : len(seq) - 1] = True
+        out.append((ids, mask))
+    return out
 
 
 def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: bool = True) -> dict:
     """Train every level's adapter (resuming from a checkpoint) and write adapters.safetensors + recover.json;
-    nothing to do if they exist for the same options."""
+    nothing to do if they exist for the same options.
+
+    Under `accelerate launch` (several processes or GPUs) it trains data-parallel: every process builds the same
+    batches, takes its share of each batch's rows, and the adapters' gradients are summed across processes
+    before every step, so the adapters equal a one-process run's up to float rounding."""
+    from accelerate import Accelerator
     from tqdm import tqdm
+
+    acc = Accelerator()
+    if options.batch % acc.num_processes:
+        raise ElastiLMError(f"--batch {options.batch} must be a multiple of the {acc.num_processes} processes")
+    share = slice(acc.process_index, None, acc.num_processes)  # this process's rows of every batch
 
     folder = Path(folder)
     done = adapters_file.read_summary(folder)
     if done is not None and done.get("options") == asdict(options) and adapters_file.load(folder):
         return done  # already trained with these options (and the file checks out)
     model = elastic.load(folder)
-    cfg, params = model.config, model.params
-    for p in params.values():
-        p.requires_grad_(False)
+    cfg = model.config
+    params = {k: v.to(acc.device).requires_grad_(False) for k, v in model.params.items()}
     levels = [lv for lv in model.levels.values() if lv.fraction < 1.0]
     if not levels:
         raise ElastiLMError(f"{folder}: no level below 1.0 to recover")
     gen = torch.Generator().manual_seed(options.seed)
-    adapters = {lv.fraction: _init(params, cfg, options.rank, gen) for lv in levels}
+    adapters = {lv.fraction: _init(model.params, cfg, options.rank, gen) for lv in levels}
     optims = {
         f: torch.optim.AdamW([t for pair in ad.values() for t in pair], lr=options.lr, weight_decay=0.0)
         for f, ad in adapters.items()
@@ -103,36 +148,61 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
                 b.data.copy_(ckpt["adapters"][f][name][1])
             optims[f].load_state_dict(ckpt["optims"][f])
         start, history, seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
+    for ad in adapters.values():  # on the accelerator's device (the optimizers hold these same tensors)
+        for a, b in ad.values():
+            a.data, b.data = a.data.to(acc.device), b.data.to(acc.device)
 
+    chat_steps = options.chat_before(options.steps)
     stream = corpus.token_stream(model.tokenizer, "calibration")
-    windows = corpus.random_windows(stream, options.steps * options.batch, options.seq_len, options.seed + 1)
+    essays = (options.steps - chat_steps) * options.batch
+    windows = corpus.random_windows(stream, essays, options.seq_len, options.seed + 1) if essays else None
+    chats = []
+    if chat_steps:
+        source, count = model.meta["source"]["model"], chat_steps * options.batch
+        if acc.is_main_process:  # the others read the cache it writes
+            chat_answers.answers(folder, source, model.tokenizer, count, options.answer_tokens, progress=progress)
+        acc.wait_for_everyone()
+        rows = chat_answers.answers(folder, source, model.tokenizer, count, options.answer_tokens, progress=False)
+        chats = chat_batches(rows, options.batch)
     scale = options.alpha / options.rank
     torch.manual_seed(options.seed)
     bar = tqdm(
         range(start, options.steps),
         desc="recover",
         unit="step",
-        disable=not progress,
+        disable=not (progress and acc.is_main_process),
         initial=start,
         total=options.steps,
     )
     for step in bar:
         t = time.perf_counter()
-        batch = windows[step * options.batch : (step + 1) * options.batch]
+        if options.is_chat(step):
+            batch, mask = chats[options.chat_before(step)]
+        else:
+            essay = step - options.chat_before(step)
+            batch = windows[essay * options.batch : (essay + 1) * options.batch]
+            mask = torch.ones(batch.shape, dtype=torch.bool)
+        count = int(mask.sum())  # positions trained in the whole batch: each process divides its KL sum by it
+        batch, mask = batch[share].to(acc.device), mask[share].to(acc.device)
         with torch.no_grad():
             teacher = F.log_softmax(reference.logits(params, cfg, batch), -1)
         for lv in levels:
-            loss = _kl(
-                teacher,
-                reference.logits(params, cfg, batch, model.widths(lv.fraction), _scaled(adapters[lv.fraction], scale)),
-            )
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+                student = reference.logits(
+                    params, cfg, batch, model.widths(lv.fraction), _scaled(adapters[lv.fraction], scale)
+                )
+            loss = _kl(teacher, student, mask, count)
             optims[lv.fraction].zero_grad()
             loss.backward()
+            if acc.num_processes > 1:  # data-parallel: the whole batch's gradient on every process
+                for a, b in adapters[lv.fraction].values():
+                    a.grad, b.grad = acc.reduce(a.grad, "sum"), acc.reduce(b.grad, "sum")
+                loss = acc.reduce(loss.detach(), "sum")
             optims[lv.fraction].step()
             history[f"{lv.fraction:g}"].append(round(loss.item(), 5))
         seconds += time.perf_counter() - t
         bar.set_postfix({"kl@" + k: v[-1] for k, v in list(history.items())[:: max(1, len(history) // 3)]})
-        if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
+        if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps and acc.is_main_process:
             torch.save(
                 {
                     "options": asdict(options),
@@ -140,7 +210,8 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
                     "history": history,
                     "seconds": seconds,
                     "adapters": {
-                        f: {n: (a.detach(), b.detach()) for n, (a, b) in ad.items()} for f, ad in adapters.items()
+                        f: {n: (a.detach().cpu(), b.detach().cpu()) for n, (a, b) in ad.items()}
+                        for f, ad in adapters.items()
                     },
                     "optims": {f: o.state_dict() for f, o in optims.items()},
                 },
@@ -151,7 +222,13 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
     summary = {
         "options": asdict(options),
         "teacher": "the full-width model (level 1.0); loss: KL(teacher || level) on next-token distributions",
-        "data": f"{corpus.CORPUS_NAME}, calibration part, {options.steps * options.batch} windows of {options.seq_len} tokens",
+        "data": f"{corpus.CORPUS_NAME}, calibration part, {(options.steps - chat_steps) * options.batch} windows of "
+        f"{options.seq_len} tokens"
+        + (
+            f"; the full model's answers to {chat_steps * options.batch} chat prompts ({chat_answers.ANSWERS})"
+            if chat_steps
+            else ""
+        ),
         "train_seconds": round(seconds, 1),
         "levels": [
             {
@@ -163,10 +240,12 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         ],
         "history": history,
     }
-    adapters_file.save(
-        folder,
-        {f: {n: (a.detach(), b.detach() * scale) for n, (a, b) in ad.items()} for f, ad in adapters.items()},
-        summary,
-    )
-    ckpt_path.unlink(missing_ok=True)
+    if acc.is_main_process:
+        trained = {
+            f: {n: (a.detach().cpu(), b.detach().cpu() * scale) for n, (a, b) in ad.items()}
+            for f, ad in adapters.items()
+        }
+        adapters_file.save(folder, trained, summary)
+        ckpt_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
     return summary
