@@ -31,6 +31,7 @@ PROMPT_SETS = {"heldout": PROMPTS, "tune": CHAT / "tune.jsonl"}  # tune: for dec
 VARIANTS = {"adapters": "with recovery adapters", "no-adapters": "plain sub-models"}
 ANSWER_FIELDS = ("variant", "level", "id", "tokens", "repeats", "ngrams", "nll_sum", "answer_ids", "text")
 COLUMNS = ("variant", "level", "answers", "tokens", "rep4", "nll_full", "nll_ratio", "rouge_l")
+PLOTTED = ("level", "rep4", "nll_ratio", "rouge_l")  # x, then the three panels
 
 
 def prompts(limit: int | None = None, path: Path = PROMPTS) -> list[dict]:
@@ -176,11 +177,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _write(out: Path, rows: list[dict], answers: dict, ids: list[str], samples: int = 2) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with (out / "generation.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
@@ -195,38 +191,35 @@ def _write(out: Path, rows: list[dict], answers: dict, ids: list[str], samples: 
                 lines.append(f"- **{variant} {level:.0%}**: {text}")
         lines.append("")
     (out / "samples.md").write_text("\n".join(lines))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
-        x = [r["level"] * 100 for r in mine]
-        axes[0].plot(x, [r["rep4"] * 100 for r in mine], "o-", label=VARIANTS[variant])
-        axes[1].plot(x, [r["nll_ratio"] or np.nan for r in mine], "o-", label=VARIANTS[variant])
-        axes[2].plot(x, [r["rouge_l"] or np.nan for r in mine], "o-", label=VARIANTS[variant])
-    titles = ["repeated 4-grams (%)", "full-model NLL of the answers (x full's own)", "ROUGE-L vs the full model"]
-    for ax, title in zip(axes, titles):
-        ax.set_xlabel("level (%)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "generation.png", dpi=120)
-    plt.close(fig)
+    _plot(
+        {VARIANTS[v]: [r for r in rows if r["variant"] == v] for v in dict.fromkeys(r["variant"] for r in rows)},
+        out / "generation.png",
+    )
 
 
 def compare(runs: dict[str, Path], path: Path) -> None:
     """One PNG of several runs' generation.csv (label -> output folder), e.g. before and after a recovery recipe."""
+    series = {}
+    for label, folder in runs.items():
+        with (Path(folder) / "generation.csv").open(newline="") as f:
+            series[label] = [
+                {k: float(v) if v else None for k, v in r.items() if k in PLOTTED} for r in csv.DictReader(f)
+            ]
+    _plot(series, path)
+
+
+def _plot(series: dict[str, list[dict]], path: Path) -> None:
+    """The three measures against the level, one line per label (rows as in generation.csv)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for label, folder in runs.items():
-        with (Path(folder) / "generation.csv").open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        x = [float(r["level"]) * 100 for r in rows]
-        for ax, key, scale in zip(axes, ("rep4", "nll_ratio", "rouge_l"), (100, 1, 1)):
-            ax.plot(x, [float(r[key]) * scale if r[key] else np.nan for r in rows], "o-", label=label)
+    for label, rows in series.items():
+        x = [r["level"] * 100 for r in rows]
+        for ax, key, scale in zip(axes, PLOTTED[1:], (100, 1, 1)):
+            ax.plot(x, [r[key] * scale if r[key] is not None else np.nan for r in rows], "o-", label=label)
     titles = ["repeated 4-grams (%)", "full-model NLL of the answers (x full's own)", "ROUGE-L vs the full model"]
     for ax, title in zip(axes, titles):
         ax.set_xlabel("level (%)")
