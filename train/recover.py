@@ -76,12 +76,10 @@ def _scaled(adapters: dict, scale: float) -> dict:
     return {name: (a, b * scale) for name, (a, b) in adapters.items()}
 
 
-def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None, count=None):
-    """KL(teacher || student) summed over all positions (or those where `mask` is True), divided by `count` (the
-    number of those positions in the whole batch, of which this may be one process's share; default: these)."""
+def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, count: int | None = None):
+    """KL(teacher || student) summed over the positions where `mask` is True, divided by `count` (the number of
+    such positions in the whole batch, of which this may be one process's share; default: these)."""
     student_logp = F.log_softmax(student_logits.float(), -1)
-    if mask is None:
-        mask = torch.ones(teacher_logp.shape[:2], dtype=torch.bool, device=teacher_logp.device)
     kl = F.kl_div(student_logp[mask], teacher_logp[mask], log_target=True, reduction="sum")
     return kl / (int(mask.sum()) if count is None else count)
 
