@@ -47,7 +47,7 @@ def main() -> None:
     levels = sorted(results[schemes[0]])
     lines = [
         f"Prefill ({n}-token prompt) and decode tokens/s per level and weight scheme; weights = params/ on disk "
-        "(embedding and LM head stay fp32 in every scheme).",
+        "(a quantized scheme quantizes the embedding / LM head too).",
         "",
         "| scheme | weights (MB) | " + " | ".join(f"{lv:.0%} prefill / decode" for lv in levels) + " |",
         "|---" * (len(levels) + 2) + "|",

@@ -187,7 +187,12 @@ def build(
             "adapter_levels": sorted(adapters),
             "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
             "adapter_shapes": adapter_shapes(model.config, rank),
-            "param_layout": "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint",
+            "param_layout": (
+                "linear weights and the embedding table quantized in strips (compile/quantize.py); norms as in the "
+                "checkpoint"
+                if scheme.quantized
+                else "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint"
+            ),
             # the linear weights' scheme (formats/quant.py); quantized: q_weight/q_scale strips (compile/quantize.py)
             "quantization": {"scheme": scheme.name, "bits": scheme.bits, "group": scheme.group},
             "compile_seconds": round(compile_seconds, 2),

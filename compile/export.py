@@ -5,6 +5,9 @@ compiled library serves every level; anchor layers always run full width. Parame
 reordered weights under Hugging Face names. Each layer has its own K cache (n_kv*hd, max_len) and V cache
 (max_len, n_kv*hd), written in place; KV heads are never elastic, so the cache layout is the same at every level.
 
+A quantized build (`ExportShape.quant`, formats/quant.py) stores every linear weight and the embedding table as
+packed words and group scales (compile/quantize.py); its kernels unpack them inside the reduction.
+
 Every projection of every layer also takes a LoRA adapter (A (r, in), B^T (r, out)) as an input beside the shared
 weights, read on the same prefix: a level's adapter set is passed per call, so switching levels swaps adapter
 buffers only, and an all-zero set runs the model without adapters.
@@ -64,8 +67,38 @@ class _Linear(nn.Module):
 
 
 class _Embedding(nn.Module):
-    def __init__(self, vocab: int, d: int):
-        self.weight = nn.Parameter((vocab, d), "float32")
+    """A (vocab, d) table, also the LM head when tied: fp32 rows, or quantized like `_Linear` (its strips over the
+    vocabulary), so that the LM head reads 4 or 8 bits per weight and the gather unpacks the looked-up rows only."""
+
+    def __init__(self, vocab: int, d: int, scheme: Scheme):
+        self.scheme = scheme
+        if scheme.quantized:
+            strip = prefix.strip_width(vocab)
+            self.q_weight = nn.Parameter((vocab // strip, d // scheme.per_word, strip), "uint32")
+            self.q_scale = nn.Parameter((vocab // strip, d // scheme.group, strip), "float32")
+        else:
+            self.weight = nn.Parameter((vocab, d), "float32")
+
+    def lookup(self, input_ids):
+        s = self.scheme
+        if not s.quantized:
+            return op.take(self.weight, input_ids, axis=0)
+        return _te(
+            lambda i, q, sc: prefix.embed_q(i, q, sc, s.bits, s.group), "embed", input_ids, self.q_weight, self.q_scale
+        )
+
+    def logits(self, h):
+        """(T, d) -> (T, vocab)."""
+        s = self.scheme
+        if not s.quantized:
+            return _te(prefix.lm_head, "lm_head", h, self.weight)
+        return _te(
+            lambda h, q, sc: prefix.prefix_matmul_q(h, q, sc, s.bits, s.group, name=blocks.LM_HEAD),
+            "lm_head",
+            h,
+            self.q_weight,
+            self.q_scale,
+        )
 
 
 def kernel_layout(name: str, tensor):
@@ -112,7 +145,7 @@ class _Layer(nn.Module):
 
 class _Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
-        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
         self.layers = nn.ModuleList([_Layer(cfg, biases, scheme) for _ in range(cfg.num_layers)])
         self.norm = _Norm(cfg.hidden_size)
 
@@ -133,8 +166,9 @@ def _te(fn, name, *args):
 class ElasticRelaxModel(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: ExportShape):
         self.cfg, self.shape = cfg, shape
-        self.model = _Decoder(cfg, shape.biases, quant.scheme(shape.quant))
-        self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size)
+        scheme = quant.scheme(shape.quant)
+        self.model = _Decoder(cfg, shape.biases, scheme)
+        self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
 
     def _linear(self, x, lin: _Linear, projection: str, lora, rows=None):
         """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`),
@@ -189,7 +223,7 @@ class ElasticRelaxModel(nn.Module):
 
     def embed(self, input_ids):
         """Token embeddings (T, d): a gather of T rows, separate so callers may edit or compress them."""
-        return op.take(self.model.embed_tokens.weight, input_ids, axis=0)
+        return self.model.embed_tokens.lookup(input_ids)
 
     def _forward(self, x, caches, adapters, past, heads, neuron_blocks, all_positions=False, skip=()):
         cfg = self.cfg
@@ -211,7 +245,7 @@ class ElasticRelaxModel(nn.Module):
             x = _te(lambda x: te.compute((1, x.shape[1]), lambda _, i: x[x.shape[0] - 1, i], name="last"), "last", x)
         h = self._norm(x, self.model.norm)
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        logits = _te(prefix.lm_head, "lm_head", h, head.weight)  # (1 or T, vocab)
+        logits = head.logits(h)  # (1 or T, vocab)
         return logits, tuple(new_caches)
 
     def prefill(self, embeddings, caches, adapters, past, heads, neuron_blocks):

@@ -1,4 +1,5 @@
-"""Group quantization of linear weights into the packed strip layout the quantized kernels read (numpy).
+"""Group quantization of linear weights (and of the embedding table, whose rows are the LM head's outputs) into
+the packed strip layout the quantized kernels read (numpy).
 
 A linear weight W (out, in) becomes, with strips of `s` output rows (elastic_ops.prefix.strip_width) and a scheme
 of `b` bits, `p` = 32 / b weights per word and groups of `g` inputs (formats/quant.py):

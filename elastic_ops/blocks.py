@@ -1,10 +1,14 @@
 """Names of the compute blocks the operators in prefix.py create: the contract with the schedules, which find
 each kernel by these names (schedule_cpu.py)."""
 
-# one per linear layer of a decoder layer; the prefix matmul adds "<name>_out" (bias, crop of padded tokens)
+# one per linear layer of a decoder layer; the prefix matmul adds "<name>_out" (bias, crop of padded tokens),
+# scheduled with it
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LINEAR_OUT = tuple(name + "_out" for name in LINEAR)
 LM_HEAD = "lm_head"
+# a quantized matmul (prefix_matmul_q): per-group partial sums and input sums (one token), or a strip
+# dequantized into a scratch tile (several tokens); a quantized embedding's gather
+QPART, QXSUM, DEQUANT = "qpart", "qxsum", "dequant"
+EMBED = "embed"
 RMS_SUMSQ, RMS_NORM = "sumsq", "rms_norm"
 ROPE = "rope"
 SILU_MUL = "silu_mul"
@@ -14,4 +18,4 @@ QK, SCORE, PEAK, SHIFTED, TOTAL, PV, ATTENTION = "qk", "score", "peak", "shifted
 FAST_EXP = "T_fast_exp"  # the name topi.fast_exp gives its block
 # a level's LoRA update on a projection: x @ A^T, then @ B^T, added to the projection's output
 LORA_A, LORA_B, LORA_OUT = "lora_a", "lora_b", "lora_out"
-ELEMENTWISE = (RMS_NORM, ROPE, SILU_MUL, LAST, *LINEAR_OUT)
+ELEMENTWISE = (RMS_NORM, ROPE, SILU_MUL, LAST)

@@ -64,23 +64,68 @@ def prefix_matmul_q(
     bias: te.Tensor | None = None,
     name: str = "matmul",
 ):
-    """`prefix_matmul` over group-quantized weights, dequantized inside the reduction: no unpacked weight exists.
+    """`prefix_matmul` over group-quantized weights: no unpacked weight ever reaches memory.
 
     x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
     weights per word (lowest bits first); scale: (M / strip, K / group, strip) float32 (compile/quantize.py).
-    W[i, k] = (((q[i // strip, k // per, i % strip] >> (k % per) * bits) & mask) - qmax) * scale[.., k // group, ..].
+    W[i, k] = (level(i, k) - qmax) * scale[i // strip, k // group, i % strip], level = the k-th field of the word.
     Returns (T, rows), rows defaulting to M.
+
+    One token (decode) reads each weight once, so the kernel works on the levels as they unpack: per group,
+    sum_k x[k] * level[i, k] - qmax * sum_k x[k], times the group's scale (blocks QPART, QXSUM; one multiply by the
+    scale per group, not per weight). Several tokens (prefill) reuse each weight T times: one strip at a time is
+    dequantized into a scratch tile (block DEQUANT, K_active x strip, cache-resident), which the fp32 register tile
+    then reads for every token.
     """
     n_strips, _, strip = q.shape
     rows = n_strips * strip if rows is None else rows
     per, mask, qmax = 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
+    T, K_active = x.shape
 
-    def weight(i, k):
-        word = q[i // strip, k // per, i % strip]
+    def level(j, k, i):
+        word = q[j, k // per, i]
+        return ((word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")).astype("float32")
+
+    if not (isinstance(T, tirx.IntImm) and T.value == 1):
+        dq = te.compute(
+            (n_strips, K_active, strip),
+            lambda j, k, i: (level(j, k, i) - float(qmax)) * scale[j, k // group, i],
+            name=blocks.DEQUANT,
+        )
+        return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name)
+    groups = K_active // group
+    kk = te.reduce_axis((0, group), "kk")
+    part = te.compute(
+        (T, groups, rows),
+        lambda t, g, i: te.sum(x[t, g * group + kk] * level(i // strip, g * group + kk, i % strip), axis=kk),
+        name=blocks.QPART,
+    )
+    kx = te.reduce_axis((0, group), "kx")
+    xsum = te.compute((T, groups), lambda t, g: te.sum(x[t, g * group + kx], axis=kx), name=blocks.QXSUM)
+    g = te.reduce_axis((0, groups), "g")
+    y = te.compute(
+        (T, rows),
+        lambda t, i: te.sum(scale[i // strip, g, i % strip] * (part[t, g, i] - float(qmax) * xsum[t, g]), axis=g),
+        name=name,
+    )
+    if bias is None:
+        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
+    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+
+
+def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, bits: int, group: int):
+    """Rows `ids` of a quantized embedding (vocab, d) in the strip layout of `prefix_matmul_q`, dequantized: only
+    the looked-up rows are unpacked. (T,) int32 -> (T, d)."""
+    _, words, strip = q.shape
+    per, mask, qmax = 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
+
+    def row(t, k):
+        v = ids[t]
+        word = q[v // strip, k // per, v % strip]
         level = (word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")
-        return (level.astype("float32") - float(qmax)) * scale[i // strip, k // group, i % strip]
+        return (level.astype("float32") - float(qmax)) * scale[v // strip, k // group, v % strip]
 
-    return _matmul_over(x, weight, rows, bias, name)
+    return te.compute((ids.shape[0], words * per), row, name=blocks.EMBED)
 
 
 def lm_head(x: te.Tensor, w: te.Tensor):

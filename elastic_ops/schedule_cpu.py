@@ -63,14 +63,56 @@ def _tokens(sch: s_tir.Schedule, t) -> int:
     return 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
 
 
+DEQUANT_TILES = 16  # token tiles that reuse one dequantized strip (a quantized prefill), 64 tokens
+
+
 def _matmul(sch: s_tir.Schedule, name: str) -> None:
-    """y[t, i] = sum_k x[t, k] * W[i, k], W packed in strips of 64 outputs: one register tile spans one strip."""
-    block = sch.get_sblock(name)
+    """y[t, i] = sum_k x[t, k] * W[i, k], W packed in strips of 64 outputs: one register tile spans one strip; the
+    output block (bias, crop of padded tokens) is computed per tile from the registers.
+
+    Quantized weights (prefix.prefix_matmul_q): one token reduces over groups, each group's partial sums
+    (QPART) computed in registers as the words unpack, the input sums (QXSUM) once, serially; several tokens
+    dequantize a strip into a scratch tile (DEQUANT) per chunk of DEQUANT_TILES token tiles, parallel over
+    (strip, chunk) so that a level with one strip still uses every core."""
+    block, out = sch.get_sblock(name), sch.get_sblock(name + "_out")
     t, i, k = sch.get_loops(block)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if not _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):  # widths that are not whole strips (tiny models)
         sch.parallel(sch.fuse(t, i))
+        _parallel_vectorized(sch, out)
         return
-    _register_tile(sch, block, t, i, k, _tokens(sch, t), STRIP_VECTORS)
+    tokens = _tokens(sch, t)
+    to, ti = sch.split(t, [None, tokens])
+    vo, vv, vi = sch.split(i, [None, STRIP_VECTORS, LANES])
+    if blocks.DEQUANT in names:
+        tc, to = sch.split(to, [None, DEQUANT_TILES])
+        sch.reorder(vo, tc, to, k, ti, vv, vi)
+        outer, tile = sch.fuse(vo, tc), to
+        dq = sch.get_sblock(blocks.DEQUANT)
+        sch.compute_at(dq, outer)
+        sch.vectorize(sch.get_loops(dq)[-1])
+    else:
+        sch.reorder(vo, to, k, ti, vv, vi)
+        outer = tile = sch.fuse(vo, to)
+    sch.parallel(outer)
+    sch.unroll(ti)
+    sch.unroll(vv)
+    sch.vectorize(vi)
+    sch.reverse_compute_at(out, tile)
+    sch.vectorize(sch.get_loops(out)[-1])
+    sch.set_scope(block, 0, "local")
+    if blocks.QPART in names:
+        part = sch.get_sblock(blocks.QPART)
+        sch.compute_at(part, k)  # k is the group loop
+        sch.set_scope(part, 0, "local")
+        *_, pi, pk = sch.get_loops(part)
+        pv, pl = sch.split(pi, [STRIP_VECTORS, LANES])
+        sch.reorder(pk, pv, pl)
+        sch.unroll(pk)
+        sch.unroll(pv)
+        sch.vectorize(pl)
+        sch.decompose_reduction(part, pk)
+    sch.decompose_reduction(block, k)
 
 
 def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
@@ -146,10 +188,12 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
         _lora(sch)
         return sch.mod["main"]
     for name in names:
-        if name in blocks.LINEAR:
+        if name in blocks.LINEAR or (name == blocks.LM_HEAD and name + "_out" in names):  # quantized head
             _matmul(sch, name)
         elif name == blocks.LM_HEAD:
             _dot_rows(sch, name, parallel_loops=2)
+        elif name == blocks.EMBED:
+            _parallel_vectorized(sch, sch.get_sblock(name))
         elif name == blocks.RMS_SUMSQ:
             sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
         elif name in blocks.ELEMENTWISE:

@@ -8,7 +8,9 @@
 Symmetric group quantization along the input (reduction) axis: scale = max|w| / qmax over a group of `group`
 inputs of one output row, stored q = round(w / scale) + qmax clamped to [0, 2 qmax], read back (q - qmax) * scale
 (qmax = 7 for 4 bits, as MLC-LLM's q4f32_1; 127 for 8 bits). The packed layout (compile/quantize.py) keeps both
-prefixes of a level contiguous, so every active width must be a whole number of groups (`check_width`).
+prefixes of a level contiguous, so every active width must be a whole number of groups (`check_width`). A quantized
+scheme covers every linear layer and the embedding table (the tied LM head: one 4-bit copy serves both); norms,
+biases and the recovery adapters stay fp32.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ VARIANTS = {
 GROUPED = {
     "llama-grouped": lambda: LlamaForCausalLM(
         LlamaConfig(
-            **{**TINY, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32, "num_attention_heads": 4},
+            # a vocabulary of three strips of 64: the quantized LM head runs its strip schedule
+            **{**TINY, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32, "num_attention_heads": 4}
+            | {"vocab_size": 192},
             tie_word_embeddings=True,
         )
     ),

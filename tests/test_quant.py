@@ -77,6 +77,32 @@ def test_quantized_prefix_matmul_reads_only_the_prefix(s, tokens, blocks, active
     np.testing.assert_allclose(out.numpy(), xs @ deq.T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
+@pytest.mark.parametrize("vocab", [192, 97])  # three strips of 64; one strip of the whole (odd) vocabulary
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_quantized_embedding_unpacks_only_the_looked_up_rows(s, vocab, scheduled):
+    rng = np.random.default_rng(vocab)
+    table = rng.standard_normal((vocab, 96)).astype(np.float32)
+    q, scale = quantize(table, s)
+    ids = np.array([5, 0, vocab - 1, 5, 64 % vocab], "int32")
+    poison = np.ones((q.shape[0] * q.shape[2],), bool)
+    poison[ids] = False
+    rows = np.arange(poison.size)[poison]  # every row that is not looked up: NaN scales, garbage words
+    scale[rows // q.shape[2], :, rows % q.shape[2]] = np.nan
+    q[rows // q.shape[2], :, rows % q.shape[2]] = 0xFFFFFFFF
+    n = tirx.Var("n", "int64")
+    ip = te.placeholder((n,), "int32", name="ids")
+    qp = te.placeholder(tuple(I64(d) for d in q.shape), "uint32", name="q")
+    sp = te.placeholder(tuple(I64(d) for d in scale.shape), "float32", name="s")
+    out = prefix.embed_q(ip, qp, sp, s.bits, s.group)
+    fn = compile_te([ip, qp, sp, out], scheduled)
+    got = poisoned((len(ids), 96))
+    fn(tvm.runtime.tensor(ids), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), got)
+    expected = dequantize(*quantize(table, s), s)[ids]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+    assert np.abs(expected - table[ids]).max() > 1e-4  # the quantization shows
+
+
 @pytest.fixture(scope="module", params=[s.name for s in QUANTIZED])
 def quantized_build(request, tmp_path_factory):
     """The grouped tiny model with large random adapters, compiled with quantized weights; (model, adapters, the
@@ -95,7 +121,8 @@ def quantized_build(request, tmp_path_factory):
     adapters = random_adapters(model, 4, seed=3)
     adapters_file.save(folder, adapters, {"note": "random adapters for tests"})
     params = dict(model.params)
-    for name in projection_names(model.config):
+    tables = ["model.embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"])
+    for name in projection_names(model.config) + tables:
         params[name + ".weight"] = torch.from_numpy(dequantize(*quantize(params[name + ".weight"].numpy(), s), s))
     return (
         model,
