@@ -38,6 +38,7 @@ def export_shape(
     lora_rank: int,
     drops: dict[int, tuple[int, ...]] | None = None,
     scheme: Scheme = quant.SCHEMES["q0f32"],
+    fuse_lora: bool = True,
 ) -> ExportShape:
     cfg = model.config
     block = math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size)
@@ -58,6 +59,7 @@ def export_shape(
         lora_rank=lora_rank,
         layer_drops=tuple(sorted((drops or {}).items())),
         quant=scheme.name,
+        fuse_lora=fuse_lora,
     )
 
 
@@ -127,7 +129,9 @@ def build(
     adapters = adapters_file.load(folder)  # {} before `elastilm recover`: the model runs with zero adapters
     rank = adapters_file.rank(adapters)
     drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
-    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops, scheme)
+    # CPU schedules fuse the adapter into the projection kernels; dlight schedules (GPUs) want one reduction each
+    cpu = spec.device == "cpu"
+    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops, scheme, cpu)
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)
@@ -187,6 +191,9 @@ def build(
             "adapter_levels": sorted(adapters),
             "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
             "adapter_shapes": adapter_shapes(model.config, rank),
+            # the rank of the all-zero set that levels without an adapter pass (the rank is a runtime extent):
+            # none on CPUs; one row on GPUs, as OpenCL cannot allocate an empty buffer
+            "no_adapter_rank": 0 if cpu else 1,
             "param_layout": (
                 "linear weights and the embedding table quantized in strips (compile/quantize.py); norms as in the "
                 "checkpoint"

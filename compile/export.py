@@ -10,7 +10,8 @@ packed words and group scales (compile/quantize.py); its kernels unpack them ins
 
 Every projection of every layer also takes a LoRA adapter (A (r, in), B^T (r, out)) as an input beside the shared
 weights, read on the same prefix: a level's adapter set is passed per call, so switching levels swaps adapter
-buffers only, and an all-zero set runs the model without adapters.
+buffers only. The rank r is symbolic: a set of rank 0 (tensors with no rows) runs the model without adapters, and
+its update loops do no work. On CPUs the update runs inside the projection's kernel (`ExportShape.fuse_lora`).
 
 Methods (batch 1), declared from formats/signature.py (the names and argument order the engine calls): `embed`
 turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached positions, `decode` one.
@@ -48,6 +49,10 @@ class ExportShape:
     lora_rank: int = 8
     layer_drops: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (n, dropped layers): the layer-dropping baseline
     quant: str = "q0f32"  # the linear layers' weights (formats/quant.py)
+    fuse_lora: bool = True  # the adapter's update inside the projection's kernel (CPU schedules); else its own
+
+
+RANK = "lora_rank"  # the symbolic rank of a call's adapter set (formats/signature.py)
 
 
 class _Linear(nn.Module):
@@ -175,18 +180,25 @@ class ElasticRelaxModel(nn.Module):
         plus the adapter `lora[projection]` = (A, B^T) on the same prefix."""
         name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
         assert name in blocks.LINEAR, name
-        s = lin.scheme
+        s, a, bt = lin.scheme, *lora[projection]
+        if not self.shape.fuse_lora:
+            a = bt = None
         if s.quantized:
             y = _te(
-                lambda x, q, scale, b: prefix.prefix_matmul_q(x, q, scale, s.bits, s.group, rows, b, name),
+                lambda x, q, scale, b, a, bt: prefix.prefix_matmul_q(
+                    x, q, scale, s.bits, s.group, rows, b, name, None if a is None else (a, bt)
+                ),
                 name,
-                x,
-                lin.q_weight,
-                lin.q_scale,
-                lin.bias,
+                *(x, lin.q_weight, lin.q_scale, lin.bias, a, bt),
             )
         else:
-            y = _te(lambda x, w, b: prefix.prefix_matmul(x, w, rows, b, name), name, x, lin.weight, lin.bias)
+            y = _te(
+                lambda x, w, b, a, bt: prefix.prefix_matmul(x, w, rows, b, name, None if a is None else (a, bt)),
+                name,
+                *(x, lin.weight, lin.bias, a, bt),
+            )
+        if self.shape.fuse_lora:
+            return y
         return _te(prefix.lora_prefix, "lora", x, y, *lora[projection])
 
     def _norm(self, x, norm: _Norm):
@@ -274,7 +286,8 @@ class ElasticRelaxModel(nn.Module):
         prompt, token = spec.Tensor(["seq_len", d], "float32"), spec.Tensor([1, d], "float32")
         args = {  # signature.ARGUMENTS, "embeddings" aside (a prompt or one token)
             "caches": [k_cache, v_cache] * cfg.num_layers,
-            "adapters": [spec.Tensor(list(s), "float32") for s in adapter_shapes(cfg, self.shape.lora_rank)],
+            # the rank is the call's: 0 (tensors of no rows) runs a level without an adapter at no cost
+            "adapters": [spec.Tensor([RANK, n], "float32") for _, n in adapter_shapes(cfg, self.shape.lora_rank)],
             "past": int,
             "heads": int,
             "neuron_blocks": int,
@@ -327,6 +340,7 @@ def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str
         "past": shape.max_len,
         "heads": cfg.num_heads,
         "neuron_blocks": cfg.intermediate_size // shape.neuron_block,
+        RANK: shape.lora_rank,
     }
     assert set(bounds) == set(signature.SYMBOLIC)
     for name in signature.function_names(n for n, _ in shape.layer_drops):

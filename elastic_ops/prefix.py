@@ -28,21 +28,64 @@ def strip_width(out_features: int) -> int:
     return STRIP if out_features % STRIP == 0 else out_features
 
 
-def _matmul_over(x: te.Tensor, weight, rows, bias: te.Tensor | None, name: str):
-    """y[t, i] = sum_{k < K_active} x[t, k] * weight(i, k) (+ bias[i]) for i < rows: (T, rows)."""
+def _matmul_over(x: te.Tensor, weight, rows, bias: te.Tensor | None, name: str, lora=None):
+    """y[t, i] = sum_{k < K_active} x[t, k] * weight(i, k) (+ bias[i]) (+ the adapter's update) for i < rows."""
     T, K_active = x.shape
     T_blocks = _token_blocks(T)
     k = te.reduce_axis((0, K_active), "k")
     y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
         (T_blocks, rows), lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * weight(i, k), axis=k), name=name
     )
-    if bias is None:
-        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
-    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+    return _output(x, y, bias, name, lora)
 
 
-def prefix_matmul(x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul"):
-    """y[t, i] = sum_{k < K_active} x[t, k] * W[i, k] (+ bias[i]) for i < rows.
+def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora):
+    """The block "<name>_out" (T, rows): y (+ bias) (+ the update x @ A^T @ Bt of the adapter `lora` = (A (r, K),
+    Bt (r, M)), read on the active prefix: LORA_A x @ A^T (T, r), LORA_B its product with Bt), the padded token
+    rows dropped."""
+    T, rows = x.shape[0], y.shape[1]
+    terms = [lambda t, i: y[t, i]]
+    if bias is not None:
+        terms.append(lambda t, i: bias[i])
+    if lora is not None:
+        a, bt = lora
+        up = _lora_up(_lora_down(x, a), bt, T, y.shape)
+        terms.append(lambda t, i: _lora_term(up, bt, t, i))
+
+    def total(t, i):
+        value = terms[0](t, i)
+        for term in terms[1:]:
+            value = value + term(t, i)
+        return value
+
+    return te.compute((T, rows), total, name=name + "_out")
+
+
+def _lora_up(down: te.Tensor, bt: te.Tensor, T, shape):
+    """down @ Bt: (T_blocks, rows), rows t >= T (prefill padding) repeating the last token. At rank 0 the
+    reduction has no steps, and a schedule that keeps the initialisation inside the reduction loop (TIR's unless
+    it is decomposed) leaves the output unwritten: read it through `_lora_term`."""
+    j = te.reduce_axis((0, bt.shape[0]), "j")
+    return te.compute(shape, lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * bt[j, i], axis=j), name=blocks.LORA_B)
+
+
+def _lora_term(up: te.Tensor, bt: te.Tensor, t, i):
+    """up[t, i], or 0 at rank 0 (then `up` was never written)."""
+    return tirx.if_then_else(bt.shape[0] > 0, up[t, i], tirx.const(0.0, "float32"))
+
+
+def _lora_down(x: te.Tensor, a: te.Tensor):
+    """x @ A[:, :K_active]^T: (T, r)."""
+    T, K_active = x.shape
+    k = te.reduce_axis((0, K_active), "k")
+    return te.compute((T, a.shape[0]), lambda t, j: te.sum(x[t, k] * a[j, k], axis=k), name=blocks.LORA_A)
+
+
+def prefix_matmul(
+    x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul", lora=None
+):
+    """y[t, i] = sum_{k < K_active} x[t, k] * W[i, k] (+ bias[i]) (+ the update of the adapter `lora` = (A, Bt),
+    as in `lora_prefix`, in the same kernel) for i < rows.
 
     x: (T, K_active) with K_active <= K. wp: (M / strip, K, strip), the weight W (M, K) packed in strips of
     `strip` output columns, each stored input-major. Both prefixes stay contiguous: the active outputs are the
@@ -51,7 +94,7 @@ def prefix_matmul(x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None
     """
     n_strips, _, strip = wp.shape
     rows = n_strips * strip if rows is None else rows
-    return _matmul_over(x, lambda i, k: wp[i // strip, k, i % strip], rows, bias, name)
+    return _matmul_over(x, lambda i, k: wp[i // strip, k, i % strip], rows, bias, name, lora)
 
 
 def prefix_matmul_q(
@@ -63,8 +106,9 @@ def prefix_matmul_q(
     rows=None,
     bias: te.Tensor | None = None,
     name: str = "matmul",
+    lora=None,
 ):
-    """`prefix_matmul` over group-quantized weights: no unpacked weight ever reaches memory.
+    """`prefix_matmul` (its bias and adapter too) over group-quantized weights: no unpacked weight ever reaches memory.
 
     x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
     weights per word (lowest bits first); scale: (M / strip, K / group, strip) float32 (compile/quantize.py).
@@ -92,7 +136,7 @@ def prefix_matmul_q(
             lambda j, k, i: (level(j, k, i) - float(qmax)) * scale[j, k // group, i],
             name=blocks.DEQUANT,
         )
-        return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name)
+        return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora)
     groups = K_active // group
     kk = te.reduce_axis((0, group), "kk")
     part = te.compute(
@@ -108,9 +152,7 @@ def prefix_matmul_q(
         lambda t, i: te.sum(scale[i // strip, g, i % strip] * (part[t, g, i] - float(qmax) * xsum[t, g]), axis=g),
         name=name,
     )
-    if bias is None:
-        return te.compute((T, rows), lambda t, i: y[t, i], name=name + "_out")
-    return te.compute((T, rows), lambda t, i: y[t, i] + bias[i], name=name + "_out")
+    return _output(x, y, bias, name, lora)
 
 
 def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, bits: int, group: int):
@@ -225,19 +267,14 @@ def attention(
 
 def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
     """y + x @ A[:, :K_active]^T @ Bt[:, :rows]: a level's low-rank update, added to the prefix matmul y (T, rows)
-    of the same projection.
+    of the same projection, as a kernel of its own (GPU targets; CPU kernels fuse it, `prefix_matmul(lora=)`).
 
     x: (T, K_active); a: (r, K) and bt: (r, M), the adapter at full width with B transposed (outputs contiguous)
-    and the LoRA scale folded in; only the active prefix of each is read.
+    and the LoRA scale folded in; only the active prefix of each is read. r is the call's rank: 0 for a level
+    without an adapter, which then costs no work.
     """
-    T, K_active = x.shape
+    T, _ = x.shape
     rows = y.shape[1]
-    r = a.shape[0]
     T_blocks = _token_blocks(T)
-    k = te.reduce_axis((0, K_active), "k")
-    down = te.compute((T, r), lambda t, j: te.sum(x[t, k] * a[j, k], axis=k), name=blocks.LORA_A)
-    j = te.reduce_axis((0, r), "j")
-    up = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
-        (T_blocks, rows), lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * bt[j, i], axis=j), name=blocks.LORA_B
-    )
-    return te.compute((T, rows), lambda t, i: y[t, i] + up[t, i], name=blocks.LORA_OUT)
+    up = _lora_up(_lora_down(x, a), bt, T, (T_blocks, rows))
+    return te.compute((T, rows), lambda t, i: y[t, i] + _lora_term(up, bt, t, i), name=blocks.LORA_OUT)

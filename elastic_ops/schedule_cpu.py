@@ -73,7 +73,11 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
     Quantized weights (prefix.prefix_matmul_q): one token reduces over groups, each group's partial sums
     (QPART) computed in registers as the words unpack, the input sums (QXSUM) once, serially; several tokens
     dequantize a strip into a scratch tile (DEQUANT) per chunk of DEQUANT_TILES token tiles, parallel over
-    (strip, chunk) so that a level with one strip still uses every core."""
+    (strip, chunk) so that a level with one strip still uses every core.
+
+    The adapter's update (prefix._output) is part of the same kernel: x @ A^T (LORA_A) once per call, then the
+    rank-r product with Bt (LORA_B) tiled like y, its tile loops merged with y's so that the output block adds
+    both from registers. At rank 0 (no adapter) both reductions are empty."""
     block, out = sch.get_sblock(name), sch.get_sblock(name + "_out")
     t, i, k = sch.get_loops(block)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
@@ -82,22 +86,20 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         _parallel_vectorized(sch, out)
         return
     tokens = _tokens(sch, t)
-    to, ti = sch.split(t, [None, tokens])
-    vo, vv, vi = sch.split(i, [None, STRIP_VECTORS, LANES])
-    if blocks.DEQUANT in names:
-        tc, to = sch.split(to, [None, DEQUANT_TILES])
-        sch.reorder(vo, tc, to, k, ti, vv, vi)
-        outer, tile = sch.fuse(vo, tc), to
+    dequant = blocks.DEQUANT in names
+    outer, tile, k = _tile(sch, block, tokens, dequant)
+    if blocks.LORA_A in names:
+        _dot_rows(sch, blocks.LORA_A, parallel_loops=1 if tokens > 1 else 0)
+        up = sch.get_sblock(blocks.LORA_B)
+        up_outer, up_tile, j = _tile(sch, up, tokens, dequant)
+        outer = sch.merge(outer, up_outer)
+        tile = sch.merge(tile, up_tile) if dequant else outer
+        sch.set_scope(up, 0, "local")
+    if dequant:
         dq = sch.get_sblock(blocks.DEQUANT)
         sch.compute_at(dq, outer)
         sch.vectorize(sch.get_loops(dq)[-1])
-    else:
-        sch.reorder(vo, to, k, ti, vv, vi)
-        outer = tile = sch.fuse(vo, to)
     sch.parallel(outer)
-    sch.unroll(ti)
-    sch.unroll(vv)
-    sch.vectorize(vi)
     sch.reverse_compute_at(out, tile)
     sch.vectorize(sch.get_loops(out)[-1])
     sch.set_scope(block, 0, "local")
@@ -112,16 +114,40 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         sch.unroll(pv)
         sch.vectorize(pl)
         sch.decompose_reduction(part, pk)
+    if blocks.LORA_A in names:
+        sch.decompose_reduction(up, j)
     sch.decompose_reduction(block, k)
+
+
+def _tile(sch: s_tir.Schedule, block, tokens: int, dequant: bool):
+    """Register-tile loops of a (t, i, reduction) block: (tokens x one strip) accumulated along the reduction.
+    Returns (outer loop of the tiles, the loop that the output block joins, the reduction loop): one loop over
+    (strip, token tile), or with `dequant` (strip, chunk of DEQUANT_TILES token tiles) and the tiles inside."""
+    t, i, k = sch.get_loops(block)
+    to, ti = sch.split(t, [None, tokens])
+    vo, vv, vi = sch.split(i, [None, STRIP_VECTORS, LANES])
+    if dequant:
+        tc, to = sch.split(to, [None, DEQUANT_TILES])
+        sch.reorder(vo, tc, to, k, ti, vv, vi)
+        outer, tile = sch.fuse(vo, tc), to
+    else:
+        sch.reorder(vo, to, k, ti, vv, vi)
+        outer = tile = sch.fuse(vo, to)
+    sch.unroll(ti)
+    sch.unroll(vv)
+    sch.vectorize(vi)
+    return outer, tile, k
 
 
 def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
     """A reduction over a contiguous last axis (logits[t, v] = x[t, :] . w[v, :], or q . k): the reduction is
-    split into LANES partial sums (rfactor) that vectorise, summed once per output; parallel over outputs."""
+    split into LANES partial sums (rfactor) that vectorise, summed once per output; parallel over the first
+    `parallel_loops` loops (0: serial, for work too small to pay for waking the threads)."""
     block = sch.get_sblock(name)
     loops = sch.get_loops(block)
     if not _divisible(sch.get(loops[-1]).extent, LANES):
-        sch.parallel(sch.fuse(*loops[:parallel_loops]))
+        if parallel_loops:
+            sch.parallel(sch.fuse(*loops[:parallel_loops]))
         return
     ko, ki = sch.split(loops[-1], [None, LANES])
     rf = sch.rfactor(ki, factor_axis=len(loops) - 1)
@@ -129,7 +155,8 @@ def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
     lanes, partial = sch.get_loops(rf)[-2:]
     sch.reorder(partial, lanes)
     sch.vectorize(lanes)
-    sch.parallel(sch.fuse(*sch.get_loops(block)[:parallel_loops]))
+    if parallel_loops:
+        sch.parallel(sch.fuse(*sch.get_loops(block)[:parallel_loops]))
 
 
 def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
@@ -161,19 +188,6 @@ def _attention(sch: s_tir.Schedule) -> None:
     _parallel_vectorized(sch, sch.get_sblock(blocks.ATTENTION))
 
 
-def _lora(sch: s_tir.Schedule) -> None:
-    """lora_a: r dot products per token over the active inputs; lora_b: a rank-r matmul into the outputs,
-    register-tiled like the projections when the outputs are whole strips."""
-    _dot_rows(sch, blocks.LORA_A, parallel_loops=2)
-    block = sch.get_sblock(blocks.LORA_B)
-    t, i, j = sch.get_loops(block)
-    if _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):
-        _register_tile(sch, block, t, i, j, _tokens(sch, t), STRIP_VECTORS)
-    else:
-        sch.parallel(sch.fuse(t, i))
-    _parallel_vectorized(sch, sch.get_sblock(blocks.LORA_OUT))
-
-
 def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     try:
@@ -183,9 +197,6 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     if blocks.QK in names:
         _attention(sch)
-        return sch.mod["main"]
-    if blocks.LORA_A in names:
-        _lora(sch)
         return sch.mod["main"]
     for name in names:
         if name in blocks.LINEAR or (name == blocks.LM_HEAD and name + "_out" in names):  # quantized head

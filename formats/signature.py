@@ -24,7 +24,8 @@ from elastilm.formats.errors import ElastiLMError
 EMBED = "embed"
 METHODS = ("prefill", "decode", "score")
 ARGUMENTS = ("embeddings", "caches", "adapters", "past", "heads", "neuron_blocks")
-SYMBOLIC = ("seq_len", "past", "heads", "neuron_blocks")  # symbolic extents of the library (seq_len: T)
+# symbolic extents of the library (seq_len: T; lora_rank: the rank of the adapter set passed, 0 for none)
+SYMBOLIC = ("seq_len", "past", "heads", "neuron_blocks", "lora_rank")
 
 
 def function_name(method: str, dropped: int = 0) -> str:

@@ -64,8 +64,9 @@ class ElasticEngine:
             self.vm = s.load(self.folder, m)
             self.functions = self._functions()
             self.params = s.arrays(m["param_names"])
-            # switching level swaps these buffers only; levels without an adapter share one all-zero set
-            self.no_adapter = s.zeros(m["adapter_shapes"], "lora0")
+            # switching level swaps these buffers only; levels without an adapter pass an all-zero set of the
+            # build's `no_adapter_rank`: 0 (no rows, the update loops are empty) where the device allows empty tensors
+            self.no_adapter = s.zeros([(m["no_adapter_rank"], n) for _, n in m["adapter_shapes"]], "lora0")
             levels = m["adapter_levels"] if self.use_adapters else []
             self.adapters = {f: s.arrays([build_file.adapter_tensor(f, n) for n in m["adapter_names"]]) for f in levels}
         rows, width = m["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]

@@ -228,4 +228,10 @@ def test_export_declares_upper_bounds_for_every_symbolic_extent():
     _, _, cfg = tiny_model("llama")
     mod, _ = export(cfg, ExportShape(anchors=(1,), neuron_block=8, max_len=48))
     bounds = {k: int(v) for k, v in mod["prefill"].attrs["tir_var_upper_bound"].items()}
-    assert bounds == {"seq_len": 48, "past": 48, "heads": cfg.num_heads, "neuron_blocks": cfg.intermediate_size // 8}
+    assert bounds == {
+        "seq_len": 48,
+        "past": 48,
+        "heads": cfg.num_heads,
+        "neuron_blocks": cfg.intermediate_size // 8,
+        "lora_rank": 8,
+    }

@@ -170,22 +170,24 @@ def test_check_catches_invalid_opencl_that_tvm_accepts():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-@pytest.mark.parametrize("tokens,active_in,rows", [(1, 96, 64), (5, 37, 13), (3, 1, 1)])
-def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows):
+@pytest.mark.parametrize("tokens,active_in,rows,rank", [(1, 96, 64, 8), (5, 37, 13, 8), (3, 1, 1, 3), (1, 96, 64, 1)])
+def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows, rank):
     """The adapter update on a prefix, scheduled by the guarded dlight rules (GeneralReduction fails on this
-    two-reduction chain and is passed over), against numpy with NaN outside the prefix."""
+    two-reduction chain and is passed over), against numpy with NaN outside the prefix; the rank is the call's
+    (1: a level without an adapter on a GPU, where OpenCL has no empty buffers)."""
     target = preset(name).tvm_target()
     rng = np.random.default_rng(tokens + rows)
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
     k_in, m = tirx.Var("k", "int64"), tirx.Var("m", "int64")
     x = te.placeholder((T, k_in), "float32", name="x")
     y = te.placeholder((T, m), "float32", name="y")
-    a = te.placeholder((I64(8), I64(96)), "float32", name="a")
-    bt = te.placeholder((I64(8), I64(64)), "float32", name="bt")
+    r = tirx.Var("r", "int64")
+    a = te.placeholder((r, I64(96)), "float32", name="a")
+    bt = te.placeholder((r, I64(64)), "float32", name="bt")
     fn = scheduled([x, y, a, bt, prefix.lora_prefix(x, y, a, bt)], target)
-    a_full, b_full = np.full((8, 96), np.nan, "float32"), np.full((64, 8), np.nan, "float32")
-    a_full[:, :active_in] = rng.standard_normal((8, active_in))
-    b_full[:rows] = rng.standard_normal((rows, 8))
+    a_full, b_full = np.full((rank, 96), np.nan, "float32"), np.full((64, rank), np.nan, "float32")
+    a_full[:, :active_in] = rng.standard_normal((rank, active_in))
+    b_full[:rows] = rng.standard_normal((rows, rank))
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
     ys = rng.standard_normal((tokens, rows)).astype("float32")
     bt_packed = np.ascontiguousarray(kernel_layout("mlp.up_proj.lora_B", b_full))

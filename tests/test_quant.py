@@ -8,6 +8,7 @@ import tvm
 from test_elastic_ops import I64, compile_te, poisoned
 from tvm import te, tirx
 
+from elastilm.compile.export import kernel_layout
 from elastilm.compile.quantize import dequantize, quantize
 from elastilm.elastic_ops import prefix
 from elastilm.formats.errors import ElastiLMError
@@ -75,6 +76,54 @@ def test_quantized_prefix_matmul_reads_only_the_prefix(s, tokens, blocks, active
     out = poisoned((tokens, blocks * 64))
     fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), out, blocks)
     np.testing.assert_allclose(out.numpy(), xs @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["q0f32", "q4f32_1"])
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("rank", [0, 3, 8])
+@pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_adapter_fused_into_the_prefix_matmul_matches_numpy(name, tokens, rank, blocks, active_in, scheduled):
+    """y = x W^T + b + x A^T Bt in one kernel, the rank a runtime extent (0: no adapter, no work). Weights, scales,
+    adapter entries and the bias outside the active prefix are NaN or garbage: reading any of them would show."""
+    s = scheme(name)
+    rng = np.random.default_rng(blocks + tokens + rank)
+    w = rng.standard_normal((1536, 576)).astype(np.float32)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in, r = tirx.Var("nb", "int64"), tirx.Var("k", "int64"), tirx.Var("r", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    a = te.placeholder((r, I64(576)), "float32", name="a")
+    bt = te.placeholder((r, I64(1536)), "float32", name="bt")
+    bias = te.placeholder((I64(1536),), "float32", name="bias")
+    if s.quantized:
+        q, scale = quantize(w, s)
+        q[:, active_in // s.per_word :, :], scale[:, active_in // s.group :, :] = 0xFFFFFFFF, np.nan
+        q[blocks:], scale[blocks:] = 0xFFFFFFFF, np.nan
+        deq = dequantize(q[:blocks, : active_in // s.per_word], scale[:blocks, : active_in // s.group], s)
+        qp = te.placeholder(tuple(I64(d) for d in q.shape), "uint32", name="q")
+        sp = te.placeholder(tuple(I64(d) for d in scale.shape), "float32", name="s")
+        y = prefix.prefix_matmul_q(x, qp, sp, s.bits, s.group, nb * 64, bias, "gate_proj", (a, bt))
+        weights, tensors = [qp, sp], [q, scale]
+    else:
+        packed = np.ascontiguousarray(kernel_layout("mlp.gate_proj.weight", w))  # (24, 576, 64)
+        packed[:, active_in:, :], packed[blocks:] = np.nan, np.nan
+        deq = w[: blocks * 64, :active_in]
+        wp = te.placeholder(tuple(I64(d) for d in packed.shape), "float32", name="w")
+        y = prefix.prefix_matmul(x, wp, nb * 64, bias, "gate_proj", (a, bt))
+        weights, tensors = [wp], [packed]
+    fn = compile_te([x, *weights, a, bt, bias, y, nb], scheduled)
+    a_full, b_full = np.full((rank, 576), np.nan, "float32"), np.full((1536, rank), np.nan, "float32")
+    a_full[:, :active_in] = rng.standard_normal((rank, active_in))
+    b_full[: blocks * 64] = rng.standard_normal((blocks * 64, rank))
+    b_vec = np.full(1536, np.nan, "float32")
+    b_vec[: blocks * 64] = rng.standard_normal(blocks * 64)
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    out = poisoned((tokens, blocks * 64))
+    bt_full = np.ascontiguousarray(b_full.T)
+    fn(*(tvm.runtime.tensor(v) for v in (xs, *tensors, a_full, bt_full, b_vec)), out, blocks)
+    expected = xs @ deq.T + b_vec[: blocks * 64] + xs @ a_full[:, :active_in].T @ b_full[: blocks * 64].T
+    print(np.isnan(out.numpy()).sum(), np.isnan(expected).sum(), np.argwhere(np.isnan(out.numpy()))[:5])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
