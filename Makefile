@@ -57,10 +57,16 @@ test-device: setup
 	scripts/qemu-phone/setup.sh
 	ELASTILM_REQUIRE_QEMU=1 $(BIN)/python -m pytest -q -m device
 
+# llama.cpp as the reference, built from source with AVX-512 (VNNI, BF16) but without AMX: this VM's CPU reports
+# AMX and traps its first tile instruction (SIGILL in `tilezero` with a native build)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+  -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+
 bench: setup
-	$(BIN)/pip install -q -e '.[bench]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/elastilm compile $(OUT) --target host-cpu
 	$(BIN)/python benchmarks/bench_runtime.py --build $(OUT)/host-cpu
+	$(BIN)/python benchmarks/bench_quant.py $(OUT)
 
 clean:
 	rm -rf $(VENV) dist/*/

@@ -26,13 +26,14 @@ def device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc", default=None, help="host:port of a device's RPC server (elastilm device serve)")
     p.add_argument("--tracker", default=None, help="host:port of an RPC tracker; with --key")
     p.add_argument("--key", default=None, help="device key registered with the tracker")
+    p.add_argument("--quant", default=None, help="refuse a build whose weights are not this scheme (e.g. q4f32_1)")
 
 
 def engine(args):
     """The engine for --build or --bundle, local or on a device (--rpc / --tracker + --key)."""
     from elastilm.runtime_py.engine import ElasticEngine
 
-    remote = dict(rpc=args.rpc, tracker=args.tracker, key=args.key, progress=True)
+    remote = dict(rpc=args.rpc, tracker=args.tracker, key=args.key, progress=True, quant=args.quant)
     if getattr(args, "bundle", None):
         return ElasticEngine.from_bundle(args.bundle, args.model, **remote)
     return ElasticEngine(args.build, **remote)

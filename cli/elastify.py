@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument(
+        "--quant", default="q0f32", help="perplexity of the weights as a build with this scheme computes (q4f32_1 ..)"
+    )
+    p.add_argument(
         "--generate",
         action="store_true",
         help="instead: answer held-out chat prompts at every level through the compiled build (resumable)",
@@ -100,11 +103,14 @@ def quality(args) -> None:
     if args.generate:
         return generation(args)
     from elastilm.evaluate.quality import evaluate, markdown
+    from elastilm.formats import quant
 
-    rows = evaluate(args.folder, windows=args.windows, seq_len=args.seq_len)
+    s = quant.scheme(args.quant)
+    rows = evaluate(args.folder, windows=args.windows, seq_len=args.seq_len, scheme=s.name)
+    stem = "quality" if not s.quantized else f"quality-{s.name}"
     print()
-    print(markdown(rows, f"{args.windows} x {args.seq_len} held-out tokens"))
-    print(f"wrote {args.folder}/quality.csv, quality.md, quality.png")
+    print(markdown(rows, f"{args.windows} x {args.seq_len} held-out tokens, {s.name} weights"))
+    print(f"wrote {args.folder}/{stem}.csv, {stem}.md, {stem}.png")
 
 
 def generation(args) -> None:

@@ -24,6 +24,11 @@ def register(sub) -> None:
     )
     p.add_argument("--answer-tokens", type=int, default=96, help="the longest full-model chat answer")
     p.add_argument("--bf16", action="store_true", help="the students under bf16 autocast (the teacher stays fp32)")
+    p.add_argument(
+        "--quant",
+        default="q0f32",
+        help="train against the base weights of a build with this scheme (e.g. q4f32_1; compile with the same)",
+    )
     p.set_defaults(run=recover)
 
     p = sub.add_parser(
@@ -43,6 +48,7 @@ def register(sub) -> None:
 
 
 def recover(args) -> None:
+    from elastilm.formats import quant
     from elastilm.train.recover import RecoverOptions, recover
 
     options = RecoverOptions(
@@ -56,6 +62,7 @@ def recover(args) -> None:
         chat=args.chat,
         answer_tokens=args.answer_tokens,
         bf16=args.bf16,
+        quant=quant.scheme(args.quant).name,  # a wrong name lists the valid ones
     )
     if not 0 <= options.chat <= 1:
         raise ElastiLMError(f"--chat must lie in [0, 1], got {options.chat}")

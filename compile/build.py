@@ -79,6 +79,20 @@ def library_tensors(names: list[str], params: dict, scheme: Scheme):
             yield name, np.ascontiguousarray(kernel_layout(name, params[name]).numpy())
 
 
+def _adapters_base(folder: Path, scheme: Scheme) -> str:
+    """The scheme the folder's adapters were trained against (`elastilm recover --quant`); refused when it is a
+    quantized one other than the build's, whose error they would correct in the wrong weights. Adapters trained
+    against fp32 serve any scheme (plain LoRA on a quantized base)."""
+    summary = adapters_file.read_summary(folder) or {}
+    base = summary.get("options", {}).get("quant", "q0f32")
+    if quant.scheme(base).quantized and base != scheme.name:
+        raise ElastiLMError(
+            f"{folder}: its adapters were trained against {base} weights and this build is {scheme.name}; compile "
+            f"with --quant {base}, or re-run `elastilm recover {folder} --quant {scheme.name}`"
+        )
+    return base
+
+
 def _host_triple(target) -> str:
     """The triple of the CPU that runs the library's host code."""
     host = target.host if target.host is not None else target
@@ -128,6 +142,7 @@ def build(
     max_len = min(max_len, model.config.max_position_embeddings)
     adapters = adapters_file.load(folder)  # {} before `elastilm recover`: the model runs with zero adapters
     rank = adapters_file.rank(adapters)
+    adapters_base = _adapters_base(folder, scheme) if adapters else None
     drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
     # CPU schedules fuse the adapter into the projection kernels; dlight schedules (GPUs) want one reduction each
     cpu = spec.device == "cpu"
@@ -202,6 +217,7 @@ def build(
             ),
             # the linear weights' scheme (formats/quant.py); quantized: q_weight/q_scale strips (compile/quantize.py)
             "quantization": {"scheme": scheme.name, "bits": scheme.bits, "group": scheme.group},
+            "adapters_trained_on": adapters_base,  # the students' base weights in `elastilm recover` (None: none)
             "compile_seconds": round(compile_seconds, 2),
             # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>
             "layer_drop": {str(n): list(layers) for n, layers in sorted(drops.items())},

@@ -20,7 +20,9 @@ def package(builds: list[Path], out: Path) -> Path:
     shutil.rmtree(staged, ignore_errors=True)
     for build in map(Path, builds):
         manifest = build_file.read_manifest(build, runs=None)  # any target: the app loads it, not this machine
-        model_id = f"{manifest['model']}-{manifest['target']['name']}"
+        scheme = manifest["quantization"]["scheme"]
+        # the fp32 build keeps the plain name; a quantized one adds its scheme, so one bundle can carry both
+        model_id = f"{manifest['model']}-{manifest['target']['name']}" + (f"-{scheme}" if scheme != "q0f32" else "")
         if model_id in seen:
             raise ElastiLMError(f"two builds of {model_id} in one bundle")
         seen.add(model_id)
@@ -33,6 +35,7 @@ def package(builds: list[Path], out: Path) -> Path:
                 "library": f"{model_id}/{manifest['library']}",
                 "system_lib_prefix": manifest["system_lib_prefix"],
                 "context_window": manifest["context_window"],
+                "quantization": manifest["quantization"],  # scheme, bits, group (formats/quant.py)
                 "levels": list(elastic.levels(elastic.read(build))),
                 "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
                 # levels with a recovery adapter; its tensors are "adapter/<fraction>/..." in the params tensor cache

@@ -18,7 +18,31 @@ from __future__ import annotations
 import numpy as np
 
 from elastilm.elastic_ops.prefix import strip_width
+from elastilm.formats.config import ModelConfig, projection_names
 from elastilm.formats.quant import Scheme
+
+
+def quantized_names(cfg: ModelConfig) -> list[str]:
+    """The checkpoint weights a quantized build stores quantized: every linear layer's and the embedding table's
+    (the LM head's too when it is not tied)."""
+    tables = ["model.embed_tokens"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
+    return [n + ".weight" for n in projection_names(cfg) + tables]
+
+
+def simulated(params: dict, cfg: ModelConfig, scheme: Scheme) -> dict:
+    """The parameters (torch tensors) as a build with `scheme` computes with them: each quantized weight replaced
+    by its dequantized packed form, for the torch reference (recovery against the quantized base, quality per
+    scheme). The same dict for an fp32 scheme."""
+    import torch
+
+    if not scheme.quantized:
+        return params
+    out = dict(params)
+    for name in quantized_names(cfg):
+        w = params[name]
+        deq = dequantize(*quantize(w.detach().cpu().numpy(), scheme), scheme)
+        out[name] = torch.from_numpy(deq).to(w.device)
+    return out
 
 
 def quantize(w: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:

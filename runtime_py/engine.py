@@ -35,15 +35,23 @@ class ElasticEngine:
         key: str | None = None,
         progress: bool = False,
         adapters: bool = True,
+        quant: str | None = None,
     ):
         """Runs in this process, or with `rpc` (host:port) / `tracker` (host:port) + `key` on a device over RPC,
         which receives the library and weights once (cached there by checksum). `adapters`: run each level with
-        its recovery adapter where the build has one (False: the plain sub-models)."""
+        its recovery adapter where the build has one (False: the plain sub-models). `quant`: the weight scheme the
+        caller expects (formats/quant.py); a build of another is refused by name."""
         self.folder = Path(folder)
         self.use_adapters = adapters
         self.dropped_layers = 0  # > 0 on a view from `dropped`
         remote = rpc is not None or tracker is not None
         self.manifest = build_file.read_manifest(self.folder, runs="rpc" if remote else "here")
+        have = self.manifest.get("quantization", {"scheme": "q0f32"})["scheme"]  # older builds: fp32
+        if quant is not None and have != quant:  # e.g. an app that ships 4-bit weights handed an fp32 build
+            raise ElastiLMError(
+                f"{self.folder}: its weights are {have}, expected {quant}; build it with "
+                f"`elastilm compile --quant {quant}`"
+            )
         self.elastic = elastic.read(self.folder)
         self.session = RemoteSession(rpc, tracker, key, progress=progress) if remote else LocalSession(device)
         self.max_len = self.manifest["context_window"]

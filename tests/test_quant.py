@@ -171,7 +171,7 @@ def quantized_build(request, tmp_path_factory):
     adapters_file.save(folder, adapters, {"note": "random adapters for tests"})
     params = dict(model.params)
     tables = ["model.embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"])
-    for name in projection_names(model.config) + tables:
+    for name in projection_names(model.config) + tables:  # by hand: compile.quantize.simulated is tested on this
         params[name + ".weight"] = torch.from_numpy(dequantize(*quantize(params[name + ".weight"].numpy(), s), s))
     return (
         model,
@@ -225,3 +225,102 @@ def test_a_model_whose_widths_are_not_whole_groups_is_refused(tmp_path_factory):
         build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "build", 40, quantization="q4f32_1")
     with pytest.raises(ElastiLMError, match="unknown quantization 'int4'"):
         build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "build", 40, quantization="int4")
+
+
+def test_simulated_parameters_are_the_builds_dequantized_weights(quantized_build):
+    from elastilm.compile.quantize import simulated
+
+    model, _, params, _, s = quantized_build
+    got = simulated(model.params, model.config, s)
+    assert got.keys() == params.keys()
+    import torch
+
+    for name, value in params.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+    assert simulated(model.params, model.config, scheme("q0f32")) is model.params
+
+
+def test_recovery_trains_against_the_quantized_base_and_the_build_checks_it(tmp_path_factory):
+    """recover --quant: at the first step (B = 0, so the student is its base) the KL is that of the dequantized
+    sub-model against the fp32 full model, computed here independently, and not the fp32 sub-model's; a build of
+    another quantized scheme refuses those adapters, the same scheme records them."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    from conftest import elastified_tiny
+
+    from elastilm.compile import corpus, reference
+    from elastilm.compile.build import build
+    from elastilm.formats import build as build_file
+    from elastilm.formats import elastic
+    from elastilm.formats.config import projection_names
+    from elastilm.train import recover
+
+    folder = tmp_path_factory.mktemp("qlora") / "m"
+    shutil.copytree(elastified_tiny(tmp_path_factory, "llama-grouped", neuron_multiple=32), folder)
+    options = recover.RecoverOptions(
+        rank=4, alpha=8.0, tokens=2 * 2 * 16, seq_len=16, batch=2, lr=1e-2, chat=0.0, quant="q4f32_1"
+    )
+    summary = recover.recover(folder, options, progress=False)
+    model = elastic.load(folder)
+    stream = corpus.token_stream(model.tokenizer, "calibration")
+    batch = corpus.random_windows(stream, options.steps * options.batch, options.seq_len, options.seed + 1)[:2]
+    teacher = F.log_softmax(reference.logits(model.params, model.config, batch), -1)
+    mask = torch.ones(batch.shape, dtype=torch.bool)
+    dequantized = {}
+    for name in projection_names(model.config) + ["model.embed_tokens"]:
+        w = model.params[name + ".weight"].numpy()
+        dequantized[name + ".weight"] = torch.from_numpy(dequantize(*quantize(w, scheme("q4f32_1")), scheme("q4f32_1")))
+    for row in summary["levels"]:
+        widths = model.widths(float(row["fraction"]))
+        q4 = recover._kl(teacher, reference.logits({**model.params, **dequantized}, model.config, batch, widths), mask)
+        fp32 = recover._kl(teacher, reference.logits(model.params, model.config, batch, widths), mask)
+        assert row["kl_first"] == pytest.approx(q4.item(), abs=2e-5)
+        assert abs(q4.item() - fp32.item()) > 1e-3
+    with pytest.raises(ElastiLMError, match="trained against q4f32_1 weights and this build is q8f32_1"):
+        build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "b8", 40, quantization="q8f32_1")
+    out = build(folder, "host-cpu", tmp_path_factory.mktemp("q") / "b4", 40, quantization="q4f32_1")
+    assert build_file.read_manifest(out)["adapters_trained_on"] == "q4f32_1"
+
+
+def test_quality_per_level_of_a_quantized_scheme(quantized_build, tmp_path, tmp_path_factory):
+    """`elastilm quality --quant`: the perplexity of the weights as the build computes with them (dequantized here
+    by hand, in the fixture), written beside the fp32 table under the scheme's name."""
+    import shutil
+
+    from conftest import elastified_tiny
+
+    from elastilm.compile import corpus
+    from elastilm.evaluate import quality
+    from elastilm.formats import elastic
+
+    _, _, params, _, s = quantized_build
+    folder = tmp_path / "m"
+    shutil.copytree(elastified_tiny(tmp_path_factory, "llama-grouped", neuron_multiple=32), folder)
+    model = elastic.load(folder)
+    rows = quality.evaluate(folder, windows=2, seq_len=16, progress=False, scheme=s.name)
+    heldout = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), 2, 16)
+    full = next(r for r in rows if r["level"] == 1.0)
+    assert full["ppl_reordered"] == pytest.approx(quality.perplexity(params, model.config, heldout, None), rel=1e-6)
+    assert full["ppl_reordered"] != pytest.approx(quality.perplexity(model.params, model.config, heldout, None))
+    assert all(r["ppl_original_order"] is None for r in rows)
+    assert (folder / f"quality-{s.name}.md").is_file() and not (folder / "quality.md").exists()
+
+
+def test_the_scheme_is_checked_by_name_in_the_engine_and_the_bundle(quantized_build, tmp_path):
+    from elastilm.compile.package import package
+    from elastilm.formats import bundle
+    from elastilm.runtime_py.engine import ElasticEngine
+
+    _, _, _, out, s = quantized_build
+    with pytest.raises(ElastiLMError, match=f"its weights are {s.name}, expected q0f32; build it with"):
+        ElasticEngine(out, quant="q0f32")
+    ElasticEngine(out, quant=s.name).close()
+    app = bundle.read(package([out], tmp_path / "bundle"))
+    (entry,) = app["models"]
+    assert entry["model_id"].endswith(f"-host-cpu-{s.name}")
+    assert entry["quantization"] == {"scheme": s.name, "bits": s.bits, "group": 32}
+    engine = ElasticEngine.from_bundle(tmp_path / "bundle", quant=s.name)
+    assert engine.manifest["quantization"]["scheme"] == s.name
+    engine.close()

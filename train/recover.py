@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from elastilm.compile import corpus, reference
+from elastilm.compile.quantize import simulated
 from elastilm.formats import adapters as adapters_file
-from elastilm.formats import elastic
+from elastilm.formats import elastic, quant
 from elastilm.formats.config import ModelConfig, projection_names
 from elastilm.formats.errors import ElastiLMError
 from elastilm.train import chat_answers
@@ -49,6 +50,9 @@ class RecoverOptions:
     )
     answer_tokens: int = 96  # the longest full-model answer to a chat prompt
     bf16: bool = False  # the student's forward and backward under bf16 autocast (the teacher stays fp32)
+    # the students' base weights as a build with this scheme (formats/quant.py) computes with them, so that each
+    # adapter also corrects its level's quantization error (QLoRA-style); the teacher stays the fp32 full model
+    quant: str = "q0f32"
 
     def is_chat(self, step: int) -> bool:
         """Whether `step` trains on chat answers: the chat steps spread evenly, floor(steps * chat) in all."""
@@ -122,6 +126,7 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
     model = elastic.load(folder)
     cfg = model.config
     params = {k: v.to(acc.device).requires_grad_(False) for k, v in model.params.items()}
+    base = simulated(params, cfg, quant.scheme(options.quant))  # the students' (the teacher reads `params`)
     levels = [lv for lv in model.levels.values() if lv.fraction < 1.0]
     if not levels:
         raise ElastiLMError(f"{folder}: no level below 1.0 to recover")
@@ -187,7 +192,7 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         for lv in levels:
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=options.bf16):
                 student = reference.logits(
-                    params, cfg, batch, model.widths(lv.fraction), _scaled(adapters[lv.fraction], scale)
+                    base, cfg, batch, model.widths(lv.fraction), _scaled(adapters[lv.fraction], scale)
                 )
             loss = _kl(teacher, student, mask, count)
             optims[lv.fraction].zero_grad()
@@ -220,6 +225,8 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
     summary = {
         "options": asdict(options),
         "teacher": "the full-width model (level 1.0); loss: KL(teacher || level) on next-token distributions",
+        "base": f"the students' weights: {options.quant}"
+        + (" (dequantized)" if quant.scheme(options.quant).quantized else ""),
         "data": f"{corpus.CORPUS_NAME}, calibration part, {(options.steps - chat_steps) * options.batch} windows of "
         f"{options.seq_len} tokens"
         + (

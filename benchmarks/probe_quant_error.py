@@ -1,0 +1,66 @@
+"""Where 4-bit quantization loses quality: full-width held-out perplexity of an elastify folder's weights (torch
+reference) with the linear layers and the embedding table quantized several ways.
+
+    python benchmarks/probe_quant_error.py dist/smollm2-135m --windows 8
+
+Variants: fp32; the build's symmetric q4f32_1 (formats/quant.py); the same with the embedding / tied LM head left
+fp32; an asymmetric 4-bit (16 levels, scale and minimum per group of 32, like llama.cpp's Q4_1) on every
+quantized weight, and with down_proj left fp32. It also prints, per kind of weight, the largest error of the
+asymmetric round trip: zero where the weights are still the packaged GGUF's own 4-bit blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elastilm.compile import corpus
+from elastilm.compile.quantize import quantized_names, simulated
+from elastilm.evaluate.quality import perplexity
+from elastilm.formats import elastic
+from elastilm.formats.quant import scheme
+
+
+def asymmetric(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """w round-tripped through 4-bit groups with a scale and a minimum each (levels 0..15)."""
+    rows, cols = w.shape
+    x = w.double().numpy().reshape(rows, cols // group, group)
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    q = np.clip(np.rint((x - lo) / step), 0, 15)
+    return torch.from_numpy((q * step + lo).reshape(rows, cols).astype(np.float32))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    model = elastic.load(args.folder)
+    cfg, params = model.config, model.params
+    heldout = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), args.windows, args.seq_len)
+    names = quantized_names(cfg)
+    symmetric = simulated(params, cfg, scheme("q4f32_1"))
+    asym = {**params, **{n: asymmetric(params[n]) for n in names}}
+    variants = {
+        "fp32": params,
+        "q4f32_1 (symmetric)": symmetric,
+        "q4f32_1, embedding fp32": {**symmetric, "model.embed_tokens.weight": params["model.embed_tokens.weight"]},
+        "asymmetric 4-bit": asym,
+        "asymmetric 4-bit, down_proj fp32": {**asym, **{n: params[n] for n in names if "down_proj" in n}},
+    }
+    print(f"full-width perplexity, {args.windows} x {args.seq_len} held-out tokens")
+    for label, p in variants.items():
+        print(f"  {label:36s} {perplexity(p, cfg, heldout, None):8.2f}")
+    print("largest |error| of the asymmetric round trip:")
+    for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"):
+        err = max(float((asym[n] - params[n]).abs().max()) for n in names if kind in n)
+        print(f"  {kind:12s} {err:.4f}")
+
+
+if __name__ == "__main__":
+    main()
