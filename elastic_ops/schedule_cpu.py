@@ -40,23 +40,36 @@ def _register_tile(sch: s_tir.Schedule, block, t, v, k, tokens: int, vectors: in
     """Accumulate (tokens x vectors*LANES) outputs in registers along the reduction loop k, vectorised over v.
     Parallel over the tiles; output blocks outermost (so a weight strip stays in cache across token tiles),
     or, with `lead` loops (e.g. heads), those first and the output blocks serial inside."""
-    to, ti = sch.split(t, [None, tokens])
-    vo, vv, vi = sch.split(v, [None, vectors, LANES])
-    if lead:
-        sch.reorder(*lead, to, vo, k, ti, vv, vi)
-        outer = sch.fuse(*lead, to)
-        acc_at = vo
-    else:
-        sch.reorder(vo, to, k, ti, vv, vi)
-        outer = acc_at = sch.fuse(vo, to)
+    outer, acc_at, k = _tile(sch, t, v, k, tokens, vectors, lead)
     sch.parallel(outer)
-    sch.unroll(ti)
-    sch.unroll(vv)
-    sch.vectorize(vi)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, acc_at)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.decompose_reduction(block, k)
+
+
+def _tile(sch: s_tir.Schedule, t, v, k, tokens: int, vectors: int, lead=(), dequant: bool = False):
+    """Register-tile loops over (t, v, reduction k): (tokens x vectors*LANES) outputs accumulated along k, the
+    token and vector loops unrolled, the lanes vectorised. Returns (the loop over the tiles, the loop a tile's
+    output joins, k): one loop over (output block, token tile); with `lead` loops (e.g. heads) those first and
+    the output blocks inside; with `dequant`, (output block, chunk of DEQUANT_TILES token tiles) and the tiles
+    inside. Nothing is parallel yet (loops are merged first, then made parallel)."""
+    to, ti = sch.split(t, [None, tokens])
+    vo, vv, vi = sch.split(v, [None, vectors, LANES])
+    if lead:
+        sch.reorder(*lead, to, vo, k, ti, vv, vi)
+        outer, tile = sch.fuse(*lead, to), vo
+    elif dequant:
+        tc, to = sch.split(to, [None, DEQUANT_TILES])
+        sch.reorder(vo, tc, to, k, ti, vv, vi)
+        outer, tile = sch.fuse(vo, tc), to
+    else:
+        sch.reorder(vo, to, k, ti, vv, vi)
+        outer = tile = sch.fuse(vo, to)
+    sch.unroll(ti)
+    sch.unroll(vv)
+    sch.vectorize(vi)
+    return outer, tile, k
 
 
 def _tokens(sch: s_tir.Schedule, t) -> int:
@@ -87,11 +100,11 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         return
     tokens = _tokens(sch, t)
     dequant = blocks.DEQUANT in names
-    outer, tile, k = _tile(sch, block, tokens, dequant)
+    outer, tile, k = _tile(sch, t, i, k, tokens, STRIP_VECTORS, dequant=dequant)
     if blocks.LORA_A in names:
         _dot_rows(sch, blocks.LORA_A, parallel_loops=1 if tokens > 1 else 0)
         up = sch.get_sblock(blocks.LORA_B)
-        up_outer, up_tile, j = _tile(sch, up, tokens, dequant)
+        up_outer, up_tile, j = _tile(sch, *sch.get_loops(up), tokens, STRIP_VECTORS, dequant=dequant)
         outer = sch.merge(outer, up_outer)
         tile = sch.merge(tile, up_tile) if dequant else outer
         sch.set_scope(up, 0, "local")
@@ -117,26 +130,6 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
     if blocks.LORA_A in names:
         sch.decompose_reduction(up, j)
     sch.decompose_reduction(block, k)
-
-
-def _tile(sch: s_tir.Schedule, block, tokens: int, dequant: bool):
-    """Register-tile loops of a (t, i, reduction) block: (tokens x one strip) accumulated along the reduction.
-    Returns (outer loop of the tiles, the loop that the output block joins, the reduction loop): one loop over
-    (strip, token tile), or with `dequant` (strip, chunk of DEQUANT_TILES token tiles) and the tiles inside."""
-    t, i, k = sch.get_loops(block)
-    to, ti = sch.split(t, [None, tokens])
-    vo, vv, vi = sch.split(i, [None, STRIP_VECTORS, LANES])
-    if dequant:
-        tc, to = sch.split(to, [None, DEQUANT_TILES])
-        sch.reorder(vo, tc, to, k, ti, vv, vi)
-        outer, tile = sch.fuse(vo, tc), to
-    else:
-        sch.reorder(vo, to, k, ti, vv, vi)
-        outer = tile = sch.fuse(vo, to)
-    sch.unroll(ti)
-    sch.unroll(vv)
-    sch.vectorize(vi)
-    return outer, tile, k
 
 
 def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
