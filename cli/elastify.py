@@ -102,14 +102,12 @@ def layer_drop(args) -> None:
 def quality(args) -> None:
     if args.generate:
         return generation(args)
-    from elastilm.evaluate.quality import evaluate, markdown
-    from elastilm.formats import quant
+    from elastilm.evaluate.quality import evaluate, markdown, report_stem
 
-    s = quant.scheme(args.quant)
-    rows = evaluate(args.folder, windows=args.windows, seq_len=args.seq_len, scheme=s.name)
-    stem = "quality" if not s.quantized else f"quality-{s.name}"
+    rows = evaluate(args.folder, windows=args.windows, seq_len=args.seq_len, scheme=args.quant)
+    stem = report_stem(args.quant)
     print()
-    print(markdown(rows, f"{args.windows} x {args.seq_len} held-out tokens, {s.name} weights"))
+    print(markdown(rows, f"{args.windows} x {args.seq_len} held-out tokens, {args.quant} weights"))
     print(f"wrote {args.folder}/{stem}.csv, {stem}.md, {stem}.png")
 
 

@@ -83,8 +83,7 @@ def _adapters_base(folder: Path, scheme: Scheme) -> str:
     """The scheme the folder's adapters were trained against (`elastilm recover --quant`); refused when it is a
     quantized one other than the build's, whose error they would correct in the wrong weights. Adapters trained
     against fp32 serve any scheme (plain LoRA on a quantized base)."""
-    summary = adapters_file.read_summary(folder) or {}
-    base = summary.get("options", {}).get("quant", "q0f32")
+    base = adapters_file.trained_on(folder)
     if quant.scheme(base).quantized and base != scheme.name:
         raise ElastiLMError(
             f"{folder}: its adapters were trained against {base} weights and this build is {scheme.name}; compile "

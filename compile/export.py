@@ -180,9 +180,8 @@ class ElasticRelaxModel(nn.Module):
         plus the adapter `lora[projection]` = (A, B^T) on the same prefix."""
         name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
         assert name in blocks.LINEAR, name
-        s, a, bt = lin.scheme, *lora[projection]
-        if not self.shape.fuse_lora:
-            a = bt = None
+        s = lin.scheme
+        a, bt = lora[projection] if self.shape.fuse_lora else (None, None)  # else its own kernel, below
         if s.quantized:
             y = _te(
                 lambda x, q, scale, b, a, bt: prefix.prefix_matmul_q(

@@ -123,17 +123,13 @@ def prefix_matmul_q(
     """
     n_strips, _, strip = q.shape
     rows = n_strips * strip if rows is None else rows
-    per, mask, qmax = 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
+    qmax = 2 ** (bits - 1) - 1
     T, K_active = x.shape
-
-    def level(j, k, i):
-        word = q[j, k // per, i]
-        return ((word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")).astype("float32")
 
     if not (isinstance(T, tirx.IntImm) and T.value == 1):
         dq = te.compute(
             (n_strips, K_active, strip),
-            lambda j, k, i: (level(j, k, i) - float(qmax)) * scale[j, k // group, i],
+            lambda j, k, i: (_level(q, bits, j, k, i) - float(qmax)) * scale[j, k // group, i],
             name=blocks.DEQUANT,
         )
         return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora)
@@ -141,7 +137,7 @@ def prefix_matmul_q(
     kk = te.reduce_axis((0, group), "kk")
     part = te.compute(
         (T, groups, rows),
-        lambda t, g, i: te.sum(x[t, g * group + kk] * level(i // strip, g * group + kk, i % strip), axis=kk),
+        lambda t, g, i: te.sum(x[t, g * group + kk] * _level(q, bits, i // strip, g * group + kk, i % strip), axis=kk),
         name=blocks.QPART,
     )
     kx = te.reduce_axis((0, group), "kx")
@@ -159,15 +155,21 @@ def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, bits: int, group: in
     """Rows `ids` of a quantized embedding (vocab, d) in the strip layout of `prefix_matmul_q`, dequantized: only
     the looked-up rows are unpacked. (T,) int32 -> (T, d)."""
     _, words, strip = q.shape
-    per, mask, qmax = 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
+    qmax = 2 ** (bits - 1) - 1
 
     def row(t, k):
         v = ids[t]
-        word = q[v // strip, k // per, v % strip]
-        level = (word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")
-        return (level.astype("float32") - float(qmax)) * scale[v // strip, k // group, v % strip]
+        return (_level(q, bits, v // strip, k, v % strip) - float(qmax)) * scale[v // strip, k // group, v % strip]
 
-    return te.compute((ids.shape[0], words * per), row, name=blocks.EMBED)
+    return te.compute((ids.shape[0], words * (32 // bits)), row, name=blocks.EMBED)
+
+
+def _level(q: te.Tensor, bits: int, j, k, i):
+    """The stored level (0 .. 2 qmax, float) of input k in row i of strip j: field k % per of word k // per, the
+    lowest bits first (compile/quantize.py)."""
+    per, mask = 32 // bits, (1 << bits) - 1
+    word = q[j, k // per, i]
+    return ((word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")).astype("float32")
 
 
 def lm_head(x: te.Tensor, w: te.Tensor):

@@ -37,8 +37,8 @@ def evaluate(
     """Perplexity per level on held-out text; writes quality.{csv,md,png} into `folder` (quality-<scheme>.* for a
     quantized scheme, without the original-order column, which is about reordering)."""
     folder = Path(folder)
+    s = quant.scheme(scheme)  # a wrong name fails before any loading
     model = elastic.load(folder)
-    s = quant.scheme(scheme)
     params = simulated(model.params, model.config, s)
     original = None if s.quantized else ingest.ingest(model.meta["source"]["model"])
     adapters = adapters_file.load(folder)
@@ -69,10 +69,14 @@ def evaluate(
         )
     caption = f"{windows} x {seq_len} held-out tokens ({corpus.CORPUS_NAME}, held-out part)"
     if s.quantized:
-        trained = (adapters_file.read_summary(folder) or {}).get("options", {}).get("quant", "q0f32")
-        caption += f", {s.name} weights, adapters trained on {trained}"
-    _write(folder, rows, caption, "quality" if not s.quantized else f"quality-{s.name}")
+        caption += f", {s.name} weights, adapters trained on {adapters_file.trained_on(folder)}"
+    _write(folder, rows, caption, report_stem(s.name))
     return rows
+
+
+def report_stem(scheme: str) -> str:
+    """The file name (without suffix) of the quality report of `scheme`: quality, or quality-<scheme>."""
+    return "quality" if not quant.scheme(scheme).quantized else f"quality-{scheme}"
 
 
 def markdown(rows: list[dict], caption: str) -> str:

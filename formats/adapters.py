@@ -41,6 +41,12 @@ def read_summary(folder: Path) -> dict | None:
     return read_json(path, SCHEMA, VERSION, f"re-run `elastilm recover {folder}`")
 
 
+def trained_on(folder: Path) -> str:
+    """The weight scheme the folder's adapters were trained against (`elastilm recover --quant`; fp32 before
+    that option existed or before recovery)."""
+    return (read_summary(folder) or {}).get("options", {}).get("quant", "q0f32")
+
+
 def load(folder: Path) -> dict:
     """{fraction: {projection: (A, B scaled)}} after checking the tensors' sha256 against recover.json; empty if
     recovery has not run."""

@@ -46,7 +46,7 @@ class ElasticEngine:
         self.dropped_layers = 0  # > 0 on a view from `dropped`
         remote = rpc is not None or tracker is not None
         self.manifest = build_file.read_manifest(self.folder, runs="rpc" if remote else "here")
-        have = self.manifest.get("quantization", {"scheme": "q0f32"})["scheme"]  # older builds: fp32
+        have = self.manifest["quantization"]["scheme"]
         if quant is not None and have != quant:  # e.g. an app that ships 4-bit weights handed an fp32 build
             raise ElastiLMError(
                 f"{self.folder}: its weights are {have}, expected {quant}; build it with "
