@@ -3,10 +3,10 @@ reference) with the linear layers and the embedding table quantized several ways
 
     python benchmarks/probe_quant_error.py dist/smollm2-135m --windows 8
 
-Variants: fp32; the build's symmetric q4f32_1 (formats/quant.py); the same with the embedding / tied LM head left
-fp32; an asymmetric 4-bit (16 levels, scale and minimum per group of 32, like llama.cpp's Q4_1) on every
+Variants: fp32; each scheme of formats/quant.py (q4f32_1, q8f32_1, q4f32_mix); the symmetric 4-bit with the
+embedding / tied LM head left fp32; asymmetric 4-bit groups (scale and minimum, like llama.cpp's Q4_1) on every
 quantized weight, and with down_proj left fp32. It also prints, per kind of weight, the largest error of the
-asymmetric round trip: zero where the weights are still the packaged GGUF's own 4-bit blocks.
+asymmetric 4-bit round trip: zero where the weights are still the packaged GGUF's own 4-bit blocks.
 """
 
 from __future__ import annotations
@@ -14,24 +14,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from elastilm.compile import corpus
-from elastilm.compile.quantize import quantized_names, simulated
+from elastilm.compile.quantize import dequantize, quantize, quantized_names, simulated
 from elastilm.evaluate.quality import perplexity
 from elastilm.formats import elastic
-from elastilm.formats.quant import scheme
+from elastilm.formats.quant import SCHEMES, Format
 
 
-def asymmetric(w: torch.Tensor, group: int = 32) -> torch.Tensor:
-    """w round-tripped through 4-bit groups with a scale and a minimum each (levels 0..15)."""
-    rows, cols = w.shape
-    x = w.double().numpy().reshape(rows, cols // group, group)
-    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-    step = np.where(hi > lo, (hi - lo) / 15, 1.0)
-    q = np.clip(np.rint((x - lo) / step), 0, 15)
-    return torch.from_numpy((q * step + lo).reshape(rows, cols).astype(np.float32))
+def round_trip(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    return torch.from_numpy(dequantize(quantize(w.numpy(), fmt), fmt))
 
 
 def main() -> None:
@@ -44,19 +37,19 @@ def main() -> None:
     cfg, params = model.config, model.params
     heldout = corpus.consecutive_windows(corpus.token_stream(model.tokenizer, "heldout"), args.windows, args.seq_len)
     names = quantized_names(cfg)
-    symmetric = simulated(params, cfg, scheme("q4f32_1"))
-    asym = {**params, **{n: asymmetric(params[n]) for n in names}}
+    schemes = {name: simulated(params, cfg, s) for name, s in SCHEMES.items() if s.quantized}
+    asym = {**params, **{n: round_trip(params[n], Format(4, asymmetric=True)) for n in names}}
     variants = {
         "fp32": params,
-        "q4f32_1 (symmetric)": symmetric,
-        "q4f32_1, embedding fp32": {**symmetric, "model.embed_tokens.weight": params["model.embed_tokens.weight"]},
-        "asymmetric 4-bit": asym,
+        **schemes,
+        "q4f32_1, embedding fp32": {**schemes["q4f32_1"], "model.embed_tokens.weight": params["model.embed_tokens.weight"]},
+        "asymmetric 4-bit everywhere": asym,
         "asymmetric 4-bit, down_proj fp32": {**asym, **{n: params[n] for n in names if "down_proj" in n}},
     }
     print(f"full-width perplexity, {args.windows} x {args.seq_len} held-out tokens")
     for label, p in variants.items():
         print(f"  {label:36s} {perplexity(p, cfg, heldout, None):8.2f}")
-    print("largest |error| of the asymmetric round trip:")
+    print("largest |error| of the asymmetric 4-bit round trip:")
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"):
         err = max(float((asym[n] - params[n]).abs().max()) for n in names if kind in n)
         print(f"  {kind:12s} {err:.4f}")

@@ -13,7 +13,10 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: FOLDER/TARGET")
     p.add_argument("--max-len", type=int, default=2048, help="context window (KV cache rows)")
     p.add_argument(
-        "--quant", default="q0f32", help="linear weights: q0f32 (fp32), q4f32_1 or q8f32_1 (4/8-bit groups of 32)"
+        "--quant",
+        default="q0f32",
+        help="weights: q0f32 (fp32), q4f32_mix (4-bit asymmetric groups, down_proj and embedding 8-bit), q4f32_1 "
+        "or q8f32_1 (4/8-bit symmetric groups of 32)",
     )
     p.add_argument(
         "--check-kernels",

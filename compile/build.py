@@ -20,7 +20,7 @@ from pathlib import Path
 from elastilm import __version__
 from elastilm.compile.build_tlm import build_tlm
 from elastilm.compile.export import ExportShape, adapter_names, adapter_shapes, export, kernel_layout
-from elastilm.compile.quantize import quantize
+from elastilm.compile.quantize import PARTS, quantize
 from elastilm.elastic_ops.prefix import ATTENTION_BLOCK
 from elastilm.formats import adapters as adapters_file
 from elastilm.formats import build as build_file
@@ -65,16 +65,17 @@ def export_shape(
 
 def library_tensors(names: list[str], params: dict, scheme: Scheme):
     """(name, array) of every parameter the library takes, in the layout its kernels read: fp32 strips
-    (`kernel_layout`), or a linear weight quantized once into its `q_weight` and `q_scale` (compile/quantize.py)."""
+    (`kernel_layout`), or a linear weight quantized once, in its format, into its `q_weight`, `q_scale` (and
+    `q_min`) (compile/quantize.py)."""
     import numpy as np
 
     packed: dict[str, tuple] = {}
     for name in names:
         base, _, part = name.rpartition(".")
-        if part in ("q_weight", "q_scale"):
+        if part in PARTS:
             if base not in packed:
-                packed[base] = quantize(params[base + ".weight"].numpy(), scheme)
-            yield name, packed[base][0 if part == "q_weight" else 1]
+                packed[base] = quantize(params[base + ".weight"].numpy(), scheme.format(base))
+            yield name, packed[base][PARTS.index(part)]
         else:
             yield name, np.ascontiguousarray(kernel_layout(name, params[name]).numpy())
 
@@ -214,8 +215,9 @@ def build(
                 if scheme.quantized
                 else "linear weights (out/64, in, 64) strips; embeddings and norms as in the checkpoint"
             ),
-            # the linear weights' scheme (formats/quant.py); quantized: q_weight/q_scale strips (compile/quantize.py)
-            "quantization": {"scheme": scheme.name, "bits": scheme.bits, "group": scheme.group},
+            # the weights' scheme and each kind's format (formats/quant.py); quantized: q_weight/q_scale(/q_min)
+            # strips (compile/quantize.py)
+            "quantization": scheme.describe(),
             "adapters_trained_on": adapters_base,  # the students' base weights in `elastilm recover` (None: none)
             "compile_seconds": round(compile_seconds, 2),
             # the layer-dropping baseline: {layers dropped: which}, run by the functions <method>_drop<n>

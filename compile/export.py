@@ -6,7 +6,8 @@ reordered weights under Hugging Face names. Each layer has its own K cache (n_kv
 (max_len, n_kv*hd), written in place; KV heads are never elastic, so the cache layout is the same at every level.
 
 A quantized build (`ExportShape.quant`, formats/quant.py) stores every linear weight and the embedding table as
-packed words and group scales (compile/quantize.py); its kernels unpack them inside the reduction.
+packed words and group scales (and minima, asymmetric formats) (compile/quantize.py); its kernels unpack them
+inside the reduction.
 
 Every projection of every layer also takes a LoRA adapter (A (r, in), B^T (r, out)) as an input beside the shared
 weights, read on the same prefix: a level's adapter set is passed per call, so switching levels swaps adapter
@@ -35,7 +36,7 @@ from elastilm.elastic_ops import blocks, prefix
 from elastilm.elastic_ops.cache import kv_append, kv_append_transposed
 from elastilm.formats import quant, signature
 from elastilm.formats.config import PROJECTIONS, ModelConfig, projection_names
-from elastilm.formats.quant import Scheme
+from elastilm.formats.quant import Format, Scheme
 
 
 @dataclass(frozen=True)
@@ -57,52 +58,52 @@ RANK = "lora_rank"  # the symbolic rank of a call's adapter set (formats/signatu
 
 class _Linear(nn.Module):
     """A linear layer whose weight is packed in strips of output columns: fp32 (out/strip, in, strip) (see
-    `kernel_layout`), or quantized, `q_weight` (out/strip, in/per_word, strip) uint32 and `q_scale`
-    (out/strip, in/group, strip) (compile/quantize.py)."""
+    `kernel_layout`), or quantized in the format `fmt`: `q_weight` (out/strip, in/per_word, strip) uint32,
+    `q_scale` and, asymmetric, `q_min` (out/strip, in/group, strip) (compile/quantize.py)."""
 
-    def __init__(self, rows: int, cols: int, bias: bool, scheme: Scheme):
+    def __init__(self, rows: int, cols: int, bias: bool, fmt: Format | None):
         strip = prefix.strip_width(rows)
-        self.scheme = scheme
-        if scheme.quantized:
-            self.q_weight = nn.Parameter((rows // strip, cols // scheme.per_word, strip), "uint32")
-            self.q_scale = nn.Parameter((rows // strip, cols // scheme.group, strip), "float32")
+        self.fmt = fmt
+        if fmt is not None:
+            self.q_weight = nn.Parameter((rows // strip, cols // fmt.per_word, strip), "uint32")
+            self.q_scale = nn.Parameter((rows // strip, cols // fmt.group, strip), "float32")
+            self.q_min = nn.Parameter((rows // strip, cols // fmt.group, strip), "float32") if fmt.asymmetric else None
         else:
             self.weight = nn.Parameter((rows // strip, cols, strip), "float32")
         self.bias = nn.Parameter((rows,), "float32") if bias else None
 
+    def quantized(self) -> tuple:
+        """The quantized weight's arrays, as the kernels take them: (q, scale, minimum or None)."""
+        return self.q_weight, self.q_scale, self.q_min
 
-class _Embedding(nn.Module):
+
+class _Embedding(_Linear):
     """A (vocab, d) table, also the LM head when tied: fp32 rows, or quantized like `_Linear` (its strips over the
     vocabulary), so that the LM head reads 4 or 8 bits per weight and the gather unpacks the looked-up rows only."""
 
-    def __init__(self, vocab: int, d: int, scheme: Scheme):
-        self.scheme = scheme
-        if scheme.quantized:
-            strip = prefix.strip_width(vocab)
-            self.q_weight = nn.Parameter((vocab // strip, d // scheme.per_word, strip), "uint32")
-            self.q_scale = nn.Parameter((vocab // strip, d // scheme.group, strip), "float32")
+    def __init__(self, vocab: int, d: int, fmt: Format | None):
+        if fmt is not None:
+            super().__init__(vocab, d, False, fmt)
         else:
+            self.fmt = fmt
             self.weight = nn.Parameter((vocab, d), "float32")
 
     def lookup(self, input_ids):
-        s = self.scheme
-        if not s.quantized:
+        fmt = self.fmt
+        if fmt is None:
             return op.take(self.weight, input_ids, axis=0)
-        return _te(
-            lambda i, q, sc: prefix.embed_q(i, q, sc, s.bits, s.group), "embed", input_ids, self.q_weight, self.q_scale
-        )
+        return _te(lambda i, q, sc, mn: prefix.embed_q(i, q, sc, fmt, mn), "embed", input_ids, *self.quantized())
 
     def logits(self, h):
         """(T, d) -> (T, vocab)."""
-        s = self.scheme
-        if not s.quantized:
+        fmt = self.fmt
+        if fmt is None:
             return _te(prefix.lm_head, "lm_head", h, self.weight)
         return _te(
-            lambda h, q, sc: prefix.prefix_matmul_q(h, q, sc, s.bits, s.group, name=blocks.LM_HEAD),
+            lambda h, q, sc, mn: prefix.prefix_matmul_q(h, q, sc, fmt, name=blocks.LM_HEAD, minimum=mn),
             "lm_head",
             h,
-            self.q_weight,
-            self.q_scale,
+            *self.quantized(),
         )
 
 
@@ -123,21 +124,25 @@ class _Norm(nn.Module):
         self.weight = nn.Parameter((d,), "float32")
 
 
+def _linear(rows: int, cols: int, projection: str, biases, scheme: Scheme) -> _Linear:
+    return _Linear(rows, cols, projection in biases, scheme.format(projection))
+
+
 class _Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _Linear(cfg.num_heads * hd, d, "self_attn.q_proj" in biases, scheme)
-        self.k_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.k_proj" in biases, scheme)
-        self.v_proj = _Linear(cfg.num_kv_heads * hd, d, "self_attn.v_proj" in biases, scheme)
-        self.o_proj = _Linear(d, cfg.num_heads * hd, "self_attn.o_proj" in biases, scheme)
+        self.q_proj = _linear(cfg.num_heads * hd, d, "self_attn.q_proj", biases, scheme)
+        self.k_proj = _linear(cfg.num_kv_heads * hd, d, "self_attn.k_proj", biases, scheme)
+        self.v_proj = _linear(cfg.num_kv_heads * hd, d, "self_attn.v_proj", biases, scheme)
+        self.o_proj = _linear(d, cfg.num_heads * hd, "self_attn.o_proj", biases, scheme)
 
 
 class _MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _Linear(f, d, "mlp.gate_proj" in biases, scheme)
-        self.up_proj = _Linear(f, d, "mlp.up_proj" in biases, scheme)
-        self.down_proj = _Linear(d, f, "mlp.down_proj" in biases, scheme)
+        self.gate_proj = _linear(f, d, "mlp.gate_proj", biases, scheme)
+        self.up_proj = _linear(f, d, "mlp.up_proj", biases, scheme)
+        self.down_proj = _linear(d, f, "mlp.down_proj", biases, scheme)
 
 
 class _Layer(nn.Module):
@@ -150,7 +155,7 @@ class _Layer(nn.Module):
 
 class _Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, biases, scheme: Scheme):
-        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
+        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size, scheme.format("model.embed_tokens"))
         self.layers = nn.ModuleList([_Layer(cfg, biases, scheme) for _ in range(cfg.num_layers)])
         self.norm = _Norm(cfg.hidden_size)
 
@@ -173,22 +178,23 @@ class ElasticRelaxModel(nn.Module):
         self.cfg, self.shape = cfg, shape
         scheme = quant.scheme(shape.quant)
         self.model = _Decoder(cfg, shape.biases, scheme)
-        self.lm_head = None if cfg.tie_word_embeddings else _Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
+        untied = not cfg.tie_word_embeddings
+        self.lm_head = _Embedding(cfg.vocab_size, cfg.hidden_size, scheme.format("lm_head")) if untied else None
 
     def _linear(self, x, lin: _Linear, projection: str, lora, rows=None):
         """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`),
         plus the adapter `lora[projection]` = (A, B^T) on the same prefix."""
         name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
         assert name in blocks.LINEAR, name
-        s = lin.scheme
+        fmt = lin.fmt
         a, bt = lora[projection] if self.shape.fuse_lora else (None, None)  # else its own kernel, below
-        if s.quantized:
+        if fmt is not None:
             y = _te(
-                lambda x, q, scale, b, a, bt: prefix.prefix_matmul_q(
-                    x, q, scale, s.bits, s.group, rows, b, name, None if a is None else (a, bt)
+                lambda x, q, scale, mn, b, a, bt: prefix.prefix_matmul_q(
+                    x, q, scale, fmt, rows, b, name, None if a is None else (a, bt), mn
                 ),
                 name,
-                *(x, lin.q_weight, lin.q_scale, lin.bias, a, bt),
+                *(x, *lin.quantized(), lin.bias, a, bt),
             )
         else:
             y = _te(

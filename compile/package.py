@@ -35,7 +35,7 @@ def package(builds: list[Path], out: Path) -> Path:
                 "library": f"{model_id}/{manifest['library']}",
                 "system_lib_prefix": manifest["system_lib_prefix"],
                 "context_window": manifest["context_window"],
-                "quantization": manifest["quantization"],  # scheme, bits, group (formats/quant.py)
+                "quantization": manifest["quantization"],  # the scheme and its formats (formats/quant.py)
                 "levels": list(elastic.levels(elastic.read(build))),
                 "latency": f"{model_id}/latency.json" if (build / "latency.json").is_file() else None,
                 # levels with a recovery adapter; its tensors are "adapter/<fraction>/..." in the params tensor cache

@@ -1,12 +1,13 @@
 """Group quantization of linear weights (and of the embedding table, whose rows are the LM head's outputs) into
 the packed strip layout the quantized kernels read (numpy).
 
-A linear weight W (out, in) becomes, with strips of `s` output rows (elastic_ops.prefix.strip_width) and a scheme
+A linear weight W (out, in) becomes, with strips of `s` output rows (elastic_ops.prefix.strip_width) and a format
 of `b` bits, `p` = 32 / b weights per word and groups of `g` inputs (formats/quant.py):
 
-  q      (out/s, in/p, s) uint32  word [j, w, i] holds inputs w*p .. w*p + p-1 of output row j*s + i, the lowest
-                                  bits first
-  scale  (out/s, in/g, s) float32 scale [j, c, i] of inputs c*g .. c*g + g-1 of output row j*s + i
+  q        (out/s, in/p, s) uint32  word [j, w, i] holds inputs w*p .. w*p + p-1 of output row j*s + i, the
+                                    lowest bits first
+  scale    (out/s, in/g, s) float32 scale [j, c, i] of inputs c*g .. c*g + g-1 of output row j*s + i
+  minimum  (out/s, in/g, s) float32 likewise, asymmetric formats only
 
 As in the fp32 strip layout, the active outputs of a level are its first strips and the active inputs the first
 rows of each strip (in/p words, in/g scales), so a level reads one contiguous prefix of both, never a copy; the
@@ -19,7 +20,9 @@ import numpy as np
 
 from elastilm.elastic_ops.prefix import strip_width
 from elastilm.formats.config import ModelConfig, projection_names
-from elastilm.formats.quant import Scheme
+from elastilm.formats.quant import Format, Scheme
+
+PARTS = ("q_weight", "q_scale", "q_min")  # the library's names of a quantized weight's arrays, in `quantize` order
 
 
 def quantized_names(cfg: ModelConfig) -> list[str]:
@@ -39,37 +42,47 @@ def simulated(params: dict, cfg: ModelConfig, scheme: Scheme) -> dict:
         return params
     out = dict(params)
     for name in quantized_names(cfg):
-        w = params[name]
-        deq = dequantize(*quantize(w.detach().cpu().numpy(), scheme), scheme)
+        w, fmt = params[name], scheme.format(name)
+        deq = dequantize(quantize(w.detach().cpu().numpy(), fmt), fmt)
         out[name] = torch.from_numpy(deq).to(w.device)
     return out
 
 
-def quantize(w: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
-    """(q, scale) of `w` (out, in) in the packed strip layout."""
+def quantize(w: np.ndarray, fmt: Format) -> tuple[np.ndarray, ...]:
+    """(q, scale), or (q, scale, minimum) for an asymmetric format, of `w` (out, in) in the packed strip layout."""
     rows, cols = w.shape
-    g, p, qmax = scheme.group, scheme.per_word, scheme.qmax
+    g, p = fmt.group, fmt.per_word
     if cols % g:
         raise ValueError(f"{cols} inputs are not whole groups of {g}")
     w = w.astype(np.float64).reshape(rows, cols // g, g)
-    scale = np.abs(w).max(-1) / qmax  # (out, in/g)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[..., None].astype(np.float64)) + qmax, 0, 2 * qmax).astype(np.uint32)
-    q = q.reshape(rows, cols // p, p)
+    if fmt.asymmetric:
+        low = w.min(-1)
+        step = (w.max(-1) - low) / fmt.top  # (out, in/g)
+    else:
+        low = None
+        step = np.abs(w).max(-1) / fmt.qmax
+    scale = np.where(step > 0, step, 1.0).astype(np.float32)
+    shifted = w - low[..., None] if fmt.asymmetric else w
+    q = np.rint(shifted / scale[..., None].astype(np.float64)) + (0 if fmt.asymmetric else fmt.qmax)
+    q = np.clip(q, 0, fmt.top).astype(np.uint32).reshape(rows, cols // p, p)
     words = np.zeros((rows, cols // p), np.uint32)
     for n in range(p):
-        words |= q[..., n] << np.uint32(n * scheme.bits)
+        words |= q[..., n] << np.uint32(n * fmt.bits)
     s = strip_width(rows)
-    return np.ascontiguousarray(strips(words, s)), np.ascontiguousarray(strips(scale, s))
+    arrays = (words, scale) if low is None else (words, scale, low.astype(np.float32))
+    return tuple(np.ascontiguousarray(strips(a, s)) for a in arrays)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, scheme: Scheme) -> np.ndarray:
-    """W (out, in) float32 back from the packed strip layout (the reference the kernels are checked against)."""
-    words, scales = _rows(q), _rows(scale)  # (out, in/p), (out, in/g)
-    mask = np.uint32((1 << scheme.bits) - 1)
-    values = np.stack([(words >> np.uint32(n * scheme.bits)) & mask for n in range(scheme.per_word)], -1)
-    values = values.reshape(words.shape[0], -1).astype(np.float32) - scheme.qmax  # (out, in)
-    return values * np.repeat(scales, scheme.group, axis=1)
+def dequantize(packed: tuple[np.ndarray, ...], fmt: Format) -> np.ndarray:
+    """W (out, in) float32 back from the packed strip layout `quantize` returns (the reference the kernels are
+    checked against)."""
+    words, scales = _rows(packed[0]), _rows(packed[1])  # (out, in/p), (out, in/g)
+    mask = np.uint32((1 << fmt.bits) - 1)
+    levels = np.stack([(words >> np.uint32(n * fmt.bits)) & mask for n in range(fmt.per_word)], -1)
+    levels = levels.reshape(words.shape[0], -1).astype(np.float32)  # (out, in)
+    if fmt.asymmetric:
+        return levels * np.repeat(scales, fmt.group, axis=1) + np.repeat(_rows(packed[2]), fmt.group, axis=1)
+    return (levels - fmt.qmax) * np.repeat(scales, fmt.group, axis=1)
 
 
 def strips(a, s: int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from tvm import te, tirx, topi
 
 from elastilm.elastic_ops import blocks
+from elastilm.formats.quant import Format
 
 STRIP = 64  # output columns per packed weight strip
 TOKEN_BLOCK = 4  # prefill computes whole blocks of 4 tokens (a register tile); padded rows repeat the last token
@@ -101,35 +102,36 @@ def prefix_matmul_q(
     x: te.Tensor,
     q: te.Tensor,
     scale: te.Tensor,
-    bits: int,
-    group: int,
+    fmt: Format,
     rows=None,
     bias: te.Tensor | None = None,
     name: str = "matmul",
     lora=None,
+    minimum: te.Tensor | None = None,
 ):
     """`prefix_matmul` (its bias and adapter too) over group-quantized weights: no unpacked weight ever reaches memory.
 
     x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
-    weights per word (lowest bits first); scale: (M / strip, K / group, strip) float32 (compile/quantize.py).
-    W[i, k] = (level(i, k) - qmax) * scale[i // strip, k // group, i % strip], level = the k-th field of the word.
+    weights per word (lowest bits first); scale and, for an asymmetric format, minimum: (M / strip, K / group,
+    strip) float32 (compile/quantize.py). W[i, k] = (level(i, k) - qmax) * scale (symmetric) or
+    level(i, k) * scale + minimum (asymmetric), of the group of k in row i; level = the k-th field of the word.
     Returns (T, rows), rows defaulting to M.
 
     One token (decode) reads each weight once, so the kernel works on the levels as they unpack: per group,
-    sum_k x[k] * level[i, k] - qmax * sum_k x[k], times the group's scale (blocks QPART, QXSUM; one multiply by the
-    scale per group, not per weight). Several tokens (prefill) reuse each weight T times: one strip at a time is
-    dequantized into a scratch tile (block DEQUANT, K_active x strip, cache-resident), which the fp32 register tile
-    then reads for every token.
+    p = sum_k x[k] * level[i, k] and s = sum_k x[k] (blocks QPART, QXSUM), then scale * (p - qmax * s), or
+    scale * p + minimum * s: one multiply by the scale per group, not per weight. Several tokens (prefill) reuse
+    each weight T times: one strip at a time is dequantized into a scratch tile (block DEQUANT, K_active x strip,
+    cache-resident), which the fp32 register tile then reads for every token.
     """
     n_strips, _, strip = q.shape
     rows = n_strips * strip if rows is None else rows
-    qmax = 2 ** (bits - 1) - 1
     T, K_active = x.shape
+    group = fmt.group
 
     if not (isinstance(T, tirx.IntImm) and T.value == 1):
         dq = te.compute(
             (n_strips, K_active, strip),
-            lambda j, k, i: (_level(q, bits, j, k, i) - float(qmax)) * scale[j, k // group, i],
+            lambda j, k, i: _weight(fmt, q, scale, minimum, j, k, i),
             name=blocks.DEQUANT,
         )
         return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora)
@@ -137,39 +139,49 @@ def prefix_matmul_q(
     kk = te.reduce_axis((0, group), "kk")
     part = te.compute(
         (T, groups, rows),
-        lambda t, g, i: te.sum(x[t, g * group + kk] * _level(q, bits, i // strip, g * group + kk, i % strip), axis=kk),
+        lambda t, g, i: te.sum(x[t, g * group + kk] * _level(q, fmt, i // strip, g * group + kk, i % strip), axis=kk),
         name=blocks.QPART,
     )
     kx = te.reduce_axis((0, group), "kx")
     xsum = te.compute((T, groups), lambda t, g: te.sum(x[t, g * group + kx], axis=kx), name=blocks.QXSUM)
     g = te.reduce_axis((0, groups), "g")
-    y = te.compute(
-        (T, rows),
-        lambda t, i: te.sum(scale[i // strip, g, i % strip] * (part[t, g, i] - float(qmax) * xsum[t, g]), axis=g),
-        name=name,
-    )
+
+    def per_group(t, i):
+        j, c = i // strip, i % strip
+        if fmt.asymmetric:
+            return scale[j, g, c] * part[t, g, i] + minimum[j, g, c] * xsum[t, g]
+        return scale[j, g, c] * (part[t, g, i] - float(fmt.qmax) * xsum[t, g])
+
+    y = te.compute((T, rows), lambda t, i: te.sum(per_group(t, i), axis=g), name=name)
     return _output(x, y, bias, name, lora)
 
 
-def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, bits: int, group: int):
+def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, fmt: Format, minimum: te.Tensor | None = None):
     """Rows `ids` of a quantized embedding (vocab, d) in the strip layout of `prefix_matmul_q`, dequantized: only
     the looked-up rows are unpacked. (T,) int32 -> (T, d)."""
     _, words, strip = q.shape
-    qmax = 2 ** (bits - 1) - 1
 
     def row(t, k):
         v = ids[t]
-        return (_level(q, bits, v // strip, k, v % strip) - float(qmax)) * scale[v // strip, k // group, v % strip]
+        return _weight(fmt, q, scale, minimum, v // strip, k, v % strip)
 
-    return te.compute((ids.shape[0], words * (32 // bits)), row, name=blocks.EMBED)
+    return te.compute((ids.shape[0], words * fmt.per_word), row, name=blocks.EMBED)
 
 
-def _level(q: te.Tensor, bits: int, j, k, i):
-    """The stored level (0 .. 2 qmax, float) of input k in row i of strip j: field k % per of word k // per, the
+def _weight(fmt: Format, q: te.Tensor, scale: te.Tensor, minimum: te.Tensor | None, j, k, i):
+    """The dequantized weight of input k in row i of strip j."""
+    level = _level(q, fmt, j, k, i)
+    if fmt.asymmetric:
+        return level * scale[j, k // fmt.group, i] + minimum[j, k // fmt.group, i]
+    return (level - float(fmt.qmax)) * scale[j, k // fmt.group, i]
+
+
+def _level(q: te.Tensor, fmt: Format, j, k, i):
+    """The stored level (0 .. fmt.top, float) of input k in row i of strip j: field k % per of word k // per, the
     lowest bits first (compile/quantize.py)."""
-    per, mask = 32 // bits, (1 << bits) - 1
+    per, mask = fmt.per_word, (1 << fmt.bits) - 1
     word = q[j, k // per, i]
-    return ((word >> ((k % per) * bits).astype("uint32")) & tirx.const(mask, "uint32")).astype("float32")
+    return ((word >> ((k % per) * fmt.bits).astype("uint32")) & tirx.const(mask, "uint32")).astype("float32")
 
 
 def lm_head(x: te.Tensor, w: te.Tensor):

@@ -1,16 +1,27 @@
 """Weight quantization schemes: what a build's manifest records about its weights, named as MLC-LLM names them
-(qAfB_id: A bits per weight, B bits per activation, id 1: symmetric group quantization, no zero point).
+(qAfB_id: A bits per weight, B bits per activation; the id says how).
 
-  q0f32    fp32 weights (no quantization), fp32 activations
-  q4f32_1  4-bit weights, 8 per uint32; one fp32 scale per group of 32 inputs; fp32 activations
-  q8f32_1  8-bit weights, 4 per uint32; likewise
+  q0f32      fp32 weights (no quantization), fp32 activations
+  q4f32_1    4-bit weights, 8 per uint32; one fp32 scale per group of 32 inputs (symmetric, MLC-LLM's q4f32_1)
+  q8f32_1    8-bit weights, 4 per uint32; likewise
+  q4f32_mix  4-bit asymmetric groups (a scale and a minimum each, as llama.cpp's Q4_1) on the attention, gate and
+             up projections; 8-bit symmetric groups on down_proj and on the embedding / LM head
 
-Symmetric group quantization along the input (reduction) axis: scale = max|w| / qmax over a group of `group`
-inputs of one output row, stored q = round(w / scale) + qmax clamped to [0, 2 qmax], read back (q - qmax) * scale
-(qmax = 7 for 4 bits, as MLC-LLM's q4f32_1; 127 for 8 bits). The packed layout (compile/quantize.py) keeps both
-prefixes of a level contiguous, so every active width must be a whole number of groups (`check_width`). A quantized
-scheme covers every linear layer and the embedding table (the tied LM head: one 4-bit copy serves both); norms,
-biases and the recovery adapters stay fp32.
+Symmetric groups (`Format`): scale = max|w| / qmax over a group of `group` inputs of one output row, stored
+q = round(w / scale) + qmax clamped to [0, 2 qmax], read back (q - qmax) * scale (qmax = 7 for 4 bits, 127 for 8).
+Asymmetric groups: step = (max w - min w) / (2^bits - 1), stored q = round((w - min) / step) in [0, 2^bits - 1],
+read back q * step + min: a group's smallest and largest weights are exact.
+
+Why q4f32_mix: SmolLM2's packaged weights are llama.cpp Q4_1 blocks (asymmetric 4-bit groups of 32 along the
+inputs) and its embedding Q8_0. Asymmetric groups along the same inputs reproduce the attention, gate and up
+weights exactly, since the reorder moves whole output rows (and o_proj's inputs in whole heads). down_proj's
+inputs are the FFN neurons, which the reorder moves one at a time, so its groups mix neurons of different source
+blocks; 8 bits keep those, and the embedding, close. Full-width held-out perplexity of the packaged model
+(8 x 256 tokens, benchmarks/probe_quant_error.py): fp32 37.49, q4f32_mix 37.46, q8f32_1 37.54, q4f32_1 51.76.
+
+The packed layout (compile/quantize.py) keeps both prefixes of a level contiguous, so every active width must be
+a whole number of groups (`check_width`). A quantized scheme covers every linear layer and the embedding table
+(the tied LM head: one copy serves both); norms, biases and the recovery adapters stay fp32.
 """
 
 from __future__ import annotations
@@ -21,14 +32,13 @@ from elastilm.formats.errors import ElastiLMError
 
 
 @dataclass(frozen=True)
-class Scheme:
-    name: str
-    bits: int  # per stored weight; 32: fp32, not quantized
-    group: int = 32  # inputs per scale
+class Format:
+    """How one quantized tensor is stored: `bits` per weight packed in uint32 words, an fp32 scale per `group`
+    inputs of a row and, when `asymmetric`, an fp32 minimum per group too."""
 
-    @property
-    def quantized(self) -> bool:
-        return self.bits < 32
+    bits: int
+    group: int = 32
+    asymmetric: bool = False
 
     @property
     def per_word(self) -> int:
@@ -37,7 +47,52 @@ class Scheme:
 
     @property
     def qmax(self) -> int:
+        """The symmetric offset: stored levels are q + qmax."""
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def top(self) -> int:
+        """The highest stored level."""
+        return 2**self.bits - 1 if self.asymmetric else 2 * self.qmax
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group": self.group, "asymmetric": self.asymmetric}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A build's weights: `linear` for every linear layer (None: fp32), with `down_proj` and `embedding` (the
+    embedding table and an untied LM head) overriding it where set."""
+
+    name: str
+    linear: Format | None
+    down_proj: Format | None = None
+    embedding: Format | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.linear is not None
+
+    @property
+    def group(self) -> int:
+        return self.linear.group if self.linear else 1
+
+    def format(self, tensor: str) -> Format | None:
+        """The format of a checkpoint tensor (e.g. "model.layers.3.mlp.down_proj"), None when it stays fp32."""
+        if self.linear is None:
+            return None
+        if "down_proj" in tensor:
+            return self.down_proj or self.linear
+        if "embed_tokens" in tensor or "lm_head" in tensor:
+            return self.embedding or self.linear
+        return self.linear
+
+    def describe(self) -> dict:
+        """The manifest's record: the scheme's name and the format of each kind of weight."""
+        if self.linear is None:
+            return {"scheme": self.name}
+        kinds = {"linear": self.linear, "down_proj": self.format("down_proj"), "embedding": self.format("embed_tokens")}
+        return {"scheme": self.name, **{kind: f.describe() for kind, f in kinds.items()}}
 
     def check_width(self, width: int, what: str, fix: str) -> None:
         """Refuse an active width (inputs of a projection) that is not a whole number of groups."""
@@ -45,7 +100,15 @@ class Scheme:
             raise ElastiLMError(f"{what} is {width}, not a whole number of {self.name}'s groups of {self.group}; {fix}")
 
 
-SCHEMES = {s.name: s for s in (Scheme("q0f32", 32, 1), Scheme("q4f32_1", 4), Scheme("q8f32_1", 8))}
+SCHEMES = {
+    s.name: s
+    for s in (
+        Scheme("q0f32", None),
+        Scheme("q4f32_1", Format(4)),
+        Scheme("q8f32_1", Format(8)),
+        Scheme("q4f32_mix", Format(4, asymmetric=True), down_proj=Format(8), embedding=Format(8)),
+    )
+}
 
 
 def scheme(name: str) -> Scheme:

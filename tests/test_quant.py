@@ -12,40 +12,84 @@ from elastilm.compile.export import kernel_layout
 from elastilm.compile.quantize import dequantize, quantize
 from elastilm.elastic_ops import prefix
 from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.quant import SCHEMES, scheme
+from elastilm.formats.quant import SCHEMES, Format, scheme
 
 QUANTIZED = [s for s in SCHEMES.values() if s.quantized]
+FORMATS = [Format(4), Format(8), Format(4, asymmetric=True)]
+
+
+def fmt_id(f: Format) -> str:
+    return f"{f.bits}bit-{'asym' if f.asymmetric else 'sym'}"
 
 
 def test_four_bit_packing_by_hand():
     """One output row, 32 inputs: scale max|w| / 7 = 1.0; stored w + 7, eight per word, lowest bits first."""
-    s = scheme("q4f32_1")
+    fmt = scheme("q4f32_1").linear
     w = np.zeros((1, 32), np.float32)
     w[0, :8] = [-7, -3, 0, 1, 2, 3, 7, 5]
-    q, scale = quantize(w, s)
+    q, scale = quantize(w, fmt)
     assert q.shape == (1, 4, 1) and scale.shape == (1, 1, 1) and scale[0, 0, 0] == 1.0
     expected = sum((v + 7) << (4 * n) for n, v in enumerate([-7, -3, 0, 1, 2, 3, 7, 5]))
     assert int(q[0, 0, 0]) == expected and int(q[0, 1, 0]) == sum(7 << (4 * n) for n in range(8))
-    np.testing.assert_array_equal(dequantize(q, scale, s), w)
+    np.testing.assert_array_equal(dequantize((q, scale), fmt), w)
 
 
-@pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
+def test_asymmetric_four_bit_packing_by_hand():
+    """One row, 32 inputs from -2 to 13: step (13 - -2) / 15 = 1, minimum -2; stored w + 2 in 0..15."""
+    fmt = scheme("q4f32_mix").linear
+    values = np.array([-2, 13, 0, 5, -1, 7, 3, 12] * 4, np.float32)
+    q, scale, minimum = quantize(values[None, :], fmt)
+    assert scale[0, 0, 0] == 1.0 and minimum[0, 0, 0] == -2.0
+    assert int(q[0, 0, 0]) == sum(int(v + 2) << (4 * n) for n, v in enumerate(values[:8]))
+    np.testing.assert_array_equal(dequantize((q, scale, minimum), fmt)[0], values)
+
+
+def test_the_mixed_scheme_keeps_down_proj_and_the_embedding_at_eight_bits():
+    s = scheme("q4f32_mix")
+    assert s.format("model.layers.2.self_attn.o_proj") == Format(4, asymmetric=True)
+    assert s.format("model.layers.2.mlp.up_proj.weight") == Format(4, asymmetric=True)
+    assert s.format("model.layers.2.mlp.down_proj.weight") == Format(8)
+    assert s.format("model.embed_tokens.weight") == s.format("lm_head") == Format(8)
+    assert scheme("q0f32").format("model.embed_tokens") is None
+    assert scheme("q4f32_1").format("model.layers.0.mlp.down_proj") == Format(4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("rows,cols", [(128, 64), (40, 96), (1536, 576)])
-def test_round_trip_is_within_half_a_step(s, rows, cols):
+def test_round_trip_is_within_half_a_step(fmt, rows, cols):
     rng = np.random.default_rng(rows)
     w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 3, (rows, 1))).astype(np.float32)
-    w[0, : s.group] = 0  # an all-zero group stays zero
-    q, scale = quantize(w, s)
-    deq = dequantize(q, scale, s)
-    step = np.repeat(scale.swapaxes(1, 2).reshape(rows, -1), s.group, axis=1)
-    assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-5))
-    assert np.all(deq[0, : s.group] == 0)
-    per_group = np.abs(w).reshape(rows, -1, s.group).max(-1)  # the largest weight of each group is exact
-    np.testing.assert_allclose(np.abs(deq).reshape(rows, -1, s.group).max(-1), per_group, rtol=1e-6)
+    w[:, : fmt.group] += rng.uniform(-4, 4, (rows, 1)).astype(np.float32)  # groups off centre
+    w[0, : fmt.group] = 0  # an all-zero group stays zero
+    w[1, : fmt.group] = 0.25  # so does a constant one
+    packed = quantize(w, fmt)
+    deq = dequantize(packed, fmt)
+    step = np.repeat(packed[1].swapaxes(1, 2).reshape(rows, -1), fmt.group, axis=1)
+    assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-5) + 1e-6)
+    assert np.all(deq[0, : fmt.group] == 0)
+    grouped, back = w.reshape(rows, -1, fmt.group), deq.reshape(rows, -1, fmt.group)
+    if fmt.asymmetric:  # the smallest and the largest weight of each group are exact
+        np.testing.assert_allclose(back.min(-1), grouped.min(-1), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(back.max(-1), grouped.max(-1), rtol=1e-6, atol=1e-6)
+        assert np.all(deq[1, : fmt.group] == np.float32(0.25))
+    else:  # the largest magnitude of each group is exact
+        np.testing.assert_allclose(np.abs(back).max(-1), np.abs(grouped).max(-1), rtol=1e-6)
+
+
+def test_asymmetric_groups_are_closer_on_groups_off_centre():
+    """A group whose weights lie in [1, 2]: symmetric levels span [-2, 2] and use half of them; asymmetric ones span
+    [1, 2]. The asymmetric error is at most a third of the symmetric one here."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(1, 2, (64, 64)).astype(np.float32)
+    sym, asym = Format(4), Format(4, asymmetric=True)
+    err_sym = np.abs(dequantize(quantize(w, sym), sym) - w).max()
+    err_asym = np.abs(dequantize(quantize(w, asym), asym) - w).max()
+    assert err_asym < err_sym / 3
 
 
 def test_widths_must_be_whole_groups():
-    with pytest.raises(ElastiLMError, match="unknown quantization 'q4'; valid schemes are q0f32, q4f32_1, q8f32_1"):
+    valid = "valid schemes are q0f32, q4f32_1, q8f32_1, q4f32_mix"
+    with pytest.raises(ElastiLMError, match=f"unknown quantization 'q4'; {valid}"):
         scheme("q4")
     with pytest.raises(ElastiLMError, match="neurons is 40, not a whole number of q4f32_1's groups of 32; use 64"):
         scheme("q4f32_1").check_width(40, "neurons", "use 64")
@@ -53,40 +97,52 @@ def test_widths_must_be_whole_groups():
     scheme("q0f32").check_width(40, "neurons", "")
 
 
-@pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
+def poisoned_prefix(packed: tuple, fmt: Format, blocks: int, active_in: int) -> tuple[tuple, np.ndarray]:
+    """The packed arrays with garbage words and NaN scales / minima outside the active prefix (in place), and the
+    active prefix dequantized (blocks*64, active_in)."""
+    words, groups = active_in // fmt.per_word, active_in // fmt.group
+    for a, cut in zip(packed, (words, groups, groups)):
+        bad = 0xFFFFFFFF if a.dtype == np.uint32 else np.nan
+        a[:, cut:, :] = bad  # past the active inputs
+        a[blocks:] = bad  # past the active outputs
+    deq = dequantize(tuple(a[:blocks, :cut] for a, cut in zip(packed, (words, groups, groups))), fmt)
+    return packed, deq
+
+
+def placeholders(packed: tuple) -> list:
+    return [
+        te.placeholder(tuple(I64(d) for d in a.shape), str(a.dtype), name=n) for a, n in zip(packed, ("q", "s", "m"))
+    ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_quantized_prefix_matmul_reads_only_the_prefix(s, tokens, blocks, active_in, scheduled):
+def test_quantized_prefix_matmul_reads_only_the_prefix(fmt, tokens, blocks, active_in, scheduled):
     rng = np.random.default_rng(blocks + tokens)
-    w = rng.standard_normal((1536, 576)).astype(np.float32)
-    q, scale = quantize(w, s)
-    words, groups = active_in // s.per_word, active_in // s.group
-    q[:, words:, :], scale[:, groups:, :] = 0xFFFFFFFF, np.nan  # past the active inputs
-    q[blocks:], scale[blocks:] = 0xFFFFFFFF, np.nan  # past the active outputs
-    deq = dequantize(q[:blocks, :words], scale[:blocks, :groups], s)  # (blocks*64, active_in)
+    w = (rng.standard_normal((1536, 576)) + rng.uniform(-1, 1, (1536, 1))).astype(np.float32)
+    packed, deq = poisoned_prefix(quantize(w, fmt), fmt, blocks, active_in)
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
     nb, k_in = tirx.Var("nb", "int64"), tirx.Var("k", "int64")
     x = te.placeholder((T, k_in), "float32", name="x")
-    qp = te.placeholder(tuple(I64(d) for d in q.shape), "uint32", name="q")
-    sp = te.placeholder(tuple(I64(d) for d in scale.shape), "float32", name="s")
-    y = prefix.prefix_matmul_q(x, qp, sp, s.bits, s.group, nb * 64, name="gate_proj")
-    fn = compile_te([x, qp, sp, y, nb], scheduled)
+    ps = placeholders(packed)
+    y = prefix.prefix_matmul_q(x, ps[0], ps[1], fmt, nb * 64, name="gate_proj", minimum=ps[2] if len(ps) > 2 else None)
+    fn = compile_te([x, *ps, y, nb], scheduled)
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
     out = poisoned((tokens, blocks * 64))
-    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), out, blocks)
-    np.testing.assert_allclose(out.numpy(), xs @ deq.T, rtol=1e-4, atol=1e-4)
+    fn(tvm.runtime.tensor(xs), *(tvm.runtime.tensor(a) for a in packed), out, blocks)
+    np.testing.assert_allclose(out.numpy(), xs @ deq.T, rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("name", ["q0f32", "q4f32_1"])
+@pytest.mark.parametrize("fmt", [None, Format(4, asymmetric=True)], ids=["fp32", "4bit-asym"])
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("rank", [0, 3, 8])
 @pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_adapter_fused_into_the_prefix_matmul_matches_numpy(name, tokens, rank, blocks, active_in, scheduled):
+def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, tokens, rank, blocks, active_in, scheduled):
     """y = x W^T + b + x A^T Bt in one kernel, the rank a runtime extent (0: no adapter, no work). Weights, scales,
     adapter entries and the bias outside the active prefix are NaN or garbage: reading any of them would show."""
-    s = scheme(name)
     rng = np.random.default_rng(blocks + tokens + rank)
     w = rng.standard_normal((1536, 576)).astype(np.float32)
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
@@ -95,15 +151,11 @@ def test_adapter_fused_into_the_prefix_matmul_matches_numpy(name, tokens, rank, 
     a = te.placeholder((r, I64(576)), "float32", name="a")
     bt = te.placeholder((r, I64(1536)), "float32", name="bt")
     bias = te.placeholder((I64(1536),), "float32", name="bias")
-    if s.quantized:
-        q, scale = quantize(w, s)
-        q[:, active_in // s.per_word :, :], scale[:, active_in // s.group :, :] = 0xFFFFFFFF, np.nan
-        q[blocks:], scale[blocks:] = 0xFFFFFFFF, np.nan
-        deq = dequantize(q[:blocks, : active_in // s.per_word], scale[:blocks, : active_in // s.group], s)
-        qp = te.placeholder(tuple(I64(d) for d in q.shape), "uint32", name="q")
-        sp = te.placeholder(tuple(I64(d) for d in scale.shape), "float32", name="s")
-        y = prefix.prefix_matmul_q(x, qp, sp, s.bits, s.group, nb * 64, bias, "gate_proj", (a, bt))
-        weights, tensors = [qp, sp], [q, scale]
+    if fmt is not None:
+        packed, deq = poisoned_prefix(quantize(w, fmt), fmt, blocks, active_in)
+        weights = placeholders(packed)
+        y = prefix.prefix_matmul_q(x, *weights[:2], fmt, nb * 64, bias, "gate_proj", (a, bt), weights[2])
+        tensors = list(packed)
     else:
         packed = np.ascontiguousarray(kernel_layout("mlp.gate_proj.weight", w))  # (24, 576, 64)
         packed[:, active_in:, :], packed[blocks:] = np.nan, np.nan
@@ -122,32 +174,31 @@ def test_adapter_fused_into_the_prefix_matmul_matches_numpy(name, tokens, rank, 
     bt_full = np.ascontiguousarray(b_full.T)
     fn(*(tvm.runtime.tensor(v) for v in (xs, *tensors, a_full, bt_full, b_vec)), out, blocks)
     expected = xs @ deq.T + b_vec[: blocks * 64] + xs @ a_full[:, :active_in].T @ b_full[: blocks * 64].T
-    print(np.isnan(out.numpy()).sum(), np.isnan(expected).sum(), np.argwhere(np.isnan(out.numpy()))[:5])
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("s", QUANTIZED, ids=lambda s: s.name)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("vocab", [192, 97])  # three strips of 64; one strip of the whole (odd) vocabulary
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_quantized_embedding_unpacks_only_the_looked_up_rows(s, vocab, scheduled):
+def test_quantized_embedding_unpacks_only_the_looked_up_rows(fmt, vocab, scheduled):
     rng = np.random.default_rng(vocab)
-    table = rng.standard_normal((vocab, 96)).astype(np.float32)
-    q, scale = quantize(table, s)
+    table = (rng.standard_normal((vocab, 96)) + rng.uniform(-1, 1, (vocab, 1))).astype(np.float32)
+    packed = quantize(table, fmt)
     ids = np.array([5, 0, vocab - 1, 5, 64 % vocab], "int32")
-    poison = np.ones((q.shape[0] * q.shape[2],), bool)
+    strip = packed[0].shape[2]
+    poison = np.ones((packed[0].shape[0] * strip,), bool)
     poison[ids] = False
     rows = np.arange(poison.size)[poison]  # every row that is not looked up: NaN scales, garbage words
-    scale[rows // q.shape[2], :, rows % q.shape[2]] = np.nan
-    q[rows // q.shape[2], :, rows % q.shape[2]] = 0xFFFFFFFF
+    for a in packed:
+        a[rows // strip, :, rows % strip] = 0xFFFFFFFF if a.dtype == np.uint32 else np.nan
     n = tirx.Var("n", "int64")
     ip = te.placeholder((n,), "int32", name="ids")
-    qp = te.placeholder(tuple(I64(d) for d in q.shape), "uint32", name="q")
-    sp = te.placeholder(tuple(I64(d) for d in scale.shape), "float32", name="s")
-    out = prefix.embed_q(ip, qp, sp, s.bits, s.group)
-    fn = compile_te([ip, qp, sp, out], scheduled)
+    ps = placeholders(packed)
+    out = prefix.embed_q(ip, ps[0], ps[1], fmt, ps[2] if len(ps) > 2 else None)
+    fn = compile_te([ip, *ps, out], scheduled)
     got = poisoned((len(ids), 96))
-    fn(tvm.runtime.tensor(ids), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), got)
-    expected = dequantize(*quantize(table, s), s)[ids]
+    fn(tvm.runtime.tensor(ids), *(tvm.runtime.tensor(a) for a in packed), got)
+    expected = dequantize(quantize(table, fmt), fmt)[ids]
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
     assert np.abs(expected - table[ids]).max() > 1e-4  # the quantization shows
 
@@ -172,7 +223,8 @@ def quantized_build(request, tmp_path_factory):
     params = dict(model.params)
     tables = ["model.embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"])
     for name in projection_names(model.config) + tables:  # by hand: compile.quantize.simulated is tested on this
-        params[name + ".weight"] = torch.from_numpy(dequantize(*quantize(params[name + ".weight"].numpy(), s), s))
+        fmt = s.format(name)
+        params[name + ".weight"] = torch.from_numpy(dequantize(quantize(params[name + ".weight"].numpy(), fmt), fmt))
     return (
         model,
         adapters,
@@ -194,8 +246,10 @@ def test_quantized_build_matches_the_dequantized_reference_at_every_level(quanti
 
     model, adapters, params, out, s = quantized_build
     manifest = build_file.read_manifest(out)
-    assert manifest["quantization"] == {"scheme": s.name, "bits": s.bits, "group": 32}
+    assert manifest["quantization"] == s.describe()
+    assert manifest["quantization"]["down_proj"]["bits"] == (8 if s.name in ("q8f32_1", "q4f32_mix") else 4)
     assert any(n.endswith(".q_weight") for n in manifest["param_names"])
+    assert any(n.endswith(".q_min") for n in manifest["param_names"]) == (s.name == "q4f32_mix")
     assert not any(n.endswith("_proj.weight") for n in manifest["param_names"])
     ids = random_ids(model.config, batch=1, length=7, seed=2)[0].tolist()
     assert len({lv.neurons for lv in model.levels.values()}) > 2  # several widths, each whole groups
@@ -271,7 +325,7 @@ def test_recovery_trains_against_the_quantized_base_and_the_build_checks_it(tmp_
     dequantized = {}
     for name in projection_names(model.config) + ["model.embed_tokens"]:
         w = model.params[name + ".weight"].numpy()
-        dequantized[name + ".weight"] = torch.from_numpy(dequantize(*quantize(w, scheme("q4f32_1")), scheme("q4f32_1")))
+        dequantized[name + ".weight"] = torch.from_numpy(dequantize(quantize(w, Format(4)), Format(4)))
     for row in summary["levels"]:
         widths = model.widths(float(row["fraction"]))
         q4 = recover._kl(teacher, reference.logits({**model.params, **dequantized}, model.config, batch, widths), mask)
@@ -320,7 +374,7 @@ def test_the_scheme_is_checked_by_name_in_the_engine_and_the_bundle(quantized_bu
     app = bundle.read(package([out], tmp_path / "bundle"))
     (entry,) = app["models"]
     assert entry["model_id"].endswith(f"-host-cpu-{s.name}")
-    assert entry["quantization"] == {"scheme": s.name, "bits": s.bits, "group": 32}
+    assert entry["quantization"] == s.describe()
     engine = ElasticEngine.from_bundle(tmp_path / "bundle", quant=s.name)
     assert engine.manifest["quantization"]["scheme"] == s.name
     engine.close()
