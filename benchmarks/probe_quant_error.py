@@ -42,7 +42,10 @@ def main() -> None:
     variants = {
         "fp32": params,
         **schemes,
-        "q4f32_1, embedding fp32": {**schemes["q4f32_1"], "model.embed_tokens.weight": params["model.embed_tokens.weight"]},
+        "q4f32_1, embedding fp32": {
+            **schemes["q4f32_1"],
+            "model.embed_tokens.weight": params["model.embed_tokens.weight"],
+        },
         "asymmetric 4-bit everywhere": asym,
         "asymmetric 4-bit, down_proj fp32": {**asym, **{n: params[n] for n in names if "down_proj" in n}},
     }
