@@ -82,8 +82,9 @@ def compile_source(source: str):
 def run(
     func: tirx.PrimFunc, target: tvm.target.Target, arrays: dict[str, np.ndarray], scalars: dict[str, int]
 ) -> dict[str, np.ndarray]:
-    """Run a scheduled PrimFunc on PoCL. `arrays` maps every buffer parameter's name to its contents (outputs
-    included: pass them poisoned), `scalars` the scalar parameters. Returns the buffers after the run."""
+    """Run a scheduled PrimFunc on PoCL. `arrays` maps every buffer parameter's name to its contents in the
+    parameter's dtype (outputs included: pass them poisoned), `scalars` the scalar parameters. Returns the buffers
+    after the run."""
     import pyopencl as cl
 
     ctx = _context()
@@ -104,9 +105,7 @@ def run(
                 if isinstance(dim, tirx.Var):
                     values[dim.name] = n
     device_buffers = {
-        n: cl.Buffer(
-            ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a, "float32")
-        )
+        n: cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a))
         for n, a in arrays.items()
     }
     bound: list = []  # (buffer var, device buffer); tvm vars compare by identity via same_as
@@ -174,7 +173,7 @@ def run(
     visit(host["main"].body)
     out = {}
     for n, a in arrays.items():
-        result = np.empty_like(a, dtype="float32")
+        result = np.empty_like(a)
         cl.enqueue_copy(queue, result, device_buffers[n])
         out[n] = result
     queue.finish()

@@ -45,15 +45,24 @@ def phone(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    out = elastified_tiny(tmp_path_factory, "llama")
-    return build(out, "host-cpu", max_len=40), build(out, "linux-arm64-cpu", max_len=40)
+@pytest.fixture(scope="module", params=["q0f32", "q4f32_mix"])
+def builds(request, tmp_path_factory):
+    """(host build, linux-arm64 build, scheme) of one tiny model; quantized ones need widths of whole groups."""
+    scheme = request.param
+    if scheme == "q0f32":
+        out = elastified_tiny(tmp_path_factory, "llama")
+    else:
+        out = elastified_tiny(tmp_path_factory, "llama-grouped", neuron_multiple=32)
+    made = [
+        build(out, target, tmp_path_factory.mktemp(target) / scheme, max_len=40, quantization=scheme)
+        for target in ("host-cpu", "linux-arm64-cpu")
+    ]
+    return *made, scheme
 
 
 def test_arm64_build_on_the_phone_matches_the_host(phone, builds):
-    host_build, arm_build = builds
-    local, remote = ElasticEngine(host_build), ElasticEngine(arm_build, rpc=phone)
+    host_build, arm_build, scheme = builds
+    local, remote = ElasticEngine(host_build, quant=scheme), ElasticEngine(arm_build, rpc=phone, quant=scheme)
     ids = np.random.default_rng(2).integers(0, local.elastic["config"]["vocab_size"], 9).tolist()
     try:
         for level in (1.0, 0.5, 0.2):  # NEON vs AVX-512 sum in different orders: close, not bit-equal

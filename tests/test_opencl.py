@@ -8,8 +8,10 @@ from tvm import te, tirx
 from tvm.s_tir import dlight as dl
 
 from elastilm.compile.export import kernel_layout
+from elastilm.compile.quantize import dequantize, quantize
 from elastilm.elastic_ops import pocl, prefix, schedule_gpu
 from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.quant import Format
 from elastilm.targets import preset
 
 I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
@@ -200,3 +202,119 @@ def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows, rank):
     np.testing.assert_allclose(
         out["lora_out"], ys + xs @ a_full[:, :active_in].T @ b_full[:rows].T, rtol=1e-4, atol=1e-4
     )
+
+
+QUANT_FORMATS = [Format(4), Format(8), Format(4, asymmetric=True)]
+
+
+def quantized_poisoned(rng, rows, cols, active_rows, active_in, fmt):
+    """A weight (rows, cols) quantized in `fmt` with garbage words and NaN scales / minima outside the active
+    prefix; (the arrays by kernel name q, s, m, the active prefix dequantized)."""
+    w = (rng.standard_normal((rows, cols)) + rng.uniform(-1, 1, (rows, 1))).astype("float32")
+    packed = quantize(w, fmt)
+    strip = packed[0].shape[2]
+    cuts = (active_in // fmt.per_word, active_in // fmt.group, active_in // fmt.group)
+    for a, cut in zip(packed, cuts):
+        bad = 0xFFFFFFFF if a.dtype == np.uint32 else np.nan
+        a[:, cut:, :] = bad
+        a[active_rows // strip :] = bad
+    deq = dequantize(tuple(a[: active_rows // strip, :cut] for a, cut in zip(packed, cuts)), fmt)
+    return dict(zip(("q", "s", "m"), packed)), deq
+
+
+def quantized_placeholders(arrays: dict) -> list:
+    return [te.placeholder(tuple(I64(d) for d in a.shape), str(a.dtype), name=n) for n, a in arrays.items()]
+
+
+def quantized_matmul(x, ps, fmt, rows, name):
+    return prefix.prefix_matmul_q(x, ps[0], ps[1], fmt, rows, name=name, minimum=ps[2] if len(ps) > 2 else None)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("fmt", QUANT_FORMATS, ids=lambda f: f"{f.bits}bit-{'asym' if f.asymmetric else 'sym'}")
+@pytest.mark.parametrize("tokens,blocks,active_in", [(1, 3, 96), (5, 2, 32), (1, 1, 160), (6, 1, 64)])
+def test_quantized_prefix_matmul_on_pocl(name, fmt, tokens, blocks, active_in):
+    """The dequantizing prefix matmul as the GPU presets schedule it: decode (per-group partial sums) and prefill
+    (a dequantized strip), reading only the active prefix."""
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(tokens * blocks + active_in)
+    arrays, deq = quantized_poisoned(rng, 192, 160, blocks * 64, active_in, fmt)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in = tirx.Var("nb", "int64"), tirx.Var("k", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    ps = quantized_placeholders(arrays)
+    fn = scheduled([x, *ps, quantized_matmul(x, ps, fmt, nb * 64, "up_proj"), nb], target)
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    out = pocl.run(
+        fn,
+        target,
+        {"x": xs, **arrays, "up_proj_out": np.full((tokens, blocks * 64), np.nan, "float32")},
+        {"nb": blocks},
+    )
+    np.testing.assert_allclose(out["up_proj_out"], xs @ deq.T, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("vocab", [192, 97])
+def test_quantized_lm_head_and_embedding_on_pocl(name, vocab):
+    """The 8-bit tied table of q4f32_mix: the LM head over all rows (one strip of an odd vocabulary too) and the
+    gather of a few rows."""
+    fmt = Format(8)
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(vocab)
+    arrays, table = quantized_poisoned(rng, vocab, 64, vocab, 64, fmt)
+    h = te.placeholder((I64(1), I64(64)), "float32", name="h")
+    ps = quantized_placeholders(arrays)
+    head = scheduled([h, *ps, prefix.prefix_matmul_q(h, ps[0], ps[1], fmt, name="lm_head")], target)
+    hs = rng.standard_normal((1, 64)).astype("float32")
+    logits = pocl.run(head, target, {"h": hs, **arrays, "lm_head_out": np.full((1, vocab), np.nan, "float32")}, {})
+    np.testing.assert_allclose(logits["lm_head_out"], hs @ table.T, rtol=1e-4, atol=2e-4)
+    n = tirx.Var("n", "int64")
+    ids = te.placeholder((n,), "int32", name="ids")
+    gather = scheduled([ids, *ps, prefix.embed_q(ids, ps[0], ps[1], fmt)], target)
+    picked = np.array([3, vocab - 1, 0, 3], "int32")
+    rows = pocl.run(gather, target, {"ids": picked, **arrays, "embed": np.full((4, 64), np.nan, "float32")}, {})
+    np.testing.assert_allclose(rows["embed"], table[picked], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("tokens,blocks", [(1, 1), (4, 3)])
+def test_quantized_ffn_chain_on_pocl(name, tokens, blocks):
+    """q4f32_mix's FFN: gate and up in asymmetric 4-bit, down_proj in 8-bit over the active neurons, plus the
+    residual, each kernel as the GPU presets schedule it."""
+    target = preset(name).tvm_target()
+    rng = np.random.default_rng(20 + tokens)
+    d, f = 64, 192
+    asym, eight = Format(4, asymmetric=True), Format(8)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb = tirx.Var("nb", "int64")
+    g_arrays, g_deq = quantized_poisoned(rng, f, d, blocks * 64, d, asym)
+    u_arrays, u_deq = quantized_poisoned(rng, f, d, blocks * 64, d, asym)
+    d_arrays, d_deq = quantized_poisoned(rng, d, f, d, blocks * 64, eight)
+    x = te.placeholder((T, I64(d)), "float32", name="x")
+    gp, up_ps = quantized_placeholders(g_arrays), quantized_placeholders(u_arrays)
+    up_in = te.placeholder((T, nb * 64), "float32", name="up")
+    act_in = te.placeholder((T, tirx.Var("k", "int64")), "float32", name="act")
+    dp = quantized_placeholders(d_arrays)
+    up = scheduled([x, *up_ps, quantized_matmul(x, up_ps, asym, nb * 64, "up_proj"), nb], target)
+    gate_act = scheduled(
+        [x, *gp, up_in, prefix.silu_mul(quantized_matmul(x, gp, asym, nb * 64, "gate_proj"), up_in), nb], target
+    )
+    residual = te.compute(
+        (T, I64(d)), lambda t, i: quantized_matmul(act_in, dp, eight, None, "down_proj")[t, i] + x[t, i], name="res"
+    )
+    down = scheduled([act_in, *dp, x, residual], target)
+    xs = rng.standard_normal((tokens, d)).astype("float32")
+    poison = lambda shape: np.full(shape, np.nan, "float32")  # noqa: E731
+    rename = lambda arrays, names: dict(zip(names, arrays.values()))  # noqa: E731
+    u = pocl.run(up, target, {"x": xs, **u_arrays, "up_proj_out": poison((tokens, blocks * 64))}, {"nb": blocks})
+    a = pocl.run(
+        gate_act,
+        target,
+        {"x": xs, **g_arrays, "up": u["up_proj_out"], "silu_mul": poison((tokens, blocks * 64))},
+        {"nb": blocks},
+    )["silu_mul"]
+    y = pocl.run(down, target, {"act": a, **rename(d_arrays, ("q", "s")), "x": xs, "res": poison((tokens, d))}, {})
+    gate, upv = xs @ g_deq.T, xs @ u_deq.T
+    expected = (gate / (1 + np.exp(-gate)) * upv) @ d_deq.T + xs
+    np.testing.assert_allclose(y["res"], expected, rtol=1e-4, atol=5e-4)

@@ -80,3 +80,14 @@ def test_opencl_presets_build_kernels_that_pocl_compiles(elastified, tmp_path, n
     else:  # x86 host code: loadable here, but the wheel's runtime has no OpenCL, so the engine says so
         with pytest.raises(ElastiLMError, match="OpenCL.*no OpenCL runtime"):
             ElasticEngine(out)
+
+
+@pytest.mark.parametrize("name", ["adreno-opencl", "x86-opencl"])
+def test_quantized_opencl_builds_kernels_that_pocl_compiles(tmp_path_factory, tmp_path, name, pocl_platform):
+    """The demo's weights (q4f32_mix: asymmetric 4-bit, 8-bit down_proj and table) in a GPU preset: every kernel
+    compiled by PoCL (the quantized operators also run on PoCL against numpy, tests/test_opencl.py)."""
+    folder = elastified_tiny(tmp_path_factory, "llama-grouped", neuron_multiple=32)
+    out = build(folder, name, tmp_path / name, max_len=32, kernel_check=True, quantization="q4f32_mix")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernels_checked"] == "pocl" and manifest["quantization"]["scheme"] == "q4f32_mix"
+    assert any(n.endswith(".q_min") for n in manifest["param_names"])
