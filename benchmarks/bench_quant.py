@@ -1,7 +1,7 @@
 """Side-by-side speed and size of one elastified model built with each weight scheme (formats/quant.py), against
 llama.cpp on the same model, in one run on the same threads.
 
-    python benchmarks/bench_quant.py dist/smollm2-135m --schemes q0f32,q4f32_1,q8f32_1 --threads 2
+    python benchmarks/bench_quant.py dist/smollm2-135m --schemes q0f32,q4f32_1,q4f32_mix,q8f32_1 --threads 2
 
 Builds FOLDER/host-cpu-<scheme> when missing. Measures, 256-token prompt:
 - prefill and decode tokens/s at every level per scheme (levels in interleaved rounds, bench_runtime.bench_engine);
@@ -9,7 +9,9 @@ Builds FOLDER/host-cpu-<scheme> when missing. Measures, 256-token prompt:
   from it by llama.cpp's own quantizer (cached in FOLDER/llama.cpp/);
 - what the recovery adapters cost: the level `--adapter-level` with its adapter vs the same build without;
 - library kernel calls per decoded token (the VM's instrument hook), and decode's distance to the memory ceiling
-  (weight bytes read per token / the bandwidth torch reads at, measured in the same run).
+  (weight bytes read per token / the bandwidth torch reads at, measured in the same run);
+- peak resident memory of a process that serves every level (a prompt and a few tokens at each), one fresh
+  process per scheme.
 Writes benchmarks/results/quant.{md,png}.
 """
 
@@ -108,6 +110,29 @@ def adapter_cost(build: Path, prompt: list[int], level: float, decode_steps: int
     return {use: (statistics.median(a), statistics.median(b)) for use, (a, b) in samples.items()}
 
 
+def serving_peak_rss(build: Path, prompt: list[int]) -> int:
+    """Peak resident bytes of a fresh process that loads `build` and answers at every level (spawned, so that
+    nothing of this process counts)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_serve_every_level, (str(build), prompt))
+
+
+def _serve_every_level(build: str, prompt: list[int]) -> int:
+    import resource
+
+    from elastilm.runtime_py.engine import ElasticEngine
+
+    engine = ElasticEngine(Path(build))
+    for level in engine.levels:
+        engine.prefill(prompt, level)
+        for i in range(4):
+            engine.decode(prompt[i], len(prompt) + i, level)
+    engine.close()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def weight_bytes(build: Path) -> int:
     """Bytes of the model weights in params/ (the shards; adapters are counted apart by the manifest)."""
     import json
@@ -121,7 +146,7 @@ def weight_bytes(build: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="an elastify output folder")
-    parser.add_argument("--schemes", default="q0f32,q4f32_1,q8f32_1")
+    parser.add_argument("--schemes", default="q0f32,q4f32_1,q4f32_mix,q8f32_1")
     parser.add_argument("--model", default="smollm2-135m", help="the GGUF that the folder came from")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=256)
@@ -167,6 +192,7 @@ def main() -> None:
         s: adapter_cost(out, prompt, args.adapter_level, args.decode_steps, args.repeat) for s, out in builds.items()
     }
     bandwidth = dram_read_bandwidth()
+    rss = {s: serving_peak_rss(out, prompt) for s, out in builds.items()}
 
     n = len(prompt)
     levels = sorted(results[schemes[0]])
@@ -225,6 +251,9 @@ def main() -> None:
             f"| {s} | {tw * 1e3:.1f} / {to * 1e3:.1f} | {tw / to - 1:+.1%} | {dw * 1e3:.2f} / {do * 1e3:.2f} | "
             f"{dw / do - 1:+.1%} | {calls[s][1.0]} / {calls[s][lv]} |"
         )
+    lines += ["", "Peak resident memory of a process serving all levels (a fresh process per build):", ""]
+    for s in schemes:
+        lines.append(f"- {s}: {rss[s] / 2**20:.0f} MiB ({rss[s] / rss[schemes[0]]:.2f}x {schemes[0]})")
     report = "\n".join(lines) + "\n"
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,13 @@ from elastilm.formats.errors import ElastiLMError
 
 
 def package(builds: list[Path], out: Path) -> Path:
-    """Copy verified build folders into a bundle at `out` and write its app config and manifest."""
+    """Copy verified build folders into a bundle at `out` and write its app config and manifest. An existing `out`
+    must be a bundle (or an empty folder): it is replaced only once the new bundle is complete."""
     out = Path(out)
+    if out.exists() and not (out / bundle.APP_CONFIG).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ElastiLMError(
+            f"{out} exists and is not an app bundle (no {bundle.APP_CONFIG}); choose another --out, or remove it first"
+        )
     entries, seen = [], set()
     staged = out.with_name(out.name + ".partial")
     shutil.rmtree(staged, ignore_errors=True)
@@ -46,8 +51,14 @@ def package(builds: list[Path], out: Path) -> Path:
             }
         )
     bundle.write(staged, entries)
-    shutil.rmtree(out, ignore_errors=True)
-    staged.rename(out)  # a failed packaging never leaves a half-written bundle under the final name
+    # a failed packaging never leaves a half-written bundle under the final name, and the old bundle stays whole
+    # until the new one is: moved aside, the new one renamed in, then the old one deleted
+    previous = out.with_name(out.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    staged.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
     return out
 
 

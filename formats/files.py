@@ -46,13 +46,26 @@ def verify_files(folder: Path, files: dict[str, str], listed_in: str) -> None:
             raise ElastiLMError(f"{path}: sha256 mismatch with {listed_in}; the file is corrupt or was changed")
 
 
-def write_json(path: Path, doc: dict) -> Path:
-    """Write `doc` whole or not at all: a crash mid-write leaves the previous file (or none), never half of one."""
+def write_whole(path: Path, write) -> Path:
+    """`write(partial path)`, then that file made durable (fsync) and renamed over `path`: a crash or a kill at any
+    point leaves the previous file (or none), never half of one."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(doc, indent=2) + "\n")
+    write(partial)
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(partial, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
     return path
+
+
+def write_json(path: Path, doc: dict) -> Path:
+    """Write `doc` whole or not at all (`write_whole`)."""
+    return write_whole(path, lambda partial: partial.write_text(json.dumps(doc, indent=2) + "\n"))
 
 
 def check_schema(doc: dict, where: Path | str, schema: str, version: int, fix: str) -> dict:

@@ -125,19 +125,30 @@ class ElasticEngine:
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def chat_prompt(self, user: str, system: str | None = None) -> str:
-        """The prompt text in the model's chat template (plain text if it has none)."""
+        """The prompt text in the model's chat template (plain text if it has none). The template comes from a model
+        folder, so it renders in Jinja's immutable sandbox (as transformers renders it): a template that reaches for
+        Python internals or mutates its inputs is refused, and nothing it does leaves the renderer."""
         template_file = self.folder / "chat_template.jinja"
         template = template_file.read_text() if template_file.is_file() else self.tokenizer_config.get("chat_template")
         if not template:
             return user
-        import jinja2
+        from jinja2 import TemplateError
+        from jinja2.exceptions import SecurityError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        def raise_exception(message):  # templates call it to reject a conversation they cannot format
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return jinja2.Template(template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            **{k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)},
-        )
+        tokens = {k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
+        try:
+            return env.from_string(template).render(messages=messages, add_generation_prompt=True, **tokens)
+        except SecurityError as err:
+            raise ElastiLMError(f"{self.folder}: the chat template tried an unsafe operation and is refused ({err})")
+        except TemplateError as err:
+            raise ElastiLMError(f"{self.folder}: the chat template does not render: {err}") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -79,3 +79,33 @@ def test_packaging_refuses_a_corrupt_build_and_leaves_no_bundle(builds, tmp_path
     with pytest.raises(ElastiLMError, match="tokenizer.json: sha256 mismatch"):
         package([copy], tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_packaging_into_a_folder_that_is_not_a_bundle_is_refused_and_loses_nothing(builds, tmp_path):
+    host, _, _ = builds
+    precious = tmp_path / "my-project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("years of work")
+    with pytest.raises(ElastiLMError, match="my-project exists and is not an app bundle"):
+        package([host], precious)
+    assert (precious / "notes.txt").read_text() == "years of work"
+    with pytest.raises(ElastiLMError, match="is not an app bundle"):
+        package([host], host)  # a build folder is not a bundle either
+    assert (host / "manifest.json").is_file()
+    (tmp_path / "empty").mkdir()
+    package([host], tmp_path / "empty")  # an empty folder is fine
+
+
+def test_a_failed_repackaging_leaves_the_old_bundle_whole(builds, tmp_path):
+    host, _, _ = builds
+    bundle = package([host], tmp_path / "bundle")
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    copy = tmp_path / "copy"
+    shutil.copytree(host, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(ElastiLMError, match="sha256 mismatch"):
+        package([copy], bundle)
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+    ElasticEngine.from_bundle(bundle).close()
+    package([host], bundle)  # a bundle is replaced by a new one
+    assert not (tmp_path / "bundle.previous").exists() and not (tmp_path / "bundle.partial").exists()

@@ -11,7 +11,7 @@ it runs. They are never merged into the weights. All levels train in one loop ov
 teacher's logits are computed once per batch. Level 1.0 is the teacher itself and gets no adapter.
 
 Output: `adapters.safetensors` and `recover.json` in the elastified folder (formats/adapters.py), the scale alpha/r
-folded into B. Training is resumable from `recover.ckpt`.
+folded into B. Training is resumable from `recover-checkpoint.safetensors` (train/checkpoint.py: no pickle).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from elastilm.formats import adapters as adapters_file
 from elastilm.formats import elastic, quant
 from elastilm.formats.config import ModelConfig, projection_names
 from elastilm.formats.errors import ElastiLMError
-from elastilm.train import chat_answers
+from elastilm.train import chat_answers, checkpoint
 
-CHECKPOINT = "recover.ckpt"
+CHECKPOINT = "recover-checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,21 @@ def chat_batches(rows: list[dict], batch: int) -> list[tuple[torch.Tensor, torch
     return out
 
 
+def _save_checkpoint(path: Path, options, step: int, history: dict, seconds: float, adapters: dict, optims: dict):
+    tensors = {
+        f"adapter/{f:g}/{n}/{part}": t
+        for f, ad in adapters.items()
+        for n, pair in ad.items()
+        for part, t in zip("AB", pair)
+    }
+    optim_meta = {}
+    for f, o in optims.items():
+        state, optim_meta[f"{f:g}"] = checkpoint.optimizer_state(f"optim/{f:g}", o)
+        tensors |= state
+    meta = {"options": asdict(options), "step": step, "history": history, "seconds": seconds, "optims": optim_meta}
+    checkpoint.save(path, tensors, meta)
+
+
 def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: bool = True) -> dict:
     """Train every level's adapter (resuming from a checkpoint) and write adapters.safetensors + recover.json;
     nothing to do if they exist for the same options.
@@ -140,17 +155,17 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
     start, seconds = 0, 0.0
     ckpt_path = folder / CHECKPOINT
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["options"] != asdict(options):
+        tensors, meta = checkpoint.load(ckpt_path)
+        if meta["options"] != asdict(options):
             raise ElastiLMError(
-                f"{ckpt_path} was written with other options ({ckpt['options']}); delete it to start over"
+                f"{ckpt_path} was written with other options ({meta['options']}); delete it to start over"
             )
         for f, ad in adapters.items():
             for name, (a, b) in ad.items():
-                a.data.copy_(ckpt["adapters"][f][name][0])
-                b.data.copy_(ckpt["adapters"][f][name][1])
-            optims[f].load_state_dict(ckpt["optims"][f])
-        start, history, seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
+                a.data.copy_(tensors[f"adapter/{f:g}/{name}/A"])
+                b.data.copy_(tensors[f"adapter/{f:g}/{name}/B"])
+            checkpoint.load_optimizer_state(optims[f], f"optim/{f:g}", tensors, meta["optims"][f"{f:g}"])
+        start, history, seconds = meta["step"], meta["history"], meta["seconds"]
     for ad in adapters.values():  # on the accelerator's device (the optimizers hold these same tensors)
         for a, b in ad.values():
             a.data, b.data = a.data.to(acc.device), b.data.to(acc.device)
@@ -206,20 +221,7 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
         seconds += time.perf_counter() - t
         bar.set_postfix({"kl@" + k: v[-1] for k, v in list(history.items())[:: max(1, len(history) // 3)]})
         if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps and acc.is_main_process:
-            torch.save(
-                {
-                    "options": asdict(options),
-                    "step": step + 1,
-                    "history": history,
-                    "seconds": seconds,
-                    "adapters": {
-                        f: {n: (a.detach().cpu(), b.detach().cpu()) for n, (a, b) in ad.items()}
-                        for f, ad in adapters.items()
-                    },
-                    "optims": {f: o.state_dict() for f, o in optims.items()},
-                },
-                ckpt_path,
-            )
+            _save_checkpoint(ckpt_path, options, step + 1, history, seconds, adapters, optims)
 
     tail = max(1, options.steps // 8)
     summary = {

@@ -39,6 +39,7 @@ from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.compress import WORD
 from elastilm.runtime_py.tlm import TLMBase
+from elastilm.train import checkpoint
 
 WORK = "tlm-work"
 
@@ -273,7 +274,7 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
     tlm = TorchTLM(model, meta)
 
     # stage 1
-    stage1 = work / "score-head.pt"
+    stage1 = work / "score-head.safetensors"
     labels_file = work / "score-labels.json"
     texts = passages(opts)
     if labels_file.is_file() and json.loads(labels_file.read_text())["options"] == asdict(opts):
@@ -286,17 +287,15 @@ def train_tlm(folder: Path, build: Path, opts: TLMOptions = TLMOptions(), progre
     examples = [ex for text, lab in zip(texts, labels) for ex in _token_targets(tlm, text, lab)]
     held = examples[::10]
     train = [ex for i, ex in enumerate(examples) if i % 10]
-    if stage1.is_file() and torch.load(stage1)["options"] == asdict(opts):
-        state = torch.load(stage1)
-        model.load_state_dict(state["model"])
-        score_losses = state["losses"]
+    saved = checkpoint.load(stage1) if stage1.is_file() else None
+    if saved is not None and saved[1]["options"] == asdict(opts):
+        state, info = saved
+        model.load_state_dict(state)
+        score_losses, before = info["losses"], info["before"]
     else:
         before = keep_accuracy(model, held)
         score_losses = train_scores(model, train, opts, progress)
-        torch.save(
-            {"options": asdict(opts), "model": model.state_dict(), "losses": score_losses, "before": before}, stage1
-        )
-    before = torch.load(stage1)["before"]
+        checkpoint.save(stage1, model.state_dict(), {"options": asdict(opts), "losses": score_losses, "before": before})
     after = keep_accuracy(model, held)
 
     # stage 2

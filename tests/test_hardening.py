@@ -1,0 +1,161 @@
+"""Bad input and faults (README, "Bad input and faults"): each row's behaviour on the path a user hits."""
+
+import json
+import shutil
+
+import pytest
+from conftest import elastified_tiny
+
+from elastilm.compile.build import build
+from elastilm.formats import build as build_file
+from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py.engine import ElasticEngine
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    folder = elastified_tiny(tmp_path_factory, "llama")
+    return build(folder, "host-cpu", tmp_path_factory.mktemp("b") / "build", max_len=40)
+
+
+def with_template(build_dir, tmp_path, template: str):
+    """A copy of the build whose model ships `template` as its chat template, listed in a consistent manifest (a
+    hostile model, not a tampered one)."""
+    out = tmp_path / "build"
+    shutil.copytree(build_dir, out)
+    (out / "chat_template.jinja").write_text(template)
+    fields = json.loads((out / build_file.MANIFEST).read_text())
+    for key in ("schema", "schema_version", "files"):
+        fields.pop(key)
+    build_file.write_manifest(out, fields)
+    return out
+
+
+# the classic escape from a Jinja template into Python: a global function's module globals, then os
+ESCAPE = "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}"
+
+
+def test_a_chat_template_that_reaches_for_python_is_refused_with_no_side_effect(tiny_build, tmp_path):
+    marker = tmp_path / "ran"
+    engine = ElasticEngine(with_template(tiny_build, tmp_path, ESCAPE.replace("MARKER", str(marker))))
+    try:
+        with pytest.raises(ElastiLMError, match="the chat template tried an unsafe operation and is refused"):
+            engine.chat_prompt("hello")
+    finally:
+        engine.close()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "template,match",
+    [
+        ("{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}{{ messages }}", "unsafe operation"),
+        ("{{ raise_exception('System role not supported') }}", "does not render: System role not supported"),
+        ("{% for m in messages %}{{ m.content }", "does not render"),
+    ],
+)
+def test_a_chat_template_that_mutates_rejects_or_breaks_gets_a_clear_error(tiny_build, tmp_path, template, match):
+    engine = ElasticEngine(with_template(tiny_build, tmp_path, template))
+    try:
+        with pytest.raises(ElastiLMError, match=match):
+            engine.chat_prompt("hello")
+    finally:
+        engine.close()
+
+
+def test_a_well_behaved_chat_template_renders_as_transformers_renders_it(tiny_build, tmp_path):
+    """Whitespace control as transformers applies it (trim_blocks, lstrip_blocks), checked against its own
+    apply_chat_template on the same template."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = (
+        "{% for message in messages %}\n"
+        "    {% if message['role'] == 'system' %}[S] {% endif %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    engine = ElasticEngine(with_template(tiny_build, tmp_path, template))
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tiny_build / "tokenizer.json"))
+    reference.chat_template = template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        assert engine.chat_prompt("hello", system="Be brief.") == expected
+        assert expected.startswith("[S] <|system|>")  # trim_blocks and lstrip_blocks both acted
+    finally:
+        engine.close()
+
+
+KILLED_IN_SECOND_CHECKPOINT = """
+import json, os, signal, sys
+from pathlib import Path
+from elastilm.train import checkpoint, recover
+
+real, calls = checkpoint.save_file, []
+
+def dying(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) == 2:  # the second checkpoint: half of it written, then the process is killed
+        Path(filename).write_bytes(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(tensors, filename, metadata=metadata)
+
+checkpoint.save_file = dying
+recover.recover(Path(sys.argv[1]), recover.RecoverOptions(**json.loads(sys.argv[2])), progress=False)
+"""
+
+
+def test_recovery_killed_during_a_checkpoint_resumes_from_the_previous_one(tmp_path_factory, tmp_path):
+    """kill -9 of a real `recover` process while it writes its second checkpoint: the first stays whole (the
+    half-written file is never the checkpoint), and the resumed run ends with the adapters of an uninterrupted one."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import torch
+
+    from elastilm.formats import adapters as adapters_file
+    from elastilm.train import checkpoint, recover
+
+    options = recover.RecoverOptions(
+        rank=4, alpha=8.0, tokens=4 * 2 * 16, seq_len=16, batch=2, lr=1e-2, checkpoint_every=1, chat=0.0
+    )
+    source = elastified_tiny(tmp_path_factory, "llama")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    shutil.copytree(source, straight)
+    shutil.copytree(source, killed)
+    recover.recover(straight, options, progress=False)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_SECOND_CHECKPOINT, str(killed), json.dumps(dataclasses.asdict(options))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == -9, run.stderr
+    _, meta = checkpoint.load(killed / recover.CHECKPOINT)
+    assert meta["step"] == 1 and not (killed / adapters_file.TENSORS).exists()
+    recover.recover(killed, options, progress=False)
+    expected, got = adapters_file.load(straight), adapters_file.load(killed)
+    for f in expected:
+        for name, (a, b) in expected[f].items():
+            torch.testing.assert_close(got[f][name][0], a, rtol=0, atol=0)
+            torch.testing.assert_close(got[f][name][1], b, rtol=0, atol=0)
+
+
+def test_a_pickled_checkpoint_is_refused_not_loaded(tmp_path):
+    """A checkpoint from an older version (or anyone) in pickle format never reaches an unpickler."""
+    import pickle
+
+    from elastilm.train import checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "recover-checkpoint.safetensors"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ElastiLMError, match="not a readable checkpoint"):
+        checkpoint.load(path)
+    assert not marker.exists()
