@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
 OUT ?= dist/$(MODEL)
+# the weights of the demo's build (formats/quant.py): 4-bit, the attention/gate/up projections asymmetric like the
+# packaged Q4_1 file, down_proj and the embedding 8-bit; QUANT=q0f32 for the fp32 reference build
+QUANT ?= q4f32_mix
 # recovery training tokens per level: the demo's short budget (the README's adapters use the default, 49152)
 RECOVER_TOKENS ?= 8192
 # the TLM's training budget in the demo (the README's TLM: 24 passages per task, 40 essay chunks, 16 grid questions
@@ -28,8 +31,8 @@ demo: setup
 	$(BIN)/elastilm elastify --model $(MODEL) --out $(OUT)
 	$(BIN)/elastilm layer-drop $(OUT)
 	$(BIN)/elastilm quality $(OUT)
-	$(BIN)/elastilm recover $(OUT) --tokens $(RECOVER_TOKENS)
-	$(BIN)/elastilm compile $(OUT) --target host-cpu
+	$(BIN)/elastilm recover $(OUT) --tokens $(RECOVER_TOKENS) --quant $(QUANT)
+	$(BIN)/elastilm compile $(OUT) --target host-cpu --quant $(QUANT)
 	for level in 1.0 0.7 0.5; do \
 	  echo "== level $$level"; \
 	  $(BIN)/elastilm run --build $(OUT)/host-cpu --level $$level --max-new-tokens 48 "Give me two tips for writing clear emails."; \
@@ -37,7 +40,7 @@ demo: setup
 	$(BIN)/elastilm profile --build $(OUT)/host-cpu --prompt-lengths 32,128,512 --repeat 1
 	$(BIN)/elastilm eval --build $(OUT)/host-cpu --levels 0.5,1.0 --limit 20 --out $(OUT)/eval-demo
 	$(BIN)/elastilm train-tlm $(OUT) --passages $(TLM_PASSAGES) --essays $(TLM_PASSAGES) --grid-questions $(TLM_QUESTIONS) --epochs 1
-	$(BIN)/elastilm compile $(OUT) --target host-cpu
+	$(BIN)/elastilm compile $(OUT) --target host-cpu --quant $(QUANT)
 	$(BIN)/elastilm run --build $(OUT)/host-cpu --slo-ttft 0.8 --slo-tpot 1.0 --max-new-tokens 32 \
 	  --context data/demo/trip-notes.txt "When does the train to Lakeside leave on Friday?"
 	$(BIN)/elastilm eval-slo --build $(OUT)/host-cpu --limit $(TLM_QUESTIONS) --out $(OUT)/eval-slo-demo

@@ -146,7 +146,9 @@ class ElasticEngine:
         try:
             return env.from_string(template).render(messages=messages, add_generation_prompt=True, **tokens)
         except SecurityError as err:
-            raise ElastiLMError(f"{self.folder}: the chat template tried an unsafe operation and is refused ({err})")
+            raise ElastiLMError(
+                f"{self.folder}: the chat template tried an unsafe operation and is refused ({err})"
+            ) from None
         except TemplateError as err:
             raise ElastiLMError(f"{self.folder}: the chat template does not render: {err}") from None
 
