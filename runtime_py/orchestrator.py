@@ -135,6 +135,8 @@ class Orchestrator:
         (planner.STRATEGIES), and the SLO's budgets."""
         if request.strategy not in planner.STRATEGIES:
             raise InvalidRequest(f"unknown strategy '{request.strategy}'; known: {', '.join(planner.STRATEGIES)}")
+        if request.options is not None and not all(o.strip() for o in request.options):
+            raise InvalidRequest("every option must hold text")
         counts = [len(self.engine.encode(p.text)) for p in parts]
         prompt = sum(counts)
         if prompt + request.max_new_tokens > self.engine.max_len:
@@ -142,6 +144,14 @@ class Orchestrator:
                 f"prompt of {prompt} tokens + max_tokens {request.max_new_tokens} exceeds the context "
                 f"window of {self.engine.max_len}"
             )
+        if request.options:  # each option is scored after the whole prompt (and the calibration prompt's)
+            longest = max(len(self.engine.encode(o)) for o in request.options)
+            null = len(self.engine.encode(request.calibration)) if request.calibration is not None else 0
+            if prompt + null + longest > self.engine.max_len:
+                raise InvalidRequest(
+                    f"prompt of {prompt} tokens + the longest option's {longest} exceed the context window of "
+                    f"{self.engine.max_len}"
+                )
         fixed = sum(n for p, n in zip(parts, counts) if not p.compress)
         budgets = planner.budgets(request.slo, self.latency, prompt, self.calibration.served)
         ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)

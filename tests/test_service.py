@@ -146,6 +146,13 @@ def test_completions_models_health_metrics(server):
         ({**CHAT, "messages": [{"role": "assistant", "content": "w5"}]}, "last message must be from the user"),
         ({**CHAT, "model": "gpt-9"}, "unknown model"),
         ({"messages": []}, "at least 1"),
+        # strict parsing (issue 16, row 8): no coercion, no NaN, no runaway nesting, no negative seed
+        ({**CHAT, "max_tokens": "5"}, "valid integer"),
+        ({**CHAT, "stream": 1}, "valid boolean"),
+        (json.dumps(CHAT)[:-1].encode() + b', "temperature": NaN}', "NaN is not a JSON number"),
+        (json.dumps(CHAT)[:-1].encode() + b', "top_p": Infinity}', "Infinity is not a JSON number"),
+        (b'{"user": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested too deeply"),
+        ({**CHAT, "seed": -1}, "greater than or equal to 0"),
     ],
 )
 def test_bad_requests_get_400_with_the_reason_and_the_server_goes_on(server, body, reason):
@@ -433,3 +440,136 @@ def test_openai_client_sees_clear_errors(client):
     with pytest.raises(openai.AuthenticationError, match="API key"):
         openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert [m.id for m in c.models.list()] == ["tiny"]
+
+
+# -- hostile input and faults (issue 16; README "Bad input and faults") --------------------------------------------
+
+
+def test_a_body_without_json_content_type_is_refused(server):
+    srv, _ = server
+    r = httpx.post(f"{srv.url}/v1/chat/completions", content=json.dumps(CHAT), headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_an_oversized_body_gets_413_before_parsing_while_health_answers(server):
+    """A body over the limit (1 MiB) is refused by its Content-Length before it is read; one streamed without a
+    length is cut off once it passes the limit. /health answers within 100 ms while the slow one uploads."""
+    srv, _ = server
+    big = b'{"prompt": "' + b"w" * (2 << 20) + b'"}'
+    r = httpx.post(f"{srv.url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "accepts at most 1048576" in r.json()["error"]["message"]
+
+    def slow():  # chunked, no Content-Length: 64 KiB every 20 ms
+        yield b'{"prompt": "'
+        for _ in range(40):
+            time.sleep(0.02)
+            yield b"w" * (64 << 10)
+
+    result = {}
+    upload = threading.Thread(
+        target=lambda: result.setdefault(
+            "r",
+            httpx.post(
+                f"{srv.url}/v1/completions", content=slow(), headers={"content-type": "application/json"}, timeout=60
+            ),
+        )
+    )
+    upload.start()
+    time.sleep(0.1)
+    worst = 0.0
+    with httpx.Client(base_url=srv.url, timeout=5) as probe:  # one client: the time is the server's, not setup's
+        probe.get("/health")
+        for _ in range(5):
+            t = time.perf_counter()
+            assert probe.get("/health").status_code == 200
+            worst = max(worst, time.perf_counter() - t)
+    upload.join(60)
+    assert result["r"].status_code == 413
+    assert worst < 0.1, worst
+
+
+def test_text_over_the_character_cap_is_refused_before_tokenizing(server):
+    srv, service = server
+    body = {"prompt": "w5 " * (service.max_chars // 3 + 10), "max_tokens": 1}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and f"accepts at most {service.max_chars}" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        ([" w7", ""], "every option must hold text"),
+        ([" w7", "  "], "every option must hold text"),
+        ([f" w{i}" for i in range(17)], "at most 16 items"),
+        ([" w7", " w8" * 70], "longest option"),
+    ],
+)
+def test_bad_options_get_400_before_any_model_work(server, options, reason):
+    srv, service = server
+    answered = service.metrics.requests.labels("/v1/completions", "200")._value.get()
+    body = {"prompt": "w5 w6", "options": options, "max_tokens": 2}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and reason in r.json()["error"]["message"], r.text
+    assert service.metrics.requests.labels("/v1/completions", "200")._value.get() == answered
+
+
+class Broken:
+    """The real orchestrator whose answers fail inside the server, with a message that must not reach clients."""
+
+    def __init__(self, orch):
+        self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
+
+    def answer(self, *a, **k):
+        raise RuntimeError("TVMError: /home/secret/model.so: segfault in fused_kernel_42")
+        yield
+
+
+def test_an_internal_error_is_a_500_with_an_id_and_its_details_only_in_the_log(built, caplog):
+    service = Service(Broken(built), "tiny", max_tokens=4)
+    srv = Server(service)
+    try:
+        with caplog.at_level("ERROR", logger="elastilm.serve"):
+            for stream in (False, True):
+                r = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
+                assert r.status_code == 500
+                message = r.json()["error"]["message"]
+                assert "internal error" in message and "secret" not in message and "TVMError" not in message
+                error_id = message.split()[2].rstrip(";")
+                assert any(error_id in rec.getMessage() and "secret" in rec.exc_text for rec in caplog.records)
+        assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"  # the server goes on
+    finally:
+        srv.stop()
+        service.close()
+
+
+def test_with_a_key_only_a_bare_liveness_answer_is_open(built):
+    service = Service(built, "tiny", max_tokens=4, api_key="s3cret")
+    srv = Server(service)
+    try:
+        assert httpx.get(f"{srv.url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{srv.url}/metrics").status_code == 401
+        for wrong in ("Bearer s3cre", "Bearer s3cret2", "s3cret", ""):
+            assert httpx.get(f"{srv.url}/v1/models", headers={"Authorization": wrong}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert "queued" in httpx.get(f"{srv.url}/health", headers=auth).json()
+        assert httpx.get(f"{srv.url}/metrics", headers=auth).status_code == 200
+    finally:
+        srv.stop()
+        service.close()
+
+
+def test_a_loopback_server_answers_only_to_loopback_host_names(built):
+    """DNS rebinding: a page on evil.example resolves its name to 127.0.0.1 and calls the local service."""
+    from elastilm.runtime_py.serve.worker import LOOPBACK
+
+    service = Service(built, "tiny", max_tokens=4, hosts=LOOPBACK)
+    srv = Server(service)
+    try:
+        evil = httpx.get(f"{srv.url}/v1/models", headers={"Host": "evil.example"})
+        assert evil.status_code == 400 and "not Host: evil.example" in evil.json()["error"]["message"]
+        assert httpx.get(f"{srv.url}/v1/models", headers={"Host": f"localhost:{srv.port}"}).status_code == 200
+        assert httpx.get(f"{srv.url}/v1/models", headers={"Host": f"[::1]:{srv.port}"}).status_code == 200
+        assert httpx.get(f"{srv.url}/v1/models").status_code == 200  # 127.0.0.1:port
+    finally:
+        srv.stop()
+        service.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from elastilm.runtime_py.serve.app import create_app
-from elastilm.runtime_py.serve.worker import Service
+from elastilm.runtime_py.serve.worker import LOOPBACK, Service
 
 __all__ = ["Service", "create_app", "serve"]
 
@@ -21,7 +21,8 @@ def serve(orch, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> No
     """Run the service on an Orchestrator until interrupted (uvicorn)."""
     import uvicorn
 
-    service = Service(orch, orch.engine.manifest["model"], **options)
+    hosts = LOOPBACK if host in LOOPBACK else None  # bound to loopback: loopback names only (DNS rebinding)
+    service = Service(orch, orch.engine.manifest["model"], hosts=hosts, **options)
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="info")
     finally:

@@ -4,13 +4,16 @@
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 A route parses the body (protocol.py), queues one Job (queue.py) and relays what the worker (worker.py) sends.
-Bad requests get a 400 with the reason (OpenAI's error shape), a full queue 429 with Retry-After; the server
-itself never stops on one. A client that disconnects is cancelled at its next token (or dropped from the queue).
+Bad requests get a 400 with the reason (OpenAI's error shape), a body over the limit 413 before it is parsed, a
+full queue 429 with Retry-After, a failure inside the server 500 with an error id (the details go to the log,
+never to the client); the server itself never stops on one. A client that disconnects is cancelled at its next
+token (or dropped from the queue). With an API key, every route but a bare liveness answer on /health needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 
 from fastapi import FastAPI, Request
@@ -51,20 +54,62 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}")
 
 
+def _authorized(request: Request) -> bool:
+    """True without an API key, else when the request carries it (compared in constant time)."""
+    key = _service(request).api_key
+    given = request.headers.get("authorization", "").encode()
+    return not key or hmac.compare_digest(given, f"Bearer {key}".encode())
+
+
 def _unauthorized(request: Request) -> JSONResponse | None:
-    """401 unless the request carries the API key (a check per endpoint, not a middleware: Starlette's middleware
-    hides client disconnects from the endpoint)."""
+    """400 for a Host header the server does not answer to, 401 unless the request carries the API key (a check
+    per endpoint, not a middleware: Starlette's middleware hides client disconnects from the endpoint)."""
     service = _service(request)
-    if service.api_key and request.headers.get("authorization", "") != f"Bearer {service.api_key}":
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+    if service.hosts is not None and name not in service.hosts:
+        service.metrics.requests.labels(request.url.path, "400").inc()
+        return _error(400, f"this server answers to {', '.join(service.hosts)}, not Host: {host}")
+    if not _authorized(request):
         service.metrics.requests.labels(request.url.path, "401").inc()
         return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
     return None
 
 
+class TooLarge(ElastiLMError):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (TooLarge) as soon as it passes `limit` bytes: by its Content-Length before reading, or
+    while it streams in."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"the request body is {int(length)} bytes; this server accepts at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the request body is over {limit} bytes; this server accepts at most {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def _body(request: Request, schema):
+    service = _service(request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ElastiLMError(f"the body must be JSON (Content-Type: application/json), got {kind or 'none'}")
+    data = await _read_body(request, service.max_body)
     try:
-        raw = json.loads(await request.body() or b"null")
-    except json.JSONDecodeError as e:
+        raw = json.loads(data or b"null", parse_constant=_no_constant)
+    except RecursionError:
+        raise ElastiLMError("the JSON body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError included
         raise ElastiLMError(f"malformed JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ElastiLMError("the request body must be a JSON object")
@@ -74,7 +119,12 @@ async def _body(request: Request, schema):
             raise ElastiLMError(
                 f"unknown field(s) {unknown}; this server is strict (start it with --lenient to ignore them)"
             )
-    return schema.model_validate(raw)
+    body = schema.model_validate(raw)
+    if (chars := body.characters()) > service.max_chars:
+        raise ElastiLMError(
+            f"the request holds {chars} characters of text; this server accepts at most {service.max_chars}"
+        )
+    return body
 
 
 def _app_name(request: Request, body) -> str:
@@ -104,6 +154,9 @@ async def _handle(request: Request, schema):
             body.to_request(body.max_new_tokens(service.max_tokens)),
             asyncio.get_running_loop(),
         )
+    except TooLarge as e:
+        service.metrics.requests.labels(endpoint, "413").inc()
+        return _error(413, str(e))
     except (ElastiLMError, ValueError) as e:
         service.metrics.requests.labels(endpoint, "400").inc()
         return _error(400, str(e))
@@ -201,7 +254,10 @@ async def models(request: Request):
 
 
 async def health(request: Request):
+    """Liveness; with an API key, only {"status": "ok"} unless the request carries it."""
     service = _service(request)
+    if not _authorized(request):
+        return {"status": "ok"}
     return {
         "status": "ok",
         "model": service.model_id,
@@ -212,4 +268,6 @@ async def health(request: Request):
 
 
 async def metrics(request: Request):
+    if (denied := _unauthorized(request)) is not None:
+        return denied
     return PlainTextResponse(_service(request).metrics.text(), media_type="text/plain; version=0.0.4")

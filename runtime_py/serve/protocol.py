@@ -18,9 +18,11 @@ from elastilm.runtime_py.orchestrator import Answer, Request
 from elastilm.runtime_py.planner import SLO
 from elastilm.runtime_py.sampling import MAX_STOP, Sampling
 
+MAX_OPTIONS = 16  # choices of a multiple-choice completion
+
 
 class SLOField(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
     ttft: float | None = Field(None, gt=0, description="fraction of the full model's TTFT")
@@ -44,19 +46,21 @@ class SLOField(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "developer"]
     content: str
 
 
 class _Common(BaseModel):
+    # strict: "5" is not a number and 1 is not a boolean (pydantic would coerce both); an int is still a float
+    model_config = ConfigDict(strict=True)
     model: str | None = None
     strategy: str = "elastilm"  # elastilm extension: a baseline plan policy instead (runtime_py.planner.STRATEGIES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens in OpenAI's chat API
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)  # extension, as in transformers and llama.cpp; 1 = off
@@ -83,6 +87,10 @@ class _Common(BaseModel):
             raise ValueError(f"stop: at most {MAX_STOP} non-empty strings")
         return stop
 
+    def characters(self) -> int:
+        """Characters of all text the request would have tokenized."""
+        raise NotImplementedError
+
     def sampling(self) -> Sampling:
         return Sampling(
             self.temperature,
@@ -98,6 +106,9 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     kind: ClassVar[str] = "chat"
     messages: list[Message] = Field(min_length=1)
+
+    def characters(self) -> int:
+        return sum(len(m.content) for m in self.messages)
 
     def to_request(self, max_tokens: int) -> Request:
         """The orchestrator's Request: system and developer messages are the (compressible) context, the turns the query."""
@@ -120,8 +131,19 @@ class CompletionRequest(_Common):
     kind: ClassVar[str] = "text"
     prompt: str
     context: str = ""  # elastilm extension: text before the prompt that may be compressed
-    options: list[str] | None = Field(None, min_length=2)  # extension: multiple choice, answered by likelihood
+    # extension: multiple choice, answered by likelihood
+    options: list[str] | None = Field(None, min_length=2, max_length=MAX_OPTIONS)
     calibration: str | None = None  # extension: a content-free prompt whose option scores are subtracted
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, options):
+        if options is not None and not all(o.strip() for o in options):
+            raise ValueError("every option must hold text")
+        return options
+
+    def characters(self) -> int:
+        return len(self.prompt) + len(self.context) + sum(map(len, self.options or ())) + len(self.calibration or "")
 
     def to_request(self, max_tokens: int) -> Request:
         return Request(

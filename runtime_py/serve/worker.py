@@ -5,16 +5,34 @@ stalls the model; a cancelled job (the client left) stops at its next token and 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
+import uuid
 
 from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py.orchestrator import InvalidRequest
 from elastilm.runtime_py.serve.metrics import Metrics
 from elastilm.runtime_py.serve.queue import FairQueue, Job
 
+LOG = logging.getLogger("elastilm.serve")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class InternalError(ElastiLMError):
+    """What a client sees of a failure inside the server: an id to quote; the details are in the server's log."""
+
+    def __init__(self):
+        self.error_id = uuid.uuid4().hex[:12]
+        super().__init__(f"internal error {self.error_id}; the server's log has the details")
+
 
 class Service:
-    """The worker, the queue and the metrics around one Orchestrator."""
+    """The worker, the queue and the metrics around one Orchestrator, and the limits of what a request may hold.
+
+    max_body: bytes of a request body (413 beyond, before parsing); max_chars: characters of all text in a request
+    (prompt, messages, context, options), checked before anything is tokenized; hosts: the Host headers accepted
+    (None: any; a server bound to loopback accepts only loopback names, against DNS rebinding)."""
 
     def __init__(
         self,
@@ -24,6 +42,9 @@ class Service:
         max_tokens: int = 256,
         api_key: str | None = None,
         strict: bool = True,
+        max_body: int = 1 << 20,
+        max_chars: int = 64_000,
+        hosts: tuple[str, ...] | None = None,
     ):
         self.orch = orchestrator
         self.model_id = model_id
@@ -31,6 +52,7 @@ class Service:
         self.max_tokens = max_tokens
         self.api_key = api_key
         self.strict = strict
+        self.max_body, self.max_chars, self.hosts = max_body, max_chars, hosts
         self.metrics = Metrics()
         self.mean_seconds = 1.0  # running mean service time, for Retry-After
         self.busy = False
@@ -59,8 +81,12 @@ class Service:
                         run.close()  # the client left: stop generating, free the model
                         break
                     job.put(item)
-            except Exception as e:  # noqa: BLE001  (one request's failure is reported to it, the worker goes on)
-                job.put(e if isinstance(e, ElastiLMError) else ElastiLMError(f"{type(e).__name__}: {e}"))
+            except InvalidRequest as e:  # the request's own fault: its reason goes back to the client
+                job.put(e)
+            except Exception:  # noqa: BLE001  (one request's failure is reported to it, the worker goes on)
+                error = InternalError()
+                LOG.exception("request failed (error %s)", error.error_id)
+                job.put(error)
             finally:
                 self.busy = False
                 self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - start)
