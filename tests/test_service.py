@@ -573,3 +573,57 @@ def test_a_loopback_server_answers_only_to_loopback_host_names(built):
     finally:
         srv.stop()
         service.close()
+
+
+class Dying:
+    """The real orchestrator whose worker thread dies (an error that is not an Exception, as a C extension's
+    abort would surface)."""
+
+    def __init__(self, orch):
+        self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
+
+    def answer(self, *a, **k):
+        raise SystemExit("the worker thread ends here")
+        yield
+
+
+def test_a_dead_worker_makes_health_503_and_requests_get_a_clear_503(built):
+    events = []
+    service = Service(Dying(built), "tiny", max_tokens=4, on_unhealthy=events.append)
+    srv = Server(service)
+    try:
+        first = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, timeout=30)
+        assert first.status_code == 503 and "the worker has stopped" in first.json()["error"]["message"]
+        health = httpx.get(f"{srv.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        later = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, timeout=30)
+        assert later.status_code == 503
+        _wait(lambda: events == ["the worker has stopped"])
+    finally:
+        srv.stop()
+        service.close()
+
+
+def test_a_stuck_step_makes_health_503_and_the_waiting_requests_get_503(built):
+    gate, events = Gate(built), []
+    service = Service(gate, "tiny", max_tokens=4, step_deadline=1.0, on_unhealthy=events.append)
+    srv = Server(service)
+    try:
+        results = {}
+
+        def call(name):
+            results[name] = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "user": name}, timeout=30)
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in ("held", "waiting")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [results[n].status_code for n in ("held", "waiting")] == [503, 503]
+        assert "no progress for more than 1 s" in results["waiting"].json()["error"]["message"]
+        assert httpx.get(f"{srv.url}/health").status_code == 503
+        _wait(lambda: len(events) == 1)
+    finally:
+        gate.gate.set()
+        srv.stop()
+        service.close()

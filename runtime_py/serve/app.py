@@ -160,6 +160,9 @@ async def _handle(request: Request, schema):
     except (ElastiLMError, ValueError) as e:
         service.metrics.requests.labels(endpoint, "400").inc()
         return _error(400, str(e))
+    if (reason := service.problem()) is not None:
+        service.metrics.requests.labels(endpoint, "503").inc()
+        return _error(503, f"the service is unavailable ({reason}); retry later", "server_error")
     if not service.submit(job):
         service.metrics.requests.labels(endpoint, "429").inc()
         return _error(
@@ -174,7 +177,7 @@ async def _handle(request: Request, schema):
         return _error(499, "client closed the request")
     if isinstance(first, Exception):
         service.cancel(job)
-        status = 400 if isinstance(first, InvalidRequest) else 500
+        status = 400 if isinstance(first, InvalidRequest) else 503 if isinstance(first, Unavailable) else 500
         service.metrics.requests.labels(endpoint, str(status)).inc()
         return _error(status, str(first), "invalid_request_error" if status == 400 else "server_error")
     if body.stream:
@@ -182,15 +185,24 @@ async def _handle(request: Request, schema):
     return await _whole(request, job, first, rid, schema.kind)
 
 
+class Unavailable(ElastiLMError):
+    """The service cannot answer: its worker died or is stuck (503)."""
+
+
 async def _next(request: Request, job: Job):
-    """The next item from the worker, or None once the client has gone (the job is then cancelled)."""
+    """The next item from the worker; None once the client has gone (the job is then cancelled); Unavailable when
+    the worker can no longer answer it."""
+    service = _service(request)
     while True:
         try:
             return await asyncio.wait_for(job.out.get(), timeout=0.5)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                _service(request).cancel(job)
+                service.cancel(job)
                 return None
+            if (reason := service.problem()) is not None:
+                service.cancel(job)
+                return Unavailable(f"the service is unavailable ({reason}); retry later")
 
 
 async def _whole(request: Request, job: Job, item, rid: str, kind: str):
@@ -199,8 +211,9 @@ async def _whole(request: Request, job: Job, item, rid: str, kind: str):
         if item is None:
             return _error(499, "client closed the request")
         if isinstance(item, Exception):
-            service.metrics.requests.labels(request.url.path, "500").inc()
-            return _error(500, str(item), "server_error")
+            status = 503 if isinstance(item, Unavailable) else 500
+            service.metrics.requests.labels(request.url.path, str(status)).inc()
+            return _error(status, str(item), "server_error")
         pieces.append(item)
         item = await _next(request, job)
     service.metrics.answered(item, request.url.path)
@@ -213,8 +226,9 @@ async def _stream(request: Request, job: Job, item, rid: str, kind: str):
     try:
         while item is not None:
             if isinstance(item, Exception):
-                service.metrics.requests.labels(request.url.path, "500").inc()
-                yield f"data: {json.dumps(protocol.error(500, str(item), 'server_error'))}\n\n"
+                status = 503 if isinstance(item, Unavailable) else 500
+                service.metrics.requests.labels(request.url.path, str(status)).inc()
+                yield f"data: {json.dumps(protocol.error(status, str(item), 'server_error'))}\n\n"
                 return
             if isinstance(item, Answer):
                 service.metrics.answered(item, request.url.path)
@@ -256,6 +270,8 @@ async def models(request: Request):
 async def health(request: Request):
     """Liveness; with an API key, only {"status": "ok"} unless the request carries it."""
     service = _service(request)
+    if (reason := service.problem()) is not None:
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
     if not _authorized(request):
         return {"status": "ok"}
     return {

@@ -32,7 +32,12 @@ class Service:
 
     max_body: bytes of a request body (413 beyond, before parsing); max_chars: characters of all text in a request
     (prompt, messages, context, options), checked before anything is tokenized; hosts: the Host headers accepted
-    (None: any; a server bound to loopback accepts only loopback names, against DNS rebinding)."""
+    (None: any; a server bound to loopback accepts only loopback names, against DNS rebinding).
+
+    step_deadline: seconds the worker may go without progress (a token, or the end of a request) before the service
+    counts as stuck; a stuck or dead worker makes /health 503 and waiting requests 503, and `on_unhealthy(reason)`
+    is called once (`serve` exits the process non-zero, for its supervisor to restart it: a thread stuck inside a
+    device call cannot be stopped from outside)."""
 
     def __init__(
         self,
@@ -45,6 +50,8 @@ class Service:
         max_body: int = 1 << 20,
         max_chars: int = 64_000,
         hosts: tuple[str, ...] | None = None,
+        step_deadline: float = 120.0,
+        on_unhealthy=None,
     ):
         self.orch = orchestrator
         self.model_id = model_id
@@ -56,13 +63,36 @@ class Service:
         self.metrics = Metrics()
         self.mean_seconds = 1.0  # running mean service time, for Retry-After
         self.busy = False
+        self.step_deadline, self.on_unhealthy = step_deadline, on_unhealthy
+        self.progress = time.monotonic()  # the worker's last sign of life while busy
         self._ids = itertools.count(1)
+        self._closed = threading.Event()
         self._worker = threading.Thread(target=self._work, name="elastilm-worker", daemon=True)
         self._worker.start()
+        self._watchdog = threading.Thread(target=self._watch, name="elastilm-watchdog", daemon=True)
+        self._watchdog.start()
 
     def close(self) -> None:
+        self._closed.set()
         self.queue.close()
         self._worker.join(timeout=30)
+
+    def problem(self) -> str | None:
+        """Why the service cannot answer (the worker died, or is stuck in a step), or None."""
+        if not self._worker.is_alive() and not self._closed.is_set():
+            return "the worker has stopped"
+        if self.busy and time.monotonic() - self.progress > self.step_deadline:
+            return f"the worker has made no progress for more than {self.step_deadline:g} s"
+        return None
+
+    def _watch(self) -> None:
+        while not self._closed.wait(min(1.0, self.step_deadline / 4)):
+            reason = self.problem()
+            if reason is not None:
+                LOG.error("service unhealthy: %s", reason)
+                if self.on_unhealthy is not None:
+                    self.on_unhealthy(reason)
+                return
 
     def _work(self) -> None:
         while True:
@@ -72,11 +102,13 @@ class Service:
             self.metrics.queue.set(len(self.queue))
             if job.cancelled.is_set():
                 continue
+            self.progress = time.monotonic()
             self.busy = True
             start = time.perf_counter()
             try:
                 run = self.orch.answer(job.request, stream=True)
                 for item in run:
+                    self.progress = time.monotonic()
                     if job.cancelled.is_set():
                         run.close()  # the client left: stop generating, free the model
                         break
