@@ -22,14 +22,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from elastilm.formats import build as build_file
 from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.files import resumable_rows
 from elastilm.runtime_py.choice import log_softmax
 
 CHAT = Path(__file__).resolve().parents[1] / "data" / "chat"  # SOURCE.md there
 PROMPTS = CHAT / "heldout.jsonl"  # report only
 PROMPT_SETS = {"heldout": PROMPTS, "tune": CHAT / "tune.jsonl"}  # tune: for decisions, never reported
 VARIANTS = {"adapters": "with recovery adapters", "no-adapters": "plain sub-models"}
-ANSWER_FIELDS = ("variant", "level", "id", "tokens", "repeats", "ngrams", "nll_sum", "answer_ids", "text")
+# build: formats/build.build_id of the build that answered (rows of another build are not reused)
+ANSWER_FIELDS = ("variant", "level", "id", "tokens", "repeats", "ngrams", "nll_sum", "answer_ids", "text", "build")
 COLUMNS = ("variant", "level", "answers", "tokens", "rep4", "nll_full", "nll_ratio", "rouge_l")
 PLOTTED = ("level", "rep4", "nll_ratio", "rouge_l")  # x, then the three panels
 
@@ -65,11 +68,13 @@ def answer_nll(engine, prompt_ids: list[int], answer_ids: list[int]) -> float:
     return float(-logp[np.arange(len(answer_ids)), answer_ids].sum())
 
 
-def _done(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        return {(r["variant"], float(r["level"]), r["id"]): r for r in csv.DictReader(f)}
+def _done(path: Path, build: str) -> dict:
+    """{(variant, level, id): row} of the answers `build` (its build_id) gave."""
+    return {
+        (r["variant"], float(r["level"]), r["id"]): r
+        for r in resumable_rows(path, ANSWER_FIELDS)
+        if r["build"] == build
+    }
 
 
 def run(
@@ -91,7 +96,8 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "answers.csv"
-    done = _done(path)
+    build_hash = build_file.build_id(build)
+    done = _done(path, build_hash)
     items = prompts(limit, prompts_file)
     todo = [(v, lv, p) for v in variants for lv in levels for p in items if (v, lv, p["id"]) not in done]
     new_file = not path.is_file()
@@ -119,19 +125,21 @@ def run(
                     "nll_sum": round(answer_nll(engine, prompt_ids, ids), 4),
                     "answer_ids": " ".join(map(str, ids)),
                     "text": engine.tokenizer.decode(ids),
+                    "build": build_hash,
                 }
             )
             f.flush()
         for engine in engines.values():
             engine.close()
-    return summarize(out, [p["id"] for p in items], variants, levels)
+    return summarize(out, [p["id"] for p in items], variants, levels, build_hash)
 
 
-def summarize(out: Path, ids: list[str], variants: list[str], levels: list[float]) -> list[dict]:
-    """Per-level rows from out/answers.csv, written as generation.csv/.md/.png and samples.md."""
+def summarize(out: Path, ids: list[str], variants: list[str], levels: list[float], build: str) -> list[dict]:
+    """Per-level rows from the answers of `build` (its build_id) in out/answers.csv, written as
+    generation.csv/.md/.png and samples.md."""
     from rouge_score import rouge_scorer
 
-    answers = _done(Path(out) / "answers.csv")
+    answers = _done(Path(out) / "answers.csv", build)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rows = []
     for variant in variants:

@@ -6,8 +6,9 @@ accuracy is a lookup. Each question's prompt is its task's 5-shot prefix (compre
 whole), compressed by the TLM's score head to the ratio of the whole prompt (runtime.compress), then scored as in
 the harness (per-character option log-likelihood, calibrated for DroidTask) with the level's recovery adapter.
 
-grid.csv rows: task, part, id, ratio, level, tokens (prompt after compression), original (before), correct.
-A rerun skips what is already there, so runs resume.
+grid.csv rows: task, part, id, ratio, level, tokens (prompt after compression), original (before), correct, build
+(formats/build.build_id of the build that answered). A rerun skips what that build has already answered, so runs
+resume; a torn last row is dropped (formats/files.resumable_rows).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from elastilm.evaluate import harness, tasks
+from elastilm.formats import build as build_file
+from elastilm.formats.files import resumable_rows
 from elastilm.runtime_py.compress import Part, compress
 
-FIELDS = ("task", "part", "id", "ratio", "level", "tokens", "original", "correct")
+FIELDS = ("task", "part", "id", "ratio", "level", "tokens", "original", "correct", "build")
 SHOTS = 5
 
 
@@ -32,21 +35,20 @@ def questions(task: str, part: str, limit: int | None) -> list[tasks.Item]:
     return items[:limit]
 
 
-def read(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    with Path(path).open() as f:
-        return [
-            {
-                **r,
-                "ratio": float(r["ratio"]),
-                "level": float(r["level"]),
-                "tokens": int(r["tokens"]),
-                "original": int(r["original"]),
-                "correct": int(r["correct"]),
-            }
-            for r in csv.DictReader(f)
-        ]
+def read(path: Path, build: str) -> list[dict]:
+    """The rows of `build` (its build_id)."""
+    return [
+        {
+            **r,
+            "ratio": float(r["ratio"]),
+            "level": float(r["level"]),
+            "tokens": int(r["tokens"]),
+            "original": int(r["original"]),
+            "correct": int(r["correct"]),
+        }
+        for r in resumable_rows(path, FIELDS)
+        if r["build"] == build
+    ]
 
 
 def run_grid(
@@ -57,7 +59,8 @@ def run_grid(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["task"], r["part"], r["id"], r["ratio"], r["level"]) for r in read(out)}
+    build = build_file.build_id(engine.folder)
+    done = {(r["task"], r["part"], r["id"], r["ratio"], r["level"]) for r in read(out, build)}
     work = [(t, it) for t in task_names for it in questions(t, part, limit)]
     bar = tqdm(total=len(work) * len(ratios) * len(levels), desc=f"grid {part}", unit="run", disable=not progress)
     new_file = not out.is_file()
@@ -89,9 +92,10 @@ def run_grid(
                             "tokens": c.achieved,
                             "original": c.original,
                             "correct": int(int(np.argmax(scores)) == it.answer),
+                            "build": build,
                         }
                     )
                     f.flush()
                     bar.update(1)
     bar.close()
-    return read(out)
+    return read(out, build)

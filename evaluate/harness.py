@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from elastilm.evaluate import tasks
+from elastilm.formats import build as build_file
 from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.files import resumable_rows
 from elastilm.runtime_py.choice import option_scores
 
 VARIANTS = {
@@ -36,7 +38,8 @@ VARIANTS = {
     "original-order": "not reordered, no adapters",
     "layer-drop": "layers dropped (ShortGPT), same parameter share",
 }
-ITEM_FIELDS = ("task", "variant", "level", "ratio", "id", "answer", "pred", "correct", "scores")
+# build: formats/build.build_id of the build that answered (rows of another build are not reused)
+ITEM_FIELDS = ("task", "variant", "level", "ratio", "id", "answer", "pred", "correct", "scores", "build")
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,10 @@ def compress_prefix(engine, task: str, ratio: float) -> list[int]:
 
 
 def _done(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    with path.open() as f:
-        return {(r["task"], r["variant"], r["level"], r["ratio"], r["id"]) for r in csv.DictReader(f)}
+    return {
+        (r["task"], r["variant"], r["level"], r["ratio"], r["id"], r["build"])
+        for r in resumable_rows(path, ITEM_FIELDS)
+    }
 
 
 def evaluate(
@@ -112,6 +115,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     items_csv = out / "items.csv"
     done = _done(items_csv)
+    builds = {run.variant: build_file.build_id(run.build) for run in runs}
     report = {t: tasks.items(t, "report")[:limit] for t in task_names}
     total = len(runs) * len(levels) * len(ratios) * sum(len(v) for v in report.values())
     bar = tqdm(total=total, desc="eval", unit="item", disable=not progress)
@@ -125,9 +129,8 @@ def evaluate(
             for t in task_names:
                 for level in levels:
                     for ratio in ratios:
-                        todo = [
-                            it for it in report[t] if (t, run.variant, f"{level:g}", f"{ratio:g}", it.id) not in done
-                        ]
+                        key = (t, run.variant, f"{level:g}", f"{ratio:g}")
+                        todo = [it for it in report[t] if (*key, it.id, builds[run.variant]) not in done]
                         bar.update(len(report[t]) - len(todo))
                         if not todo:
                             continue
@@ -156,6 +159,7 @@ def evaluate(
                                     "pred": pred,
                                     "correct": int(pred == it.answer),
                                     "scores": json.dumps([round(s, 5) for s in scores]),
+                                    "build": builds[run.variant],
                                 }
                             )
                             f.flush()
@@ -163,15 +167,17 @@ def evaluate(
             if engine is not None:
                 engine.close()
     bar.close()
-    return summarize(out)
+    return summarize(out, builds)
 
 
-def summarize(out: Path) -> list[dict]:
-    """Accuracy per (task, variant, level, ratio) from items.csv, written as accuracy.csv/.md/.png."""
-    with (Path(out) / "items.csv").open() as f:
-        rows = list(csv.DictReader(f))
+def summarize(out: Path, builds: dict[str, str] | None = None) -> list[dict]:
+    """Accuracy per (task, variant, level, ratio) from items.csv, written as accuracy.csv/.md/.png; with `builds`
+    ({variant: build id}), a variant's rows from that build only."""
+    rows = resumable_rows(Path(out) / "items.csv", ITEM_FIELDS)
     groups: dict[tuple, list[int]] = {}
     for r in rows:
+        if builds is not None and builds.get(r["variant"], r["build"]) != r["build"]:
+            continue
         groups.setdefault((r["task"], r["variant"], float(r["level"]), float(r["ratio"])), []).append(int(r["correct"]))
     acc = [
         {

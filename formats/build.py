@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 
 from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.files import read_json, tree, verify_files, write_json
+from elastilm.formats.files import read_json, sha256, tree, verify_files, write_json
 
 MANIFEST = "manifest.json"
 SCHEMA, VERSION = "elastilm.build", 2  # 2: adapter inputs
@@ -23,6 +23,12 @@ SCHEMA, VERSION = "elastilm.build", 2  # 2: adapter inputs
 def adapter_tensor(fraction: float, name: str) -> str:
     """The tensor-cache name of level `fraction`'s adapter input `name` (one of manifest "adapter_names")."""
     return f"adapter/{fraction:g}/{name}"
+
+
+def build_id(folder: Path) -> str:
+    """A short id of one build's exact contents (its manifest lists every file's sha256): rows a resumable job
+    writes carry it, so that rows of an older or another build are never reused."""
+    return sha256(Path(folder) / MANIFEST)[:16]
 
 
 def write_manifest(out: Path, fields: dict) -> Path:

@@ -7,9 +7,12 @@ digests (`checksums`), checked before anything is loaded (`verify_files`).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
+import warnings
 from pathlib import Path
 
 from elastilm.formats.errors import ElastiLMError
@@ -86,3 +89,35 @@ def read_json(path: Path, schema: str, version: int, fix: str) -> dict:
     except json.JSONDecodeError as e:
         raise ElastiLMError(f"{path}: not valid JSON ({e}); {fix}") from None
     return check_schema(doc, path, schema, version, fix)
+
+
+def resumable_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """The rows of an append-only CSV written with `fields`, for a run that resumes it. A row cut short by a kill
+    (the last one without its line end, or one with missing fields) is dropped with a warning and the file is
+    rewritten whole without it, so that appending goes on cleanly; a file with other columns (another version of
+    the writer) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    reader = csv.DictReader(io.StringIO(data.decode(errors="replace"), newline=""))
+    rows = list(reader)
+    if reader.fieldnames is not None and tuple(reader.fieldnames) != tuple(fields):
+        raise ElastiLMError(
+            f"{path} has the columns {reader.fieldnames}, not {list(fields)} (written by another version); "
+            "move it away to start over"
+        )
+    whole = [r for r in rows if None not in r and None not in r.values()]  # extra fields or missing ones
+    if not data.endswith(b"\n") and whole and whole[-1] is rows[-1]:
+        whole.pop()  # the last line has no end: its last field may be cut short
+    if len(whole) != len(rows):
+        warnings.warn(f"{path}: dropped {len(rows) - len(whole)} torn row(s), left by an interrupted run", stacklevel=2)
+
+        def rewrite(partial: Path) -> None:
+            with partial.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fields)
+                writer.writeheader()
+                writer.writerows(whole)
+
+        write_whole(path, rewrite)
+    return whole

@@ -159,3 +159,48 @@ def test_a_pickled_checkpoint_is_refused_not_loaded(tmp_path):
     with pytest.raises(ElastiLMError, match="not a readable checkpoint"):
         checkpoint.load(path)
     assert not marker.exists()
+
+
+FIELDS = ("a", "b", "c")
+
+
+def test_a_torn_last_row_is_dropped_with_a_warning_and_appending_goes_on(tmp_path):
+    from elastilm.formats.files import resumable_rows
+
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b,c\r\n1,2,3\r\n4,5,6\r\n7,8")  # killed while writing the third row
+    with pytest.warns(UserWarning, match="dropped 1 torn row"):
+        rows = resumable_rows(path, FIELDS)
+    assert rows == [{"a": "1", "b": "2", "c": "3"}, {"a": "4", "b": "5", "c": "6"}]
+    assert path.read_bytes() == b"a,b,c\r\n1,2,3\r\n4,5,6\r\n"  # rewritten whole, ready for the next row
+    path.write_text("a,b,c\r\n1,2,3\r\n4,5,66")  # cut inside the last field: complete in count, no line end
+    with pytest.warns(UserWarning):
+        assert resumable_rows(path, FIELDS) == [{"a": "1", "b": "2", "c": "3"}]
+    path.write_text("x,y\r\n1,2\r\n")
+    with pytest.raises(ElastiLMError, match="written by another version"):
+        resumable_rows(path, FIELDS)
+
+
+def test_a_resumed_run_answers_a_torn_row_again_and_never_reuses_another_builds_rows(tmp_path_factory, tmp_path):
+    """`quality --generate` (answers.csv), killed while writing its last row, then run again; then run on another
+    build into the same folder."""
+    from elastilm.evaluate import generation
+
+    folder = elastified_tiny(tmp_path_factory, "llama")
+    a = build(folder, "host-cpu", tmp_path / "a", max_len=40)
+    prompts = tmp_path / "prompts.jsonl"  # words the tiny tokenizer spells
+    prompts.write_text("".join(f'{{"id": "p{i}", "prompt": "w{i + 3} w{2 * i + 5} w9"}}\n' for i in range(3)))
+    run = dict(variants=["no-adapters"], max_new_tokens=4, progress=False, prompts_file=prompts)
+    out = tmp_path / "gen"
+    generation.run(a, out, [1.0], **run)
+    answers = out / "answers.csv"
+    lines = answers.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    answers.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-row
+    with pytest.warns(UserWarning, match="dropped 1 torn row"):
+        (row,) = generation.run(a, out, [1.0], **run)
+    assert row["answers"] == 3 and len(answers.read_bytes().splitlines()) == 4  # the torn one answered again, once
+
+    b = build(folder, "host-cpu", tmp_path / "b", max_len=48)  # another build: none of a's rows count for it
+    (row_b,) = generation.run(b, out, [1.0], **run)
+    assert row_b["answers"] == 3 and len(answers.read_bytes().splitlines()) == 7
