@@ -51,49 +51,131 @@ def resolve(model: str) -> tuple[str, Path]:
     return name.lower(), path
 
 
-def _gguf_architecture(path: Path) -> str:
+# the shape fields checked before anything is allocated: (Hugging Face name, GGUF key after "<arch>.", upper bound)
+SHAPE_FIELDS = (
+    ("num_hidden_layers", "block_count", 1024),
+    ("hidden_size", "embedding_length", 1 << 16),
+    ("intermediate_size", "feed_forward_length", 1 << 18),
+    ("num_attention_heads", "attention.head_count", 1024),
+    ("num_key_value_heads", "attention.head_count_kv", 1024),
+    ("vocab_size", None, 1 << 21),
+)
+
+
+def check_shape(values: dict, where: Path) -> None:
+    """Refuse a config whose shape fields are missing, not positive integers, absurdly large or inconsistent, each
+    bad value named, in one line: before any weight is allocated."""
+    bad = []
+    for name, _, top in SHAPE_FIELDS:
+        v = values.get(name)
+        if name == "num_key_value_heads" and v is None:
+            continue  # absent: as many as the query heads
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            bad.append(f"{name} is {v!r} (must be an integer in 1..{top})")
+    if not bad:
+        heads, kv = values["num_attention_heads"], values.get("num_key_value_heads") or values["num_attention_heads"]
+        if heads % kv:
+            bad.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        if not values.get("head_dim") and values["hidden_size"] % heads:
+            bad.append(f"hidden_size {values['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if bad:
+        raise ElastiLMError(f"{where}: not a valid model shape: {'; '.join(bad)}")
+
+
+def _gguf_source(path: Path) -> tuple[str, dict]:
+    """The GGUF file's architecture and shape fields (SHAPE_FIELDS' Hugging Face names)."""
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+
+        def value(key):
+            field = reader.fields.get(key)
+            if field is None:
+                return None
+            data = field.parts[field.data[0]]
+            return bytes(data).decode() if field.types and field.types[0].name == "STRING" else int(data[0])
+
+        arch = value("general.architecture")
+        shape = {name: value(f"{arch}.{key}") for name, key, _ in SHAPE_FIELDS if key}
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        shape["vocab_size"] = len(tokens.data) if tokens is not None else None
     except Exception as e:  # the reader raises many kinds on a damaged file
         raise ElastiLMError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it"
         ) from None
+    return arch, shape
 
 
-def _hf_architecture(folder: Path) -> str:
+def _hf_source(folder: Path) -> tuple[str, dict]:
+    """The folder's model type and its config.json."""
     config = folder / "config.json"
     if not config.is_file():
         raise ElastiLMError(f"{folder}: no config.json; a Hugging Face folder needs config.json and *.safetensors")
     try:
-        return json.loads(config.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as e:
+        doc = json.loads(config.read_text())
+        arch = doc["model_type"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ElastiLMError(f"{config}: not a valid Hugging Face config ({e})") from None
+    return arch, doc
+
+
+PROBE = "The quick brown fox jumps over the lazy dog, 42 times."
+
+
+def check_tokenizer(tokenizer, where: Path) -> None:
+    """The tokenizer, saved as elastify saves it and read back as the runtime reads it (tokenizers), must encode a
+    plain sentence to some tokens, and to the same ids as the source's tokenizer."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    try:
+        want = tokenizer.encode(PROBE, add_special_tokens=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            saved = Path(tmp) / "tokenizer.json"
+            got = (
+                Tokenizer.from_file(str(saved)).encode(PROBE, add_special_tokens=False).ids if saved.is_file() else None
+            )
+    except Exception as e:  # tokenizers raises plain Exceptions (e.g. an unknown-token id missing from the vocabulary)
+        raise ElastiLMError(f"{where}: its tokenizer cannot encode plain text ({e})") from None
+    if got is None:
+        raise ElastiLMError(f"{where}: its tokenizer cannot be saved as tokenizer.json (a fast tokenizer is needed)")
+    if not want or got != want:
+        raise ElastiLMError(
+            f"{where}: its tokenizer does not survive saving: {PROBE!r} encodes to {len(want)} tokens in the source "
+            f"and {len(got)} once saved (decoded: {tokenizer.decode(got)!r}); use a tokenizer that round-trips text"
+        )
 
 
 def load_hf(model: str):
     """`model` (packaged name, .gguf path, or Hugging Face folder) as a transformers model in fp32 and its
     tokenizer; returns (name, path, model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     name, path = resolve(model)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ElastiLMError(f"{path}: expected a .gguf file or a Hugging Face folder")
-        arch, folder, kwargs = _gguf_architecture(path), path.parent, {"gguf_file": path.name}
+        (arch, shape), folder, kwargs = _gguf_source(path), path.parent, {"gguf_file": path.name}
     else:
-        arch, folder, kwargs = _hf_architecture(path), path, {}
+        (arch, shape), folder, kwargs = _hf_source(path), path, {}
     if arch not in SUPPORTED_FAMILIES:
         raise ElastiLMError(f"{path}: unsupported architecture '{arch}'; supported are {', '.join(SUPPORTED_FAMILIES)}")
+    check_shape(shape, path if path.is_file() else path / "config.json")  # before anything is allocated
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            # the folder's own tokenizer.json, as the runtime reads it: AutoTokenizer would re-type it after the
+            # model family (a word-level tokenizer in a Qwen2 folder became a BPE that encodes nothing)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ElastiLMError(f"{path}: cannot load the checkpoint ({first_line})") from None
+    check_tokenizer(tokenizer, path)
     return name, path, hf, tokenizer
 
 

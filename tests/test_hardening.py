@@ -204,3 +204,40 @@ def test_a_resumed_run_answers_a_torn_row_again_and_never_reuses_another_builds_
     b = build(folder, "host-cpu", tmp_path / "b", max_len=48)  # another build: none of a's rows count for it
     (row_b,) = generation.run(b, out, [1.0], **run)
     assert row_b["answers"] == 3 and len(answers.read_bytes().splitlines()) == 7
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"num_hidden_layers": 0}, "num_hidden_layers is 0 \\(must be an integer in 1..1024\\)"),
+        ({"num_attention_heads": 10**9, "hidden_size": -4}, "hidden_size is -4.*num_attention_heads is 1000000000"),
+        ({"intermediate_size": "40"}, "intermediate_size is '40'"),
+        ({"num_key_value_heads": 4}, "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
+    ],
+)
+def test_a_bad_model_shape_is_refused_before_anything_is_allocated(tmp_path, change, named):
+    from conftest import save_hf_folder
+
+    from elastilm.compile import ingest
+
+    save_hf_folder(tmp_path, "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ElastiLMError, match=f"config.json: not a valid model shape: .*{named}"):
+        ingest.ingest(str(tmp_path))
+
+
+def test_a_tokenizer_that_cannot_encode_text_is_named_at_ingest(tmp_path):
+    """Its unknown-word token is missing from its vocabulary: it fails on the first word it does not know."""
+    from conftest import save_hf_folder
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from elastilm.compile import ingest
+
+    save_hf_folder(tmp_path, "llama")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(tmp_path)
+    with pytest.raises(ElastiLMError, match="its tokenizer cannot encode plain text .*Missing \\[UNK\\] token"):
+        ingest.ingest(str(tmp_path))
