@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--adapter-level", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--memory-only", action="store_true", help="only the peak RSS serving every level")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import torch
@@ -171,6 +172,15 @@ def main() -> None:
             build(args.folder, "host-cpu", out, quantization=s)
         builds[s] = out
     text = (Path(__file__).parent.parent / "README.md").read_text()
+    if args.memory_only:
+        engine = ElasticEngine(builds[schemes[0]])
+        prompt = engine.encode(text)[: args.prompt_tokens]
+        engine.close()
+        rss = {s: serving_peak_rss(out, prompt) for s, out in builds.items()}
+        print(f"Peak resident memory of a process serving all levels ({len(prompt)}-token prompt at each):")
+        for s in schemes:
+            print(f"- {s}: {rss[s] / 2**20:.0f} MiB ({rss[s] / rss[schemes[0]]:.2f}x {schemes[0]})")
+        return
     results, sizes, calls = {}, {}, {}
     prompt = None
     for s, out in builds.items():

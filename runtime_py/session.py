@@ -175,7 +175,8 @@ class RemoteSession:
                 self.uploaded_bytes += (folder / f).stat().st_size
             workdir = self.call(self.function("tvm.rpc.server.workpath"), "")
             return str(Path(workdir) / Path(manifest["library"]).name), workdir
-        for f in self._progress([f for f in files if not has(key, f, (folder / f).stat().st_size)], "upload"):
+        missing = [f for f in files if not has(key, f, (folder / f).stat().st_size, manifest["files"][f])]
+        for f in self._progress(missing, "upload"):
             self.call(self.remote.upload, str(folder / f), "incoming")
             self.call(commit, "incoming", key, f, manifest["files"][f])
             self.uploaded_bytes += (folder / f).stat().st_size

@@ -1,5 +1,8 @@
 """The engine over TVM RPC on loopback: a real RPC server (and tracker), outputs equal to a local run."""
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import elastified_tiny, random_adapters
@@ -204,3 +207,73 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
     finally:
         server.terminate()
         local.close()
+
+
+@pytest.fixture
+def cache_functions(device_cache, tmp_path, monkeypatch):
+    """The device server's cache functions in this process, with the session folder an RPC server gives them
+    (`tvm.rpc.server.workpath`, registered by TVM's server in its own process)."""
+    import tvm
+
+    session = tmp_path / "session"
+    session.mkdir()
+    tvm.register_global_func("tvm.rpc.server.workpath", lambda name: str(session / name), override=True)
+    device.register()
+    functions = {n: tvm.get_global_func(f"elastilm.device.{n}") for n in ("has", "commit", "path")}
+    return functions, session
+
+
+def _upload(session, data: bytes) -> str:
+    import hashlib
+
+    (session / "incoming").write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+KEY_A, KEY_B, KEY_C = "a" * 32, "b" * 32, "c" * 32
+
+
+def test_the_cache_confines_keys_names_and_uploads(cache_functions, tmp_path):
+    functions, session = cache_functions
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    digest = _upload(session, b"weights")
+    for key, relpath in [
+        ("../" + "a" * 29, "x"),
+        (KEY_A, "../../victim.txt"),
+        (KEY_A, ".stamps.json"),
+        ("A" * 32, "x"),
+    ]:
+        with pytest.raises(Exception, match="not a build key|outside its build's cache"):
+            functions["commit"]("incoming", key, relpath, digest)
+    with pytest.raises(Exception, match="not an upload of this session"):
+        functions["commit"](str(victim), KEY_A, "params/x.bin", "0" * 64)  # its digest mismatch would delete it
+    assert victim.read_text() == "keep me"
+    assert functions["commit"]("incoming", KEY_A, "params/x.bin", digest).endswith(f"{KEY_A}/params/x.bin")
+
+
+def test_a_cached_file_changed_on_the_device_is_caught_and_uploaded_again(cache_functions):
+    functions, session = cache_functions
+    digest = _upload(session, b"0123456789")
+    cached = functions["commit"]("incoming", KEY_A, "params/w.bin", digest)
+    assert functions["has"](KEY_A, "params/w.bin", 10, digest)
+    with open(cached, "r+b") as f:  # the same size, other bytes: a size check alone would miss it
+        f.write(b"X")
+    assert not functions["has"](KEY_A, "params/w.bin", 10, digest)
+    assert not Path(cached).exists()
+
+
+def test_the_cache_keeps_to_its_quota_dropping_the_least_recently_used_build(cache_functions, monkeypatch):
+    functions, session = cache_functions
+    monkeypatch.setenv(device.QUOTA_ENV, str(2500))
+    digests = {}
+    for key in (KEY_A, KEY_B):
+        digests[key] = _upload(session, key.encode() * 32)  # 1 KiB each
+        functions["commit"]("incoming", key, "params/w.bin", digests[key])
+        time.sleep(0.05)
+    assert functions["has"](KEY_A, "params/w.bin", 1024, digests[KEY_A])  # A used after B
+    time.sleep(0.05)
+    digests[KEY_C] = _upload(session, KEY_C.encode() * 32)
+    functions["commit"]("incoming", KEY_C, "params/w.bin", digests[KEY_C])  # over the quota: B goes
+    root = device.cache_root()
+    assert (root / KEY_A).is_dir() and (root / KEY_C).is_dir() and not (root / KEY_B).exists()
