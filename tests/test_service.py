@@ -627,3 +627,72 @@ def test_a_stuck_step_makes_health_503_and_the_waiting_requests_get_503(built):
         gate.gate.set()
         srv.stop()
         service.close()
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
+
+
+def _bodies():
+    """Request bodies near the real ones: the real field names with any JSON values, real bodies with one field
+    replaced, and arbitrary bytes."""
+    from hypothesis import strategies as st
+
+    fields = st.sampled_from(
+        [
+            "messages",
+            "prompt",
+            "context",
+            "options",
+            "calibration",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "stream",
+            "slo",
+            "strategy",
+            "model",
+            "n",
+            "user",
+            "frequency_penalty",
+            "repetition_penalty",
+        ]
+    )
+    near = st.dictionaries(fields, _json_values(), max_size=6)
+    mutated = st.tuples(fields, _json_values()).map(lambda kv: {**CHAT, "max_tokens": 2, kv[0]: kv[1]})
+    raw = st.binary(max_size=200)
+    return st.one_of(near.map(json.dumps), mutated.map(json.dumps), raw)
+
+
+def test_fuzzed_request_bodies_never_get_a_500_and_the_server_goes_on(server):
+    """Property: whatever body arrives (hypothesis), the answer is 200, 400, 413 or 429, in time, and the server
+    still answers a good request afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    srv, _ = server
+    client = httpx.Client(base_url=srv.url, timeout=30, headers={"content-type": "application/json"})
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    def check(body, path):
+        data = body if isinstance(body, bytes) else body.encode()
+        r = client.post(path, content=data)
+        assert r.status_code in (200, 400, 413, 429), (r.status_code, r.text, data[:200])
+        assert "error" in r.json() or r.status_code == 200
+
+    check()
+    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1}).status_code == 200
+    assert client.get("/health").status_code == 200
+    client.close()
