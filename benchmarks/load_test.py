@@ -72,6 +72,38 @@ def well_formed(path: str, body: dict, response: httpx.Response) -> dict:
     return ext
 
 
+HOSTILE = ("oversized", "malformed", "strings-for-numbers", "slow-reader", "disconnect-mid-stream")
+
+
+def hostile_request(http: httpx.Client, kind: str, rng: random.Random) -> str:
+    """One hostile request of `kind`; returns what happened (a status code, or how the client left)."""
+    headers = {"content-type": "application/json"}
+    if kind == "oversized":
+        return str(
+            http.post(
+                "/v1/completions", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}', headers=headers
+            ).status_code
+        )
+    if kind == "malformed":
+        return str(
+            http.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", ', headers=headers).status_code
+        )
+    if kind == "strings-for-numbers":
+        body = {"prompt": "Hello", "max_tokens": "16", "temperature": "0.5"}
+        return str(http.post("/v1/completions", json=body).status_code)
+    _, body = request_body(rng, 0)
+    body = {**body, "stream": True, "max_tokens": 16}
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    with http.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            return str(r.status_code)
+        for _chunk in r.iter_raw():
+            if kind == "disconnect-mid-stream":
+                return "left after the first chunk"
+            time.sleep(1.0)  # a slow reader
+        return "read slowly to the end"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", type=Path, default=Path("dist/smollm2-135m/host-cpu"))
@@ -82,6 +114,7 @@ def main() -> None:
     )
     parser.add_argument("--time-limit", type=float, default=900, help="seconds; clients stop sending after it")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hostile", type=int, default=0, help="clients sending hostile traffic alongside")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -129,17 +162,37 @@ def main() -> None:
                 with lock:
                     results.append(row)
 
-    for (
-        task
-    ) in tasks.TASKS:  # load the data sets here: datasets' loader is not safe to run from several threads at once
+    done = threading.Event()
+    hostile: dict[str, dict[str, int]] = {k: {} for k in HOSTILE}
+
+    def attacker(k: int) -> None:
+        rng = random.Random(args.seed * 1000 + 500 + k)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            n = k
+            while not done.is_set():
+                kind = HOSTILE[n % len(HOSTILE)]
+                try:
+                    outcome = hostile_request(http, kind, rng)
+                except httpx.HTTPError as e:
+                    outcome = type(e).__name__
+                with lock:
+                    hostile[kind][outcome] = hostile[kind].get(outcome, 0) + 1
+                n += 1
+
+    # load the data sets here: datasets' loader is not safe to run from several threads at once
+    for task in tasks.TASKS:
         tasks.items(task, "report")
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-    for t in threads:
+    attackers = [threading.Thread(target=attacker, args=(k,)) for k in range(args.hostile)]
+    for t in threads + attackers:
         t.start()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
+    done.set()
+    for t in attackers:
+        t.join()
     health_after = httpx.get(f"{url}/health", timeout=5).json()
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
     alive = server.poll() is None
@@ -162,6 +215,8 @@ def main() -> None:
         "wall_ms_p99": round(walls[min(len(walls) - 1, int(0.99 * len(walls)))], 1) if walls else None,
         "ttft_ms_p50": round(statistics.median(r["ttft_ms"] for r in ok), 1) if ok else None,
         "slo_met": round(sum(r["slo_met"] for r in ok) / max(len(ok), 1), 3),
+        "hostile_clients": args.hostile,
+        "hostile_outcomes": hostile if args.hostile else None,
         "server_alive_after": alive,
         "health_after": health_after,
         "server_counted_ok": sum(
@@ -178,10 +233,13 @@ def main() -> None:
         "| figure | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in doc.items() if k not in ("errors", "health_after")]
+    lines += [f"| {k} | {v} |" for k, v in doc.items() if k not in ("errors", "health_after", "hostile_outcomes")]
+    if args.hostile:
+        lines += ["", "Hostile requests, by what happened:", ""]
+        lines += [f"- {kind}: {outcomes}" for kind, outcomes in hostile.items()]
     (args.out / "load-test.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if doc["errors"] or len(ok) != args.requests:
+    if doc["errors"] or len(ok) != args.requests or not alive or health_after.get("status") != "ok":
         sys.exit(f"{len(doc['errors'])} malformed answers, {args.requests - len(ok)} requests not answered")
 
 
