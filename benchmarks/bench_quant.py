@@ -110,27 +110,36 @@ def adapter_cost(build: Path, prompt: list[int], level: float, decode_steps: int
     return {use: (statistics.median(a), statistics.median(b)) for use, (a, b) in samples.items()}
 
 
+SERVE_EVERY_LEVEL = """
+import json, sys
+from pathlib import Path
+from elastilm.runtime_py.engine import ElasticEngine
+
+prompt = json.loads(sys.argv[2])
+engine = ElasticEngine(Path(sys.argv[1]))
+for level in engine.levels:
+    engine.prefill(prompt, level)
+    for i in range(4):
+        engine.decode(prompt[i], len(prompt) + i, level)
+# the peak of this process's own memory (ru_maxrss would carry the parent's peak over from the fork)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
 def serving_peak_rss(build: Path, prompt: list[int]) -> int:
-    """Peak resident bytes of a fresh process that loads `build` and answers at every level (spawned, so that
-    nothing of this process counts)."""
-    import multiprocessing
+    """Peak resident bytes of a fresh Python process that loads `build` and answers at every level (nothing but
+    the runtime imported: what a serving process holds)."""
+    import json
+    import subprocess
+    import sys
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_serve_every_level, (str(build), prompt))
-
-
-def _serve_every_level(build: str, prompt: list[int]) -> int:
-    import resource
-
-    from elastilm.runtime_py.engine import ElasticEngine
-
-    engine = ElasticEngine(Path(build))
-    for level in engine.levels:
-        engine.prefill(prompt, level)
-        for i in range(4):
-            engine.decode(prompt[i], len(prompt) + i, level)
-    engine.close()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    out = subprocess.run(
+        [sys.executable, "-c", SERVE_EVERY_LEVEL, str(build), json.dumps(prompt)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[-1])
 
 
 def weight_bytes(build: Path) -> int:
