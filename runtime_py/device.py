@@ -104,9 +104,37 @@ def _evict(keep: str) -> None:
             total -= sizes[folder]
 
 
+def _survive_crashed_sessions() -> None:
+    """TVM's server runs each session in a child process and raises when that child dies (a bad library, an
+    out-of-memory kill), which ends its accept loop while the port stays open: later clients hang. In this server
+    process, a crashed session is logged and the loop goes on to the next one."""
+    import logging
+
+    from tvm.rpc import server as rpc_server
+
+    original = rpc_server._serving
+    if getattr(original, "survives_crashes", False):
+        return
+
+    def serving(sock, addr, opts, load_library):
+        cwd = os.getcwd()
+        try:
+            original(sock, addr, opts, load_library)
+        except RuntimeError as err:
+            logging.getLogger("elastilm.device").error("the session from %s crashed (%s); serving the next", addr, err)
+            os.chdir(cwd)
+            sock.close()
+
+    serving.survives_crashes = True
+    rpc_server._serving = serving
+
+
 def register() -> None:
-    """Register the cache functions in this process (the RPC server's init callback)."""
+    """Register the cache functions in this process (the RPC server's init callback), and keep its accept loop
+    alive after a crashed session."""
     import tvm
+
+    _survive_crashed_sessions()
 
     from elastilm.formats.files import sha256
 

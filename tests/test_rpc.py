@@ -1,5 +1,6 @@
 """The engine over TVM RPC on loopback: a real RPC server (and tracker), outputs equal to a local run."""
 
+import threading
 import time
 from pathlib import Path
 
@@ -277,3 +278,32 @@ def test_the_cache_keeps_to_its_quota_dropping_the_least_recently_used_build(cac
     functions["commit"]("incoming", KEY_C, "params/w.bin", digests[KEY_C])  # over the quota: B goes
     root = device.cache_root()
     assert (root / KEY_A).is_dir() and (root / KEY_C).is_dir() and not (root / KEY_B).exists()
+
+
+def test_the_device_server_serves_on_after_a_session_crashes(built, local, device_cache):
+    """A session's process killed on the device (as an out-of-memory kill would): the next client is served."""
+    import psutil
+
+    server = start_server(port=9700)
+    try:
+        endpoint = f"127.0.0.1:{server.port}"
+        first = ElasticEngine(built, rpc=endpoint)
+        sessions = psutil.Process(server.proc._proc.pid).children()
+        assert len(sessions) == 1
+        sessions[0].kill()
+        sessions[0].wait(10)
+        with pytest.raises(ElastiLMError):  # the crashed session's client gets a clear error
+            first.prefill(prompt(local, 4, 1), 1.0)
+        ids, got = prompt(local, 5, 3), []
+
+        def second_client():  # hung for ever before: the accept loop had died with the session
+            second = ElasticEngine(built, rpc=endpoint)
+            got.append(greedy(second, ids, 0.5, n=4))
+            second.close()
+
+        thread = threading.Thread(target=second_client, daemon=True)
+        thread.start()
+        thread.join(120)
+        assert got == [greedy(local, ids, 0.5, n=4)], "the second client was not served"
+    finally:
+        server.terminate()
