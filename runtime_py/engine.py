@@ -22,6 +22,10 @@ from elastilm.formats.widths import Level, LevelTable, drop_count
 from elastilm.runtime_py.sampling import GREEDY, Sampling, until_stop
 from elastilm.runtime_py.session import DeviceLost, LocalSession, RemoteSession
 
+# prompt tokens per prefill call when a request can be cancelled (the service): long enough that the extra calls
+# cost little, short enough that a client who left frees the model within a fraction of a second
+PREFILL_CHUNK = 256
+
 
 class ElasticEngine:
     """Generate with one compiled elastic model; `level` picks the sub-model per request."""
@@ -193,6 +197,18 @@ class ElasticEngine:
     def decode(self, token: int, past: int, level: float) -> np.ndarray:
         return self._run("decode", [token], past, self.levels[level])
 
+    def _prefill_chunks(self, ids: list[int], lv: Level, cancelled, chunk: int):
+        """The logits after `ids` (a new sequence), in one call, or chunk by chunk while `cancelled` is clear
+        (None once it is set)."""
+        if cancelled is None:
+            return self._run("prefill", ids, 0, lv)
+        logits = None
+        for start in range(0, len(ids), chunk):
+            if cancelled.is_set():
+                return None
+            logits = self._run("prefill", ids[start : start + chunk], start, lv)
+        return logits
+
     def _check_length(self, prompt_tokens: int, new_tokens: int):
         if prompt_tokens == 0:
             raise ElastiLMError("empty prompt")
@@ -203,17 +219,28 @@ class ElasticEngine:
             )
 
     def generate_ids(
-        self, ids: list[int], level: float = 1.0, max_new_tokens: int = 64, sampling: Sampling = GREEDY
+        self,
+        ids: list[int],
+        level: float = 1.0,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        cancelled=None,
+        chunk: int = PREFILL_CHUNK,
     ) -> Iterator[int]:
-        """Token ids one at a time, picked by `sampling` (greedy by default). The level is fixed per sequence."""
+        """Token ids one at a time, picked by `sampling` (greedy by default). The level is fixed per sequence.
+        With `cancelled` (a threading.Event), the prompt is prefilled in chunks of `chunk` tokens and the sequence
+        stops, without a token, at the first chunk boundary after the event is set: a long prefill for a client
+        that has gone frees the model within one chunk."""
         lv = self.levels[level]
         self._check_length(len(ids), max_new_tokens)
         rng = np.random.default_rng(sampling.seed)
         try:
-            logits = self._run("prefill", ids, 0, lv)
+            logits = self._prefill_chunks(ids, lv, cancelled, chunk)
         except DeviceLost:  # nothing generated yet: reconnect and start over
             self.session.connect()
-            logits = self._run("prefill", ids, 0, lv)
+            logits = self._prefill_chunks(ids, lv, cancelled, chunk)
+        if logits is None:
+            return
         answer: list[int] = []
         for _ in range(max_new_tokens):
             if sampling.penalized:

@@ -172,13 +172,15 @@ class Orchestrator:
         )
         return planner.choose(request.strategy, plan_request, self.latency), budgets
 
-    def answer(self, request: Request, stream: bool = False):
+    def answer(self, request: Request, stream: bool = False, cancelled=None):
         """Plan, compress, generate. With stream=True, yields text pieces and finally the Answer; else the Answer.
+        `cancelled` (a threading.Event, the service's): once set, generation stops within one prefill chunk or
+        one token, and nothing more is computed.
         With `request.options` (multiple choice), the Answer also carries the best option by per-character
         log-likelihood after the compressed prompt at the planned level, minus its score after the compressed
         context and `request.calibration` (a content-free question) when given; scoring comes after the timed
         generation."""
-        run = self._answer(request)
+        run = self._answer(request, cancelled)
         if stream:
             return run
         text, answer = [], None
@@ -190,7 +192,7 @@ class Orchestrator:
         answer.text = "".join(text)
         return answer
 
-    def _answer(self, request: Request) -> Iterator:
+    def _answer(self, request: Request, cancelled=None) -> Iterator:
         start = time.perf_counter()
         scale = self.calibration.plan_scale
         parts = self.parts(request.query, request.context, request.chat)
@@ -210,8 +212,10 @@ class Orchestrator:
                 yield t
 
         engine = self.engine.dropped(p.dropped)  # the layer-dropping baseline runs a variant; everything else: itself
-        tokens = timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, request.sampling))
+        tokens = timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, request.sampling, cancelled))
         answer.finish_reason = yield from engine.stream_text(tokens, request.sampling.stop)
+        if cancelled is not None and cancelled.is_set():
+            return
         answer.tokens = len(times)
         if times:
             answer.ttft_ms = 1000 * (times[0] - start)

@@ -241,3 +241,35 @@ def test_a_tokenizer_that_cannot_encode_text_is_named_at_ingest(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(tmp_path)
     with pytest.raises(ElastiLMError, match="its tokenizer cannot encode plain text .*Missing \\[UNK\\] token"):
         ingest.ingest(str(tmp_path))
+
+
+def test_a_cancelled_request_stops_within_one_prefill_chunk(tiny_build):
+    """The service passes each request's cancel event: the prompt is then prefilled in chunks (the same logits
+    as one call), and a request cancelled during its prefill stops at the next chunk, without a token."""
+    import threading
+
+    import numpy as np
+
+    engine = ElasticEngine(tiny_build)
+    ids = np.random.default_rng(4).integers(0, engine.elastic["config"]["vocab_size"], 23).tolist()
+    try:
+        for level in (1.0, 0.5, 0.2):
+            whole = list(engine.generate_ids(ids, level, 6))
+            chunked = list(engine.generate_ids(ids, level, 6, cancelled=threading.Event(), chunk=5))
+            assert chunked == whole
+            lv = engine.levels[level]
+            np.testing.assert_allclose(
+                engine._prefill_chunks(ids, lv, threading.Event(), 5), engine._run("prefill", ids, 0, lv), atol=1e-4
+            )
+        cancel, calls, run = threading.Event(), [], engine._run
+
+        def counted(method, *args):
+            calls.append(method)
+            cancel.set()  # the client leaves during the first chunk
+            return run(method, *args)
+
+        engine._run = counted
+        assert list(engine.generate_ids(ids, 1.0, 6, cancelled=cancel, chunk=5)) == []
+        assert calls == ["prefill"]  # one chunk of five, not the 23-token prompt, and no decode step
+    finally:
+        engine.close()

@@ -106,7 +106,7 @@ class Service:
             self.busy = True
             start = time.perf_counter()
             try:
-                run = self.orch.answer(job.request, stream=True)
+                run = self.orch.answer(job.request, stream=True, cancelled=job.cancelled)
                 for item in run:
                     self.progress = time.monotonic()
                     if job.cancelled.is_set():
