@@ -43,9 +43,9 @@ def register(sub) -> None:
 
 
 def serve(args) -> None:
+    from elastilm.runtime_py.device import LOOPBACK
     from elastilm.runtime_py.orchestrator import Orchestrator
     from elastilm.runtime_py.serve import serve
-    from elastilm.runtime_py.serve.worker import LOOPBACK
 
     if args.host not in LOOPBACK and not args.api_key:
         print(f"elastilm: warning: serving on {args.host} without --api-key", file=sys.stderr)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 CACHE_ENV = "ELASTILM_DEVICE_CACHE"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the names of this machine's loopback (this server's, the service's)
 QUOTA_ENV = "ELASTILM_DEVICE_CACHE_QUOTA"
 DEFAULT_QUOTA = 16 << 30
 KEY = re.compile(r"[0-9a-f]{32}")  # session._stage's key
@@ -186,7 +187,7 @@ def serve(
 
     if cache is not None:
         os.environ[CACHE_ENV] = str(Path(cache).resolve())  # inherited by the server process
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         print(
             f"elastilm device: warning: serving on {host}: anyone who reaches this port can run code on this device "
             "(TVM RPC loads the libraries clients send); prefer loopback, a private link or a tracker key",

@@ -560,7 +560,7 @@ def test_with_a_key_only_a_bare_liveness_answer_is_open(built):
 
 def test_a_loopback_server_answers_only_to_loopback_host_names(built):
     """DNS rebinding: a page on evil.example resolves its name to 127.0.0.1 and calls the local service."""
-    from elastilm.runtime_py.serve.worker import LOOPBACK
+    from elastilm.runtime_py.device import LOOPBACK
 
     service = Service(built, "tiny", max_tokens=4, hosts=LOOPBACK)
     srv = Server(service)

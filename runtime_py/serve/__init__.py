@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from elastilm.runtime_py.device import LOOPBACK
 from elastilm.runtime_py.serve.app import create_app
-from elastilm.runtime_py.serve.worker import LOOPBACK, Service
+from elastilm.runtime_py.serve.worker import Service
 
 __all__ = ["Service", "create_app", "serve"]
 

@@ -177,9 +177,9 @@ async def _handle(request: Request, schema):
         return _error(499, "client closed the request")
     if isinstance(first, Exception):
         service.cancel(job)
-        status = 400 if isinstance(first, InvalidRequest) else 503 if isinstance(first, Unavailable) else 500
+        status, kind = _failure(first)
         service.metrics.requests.labels(endpoint, str(status)).inc()
-        return _error(status, str(first), "invalid_request_error" if status == 400 else "server_error")
+        return _error(status, str(first), kind)
     if body.stream:
         return StreamingResponse(_stream(request, job, first, rid, schema.kind), media_type="text/event-stream")
     return await _whole(request, job, first, rid, schema.kind)
@@ -187,6 +187,14 @@ async def _handle(request: Request, schema):
 
 class Unavailable(ElastiLMError):
     """The service cannot answer: its worker died or is stuck (503)."""
+
+
+def _failure(error: Exception) -> tuple[int, str]:
+    """The status and error type a request's failure is answered with: the request's own fault 400, a service
+    that cannot answer 503, anything else 500 (its message is the worker's error id)."""
+    if isinstance(error, InvalidRequest):
+        return 400, "invalid_request_error"
+    return (503 if isinstance(error, Unavailable) else 500), "server_error"
 
 
 async def _next(request: Request, job: Job):
@@ -211,9 +219,9 @@ async def _whole(request: Request, job: Job, item, rid: str, kind: str):
         if item is None:
             return _error(499, "client closed the request")
         if isinstance(item, Exception):
-            status = 503 if isinstance(item, Unavailable) else 500
+            status, kind = _failure(item)
             service.metrics.requests.labels(request.url.path, str(status)).inc()
-            return _error(status, str(item), "server_error")
+            return _error(status, str(item), kind)
         pieces.append(item)
         item = await _next(request, job)
     service.metrics.answered(item, request.url.path)
@@ -226,9 +234,9 @@ async def _stream(request: Request, job: Job, item, rid: str, kind: str):
     try:
         while item is not None:
             if isinstance(item, Exception):
-                status = 503 if isinstance(item, Unavailable) else 500
+                status, kind = _failure(item)
                 service.metrics.requests.labels(request.url.path, str(status)).inc()
-                yield f"data: {json.dumps(protocol.error(status, str(item), 'server_error'))}\n\n"
+                yield f"data: {json.dumps(protocol.error(status, str(item), kind))}\n\n"
                 return
             if isinstance(item, Answer):
                 service.metrics.answered(item, request.url.path)

@@ -135,13 +135,6 @@ class CompletionRequest(_Common):
     options: list[str] | None = Field(None, min_length=2, max_length=MAX_OPTIONS)
     calibration: str | None = None  # extension: a content-free prompt whose option scores are subtracted
 
-    @field_validator("options")
-    @classmethod
-    def _options(cls, options):
-        if options is not None and not all(o.strip() for o in options):
-            raise ValueError("every option must hold text")
-        return options
-
     def characters(self) -> int:
         return len(self.prompt) + len(self.context) + sum(map(len, self.options or ())) + len(self.calibration or "")
 

@@ -16,7 +16,6 @@ from elastilm.runtime_py.serve.metrics import Metrics
 from elastilm.runtime_py.serve.queue import FairQueue, Job
 
 LOG = logging.getLogger("elastilm.serve")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class InternalError(ElastiLMError):
