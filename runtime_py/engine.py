@@ -8,6 +8,7 @@ requests moves no weights. The KV cache is allocated once, at the library's cont
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
@@ -132,29 +133,40 @@ class ElasticEngine:
         """The prompt text in the model's chat template (plain text if it has none). The template comes from a model
         folder, so it renders in Jinja's immutable sandbox (as transformers renders it): a template that reaches for
         Python internals or mutates its inputs is refused, and nothing it does leaves the renderer."""
-        template_file = self.folder / "chat_template.jinja"
-        template = template_file.read_text() if template_file.is_file() else self.tokenizer_config.get("chat_template")
-        if not template:
-            return user
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):  # templates call it to reject a conversation they cannot format
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         tokens = {k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
         try:
-            return env.from_string(template).render(messages=messages, add_generation_prompt=True, **tokens)
+            template = self._chat_template
+            if template is None:
+                return user
+            return template.render(messages=messages, add_generation_prompt=True, **tokens)
         except SecurityError as err:
             raise ElastiLMError(
                 f"{self.folder}: the chat template tried an unsafe operation and is refused ({err})"
             ) from None
         except TemplateError as err:
             raise ElastiLMError(f"{self.folder}: the chat template does not render: {err}") from None
+
+    @functools.cached_property
+    def _chat_template(self):
+        """The model's chat template compiled once, in the sandbox (None when it has none)."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template_file = self.folder / "chat_template.jinja"
+        source = template_file.read_text() if template_file.is_file() else self.tokenizer_config.get("chat_template")
+        if not source:
+            return None
+
+        def raise_exception(message):  # templates call it to reject a conversation they cannot format
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(source)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
