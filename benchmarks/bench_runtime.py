@@ -154,20 +154,28 @@ def main():
 
     n = len(prompt)
     full_ttft, full_tpot = levels[1.0]
-    weight_bytes = sum(p.numpy().nbytes for p in engine.params)
+    manifest = engine.manifest
+    scheme = manifest["quantization"]["scheme"]
+    untied = "lm_head" in " ".join(manifest["param_names"])  # then the embedding table is only gathered, not read
+    weight_bytes = sum(
+        p.numpy().nbytes
+        for name, p in zip(manifest["param_names"], engine.params)
+        if not (untied and name.startswith("model.embed_tokens."))
+    )
     ceiling = bandwidth / weight_bytes  # tokens/s if every weight byte is read once per token at this bandwidth
     lines = [
         f"{n}-token prompt, {args.decode_steps} decode steps, {args.threads} threads, median of {args.repeat}.",
         "",
         "| engine | prefill tok/s | decode tok/s | prefill vs HF | decode vs HF |",
         "|---|---:|---:|---:|---:|",
-        f"| ElastiLM-TVM fp32, full width | {n / full_ttft:.0f} | {1 / full_tpot:.1f} | "
+        f"| ElastiLM-TVM {scheme}, full width | {n / full_ttft:.0f} | {1 / full_tpot:.1f} | "
         f"{hf[0] / full_ttft:.2f}x | {hf[1] / full_tpot:.2f}x |",
         f"| transformers eager fp32 | {n / hf[0]:.0f} | {1 / hf[1]:.1f} | 1.00x | 1.00x |",
     ]
     if lcpp:
         lines.append(
-            f"| llama.cpp Q4_1 (same GGUF) | {n / lcpp[0]:.0f} | {1 / lcpp[1]:.1f} | {hf[0] / lcpp[0]:.2f}x | {hf[1] / lcpp[1]:.2f}x |"
+            f"| llama.cpp ({gguf.name}, the same model) | {n / lcpp[0]:.0f} | {1 / lcpp[1]:.1f} | "
+            f"{hf[0] / lcpp[0]:.2f}x | {hf[1] / lcpp[1]:.2f}x |"
         )
     else:
         lines.append("| llama.cpp | not installed (`pip install llama-cpp-python`) | | | |")
@@ -184,7 +192,7 @@ def main():
         "",
         f"Level switch: TTFT at 50% steady {steady * 1e3:.1f} ms, first request after a 100% request {first * 1e3:.1f} ms "
         f"(overhead {(first - steady) / steady:+.1%} of TTFT).",
-        f"Decode bandwidth: weights {weight_bytes / 1e6:.0f} MB per token at full width; torch reads {bandwidth / 1e9:.1f} GB/s "
+        f"Decode bandwidth: weights {weight_bytes / 1e6:.0f} MB read per token at full width; torch reads {bandwidth / 1e9:.1f} GB/s "
         f"-> ceiling {ceiling:.1f} tok/s; measured {1 / full_tpot:.1f} tok/s = {(1 / full_tpot) / ceiling:.0%} of it.",
     ]
     report = "\n".join(lines) + "\n"

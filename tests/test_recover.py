@@ -96,6 +96,30 @@ def test_chat_batches_mask_the_answer_positions_only():
     assert [options.is_chat(s) for s in range(10)].count(True) == options.chat_before(10) == 3
 
 
+def test_canned_answers_are_left_out_and_replaced_by_further_prompts(monkeypatch):
+    """Every prompt whose answer another prompt got word for word is dropped, both of them; the set is topped up
+    from the next prompts (which can make an earlier answer canned too)."""
+    from elastilm.train import chat_answers
+
+    given = [[1, 2], [9], [3], [9], [3], [6], [4, 5], [7], [8]]  # [9] twice in the first 4; [3] again at p4
+    asked = []
+
+    def fake_answers(folder, source, tokenizer, count, max_new_tokens=96, progress=True):
+        asked.append(count)
+        return [{"id": f"p{i}", "answer": given[i]} for i in range(count)]
+
+    monkeypatch.setattr(chat_answers, "answers", fake_answers)
+    monkeypatch.setattr(chat_answers, "training_prompts", lambda n: [None] * 100)
+    rows = chat_answers.distinct_answers(None, "src", None, 4)
+    assert [r["id"] for r in rows] == ["p0", "p5", "p6", "p7"] and asked == [4, 6, 8]
+    # a model that says one thing to everything: at most twice the prompts, then canned answers fill the rest
+    given[:] = [[1, 2], [5]] + [[9]] * 20
+    asked.clear()
+    with pytest.warns(UserWarning, match="only 2 of the full model's answers to 8 prompts are not canned; 2 canned"):
+        rows = chat_answers.distinct_answers(None, "src", None, 4)
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3"] and asked == [4, 6, 8]
+
+
 @pytest.mark.parametrize("share", [0.5, 1.0])
 def test_chat_self_distillation_trains_on_the_full_models_own_answers(elastic, tmp_path, monkeypatch, share):
     """The answers are the full model's greedy continuations (the torch oracle's, step by step), cached and reused;
@@ -110,12 +134,13 @@ def test_chat_self_distillation_trains_on_the_full_models_own_answers(elastic, t
     monkeypatch.setattr(  # words the tiny tokenizer spells, instead of the tune parts of the benchmarks
         chat_answers,
         "training_prompts",
-        lambda n: [{"id": f"p{i}", "prompt": f"w{i + 3} w{i + 9} w4"} for i in range(n)],
+        lambda n: [{"id": f"p{i}", "prompt": f"w{i + 3} w{i + 9} w4"} for i in range(40 if n is None else n)],
     )
     options = recover.RecoverOptions(**{**TRAIN.__dict__, "chat": share, "answer_tokens": 5})
     summary = recover.recover(folder, options, progress=False)
     rows = [json.loads(line) for line in (folder / chat_answers.ANSWERS).read_text().splitlines()]
-    assert len(rows) == options.chat_before(options.steps) * options.batch == 12 * share
+    # at least the steps' worth (more where canned answers were replaced by further prompts)
+    assert len(rows) >= options.chat_before(options.steps) * options.batch == 12 * share
     eos = model.tokenizer.convert_tokens_to_ids(model.tokenizer.eos_token)
     for row in rows:
         seq = list(row["ids"])
@@ -307,6 +332,21 @@ def test_generation_quality_scores_answers_with_the_full_model_and_resumes(adapt
     assert (tmp_path / "generation.png").stat().st_size > 0 and "| adapters | 50% |" in (
         tmp_path / "generation.md"
     ).read_text()
+
+
+def test_generation_refuses_the_adapters_variant_on_a_build_without_adapters(adapted, tmp_path):
+    import shutil
+
+    from elastilm.evaluate import generation
+
+    plain = tmp_path / "plain"
+    shutil.copytree(adapted[2], plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["adapter_levels"] = []  # as a build compiled before recover writes
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ElastiLMError, match="has no recovery adapters.*use --variants no-adapters"):
+        generation.run(plain, tmp_path / "out", [1.0, 0.5], limit=1, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_repeated_ngrams_by_hand():

@@ -5,7 +5,8 @@ here come only from sources no evaluation reports on: DroidTask's train instruct
 tune parts of ARC-Easy, OpenBookQA, PIQA (goals) and SciQ (evaluate/tasks.py), taken in turn from each source.
 The original checkpoint answers each one in the chat template, greedily, with transformers' `generate` and its
 KV cache (the elastified model at full width computes the same function, so these are the full model's answers).
-Each answer keeps its end-of-turn token, so the sub-models also learn where an answer stops.
+Each answer keeps its end-of-turn token, so the sub-models also learn where an answer stops. Canned answers (one
+text given word for word to several prompts) are left out: see `distinct_answers`.
 
 Cached in the elastify folder as chat-answers.jsonl, one line per prompt, written as each batch finishes: an
 interrupted run resumes, and a later run with more prompts only answers the new ones.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,12 +35,14 @@ def _question(text: str) -> str:
     return re.sub(r"^(Question|Instruction): |\n(Answer|App):$", "", text).strip()
 
 
-def training_prompts(count: int) -> list[dict]:
-    """`count` prompts taken in turn from the tune parts of SOURCES (never from a report part)."""
+def training_prompts(count: int | None) -> list[dict]:
+    """`count` prompts (None: all) taken in turn from the tune parts of SOURCES (never from a report part)."""
     pools = [[(f"{s}/{it.id}", _question(it.question)) for it in tasks.items(s, "tune")] for s in SOURCES]
     out = []
     for i in range(max(len(p) for p in pools)):
         out += [{"id": p[i][0], "prompt": p[i][1]} for p in pools if i < len(p)]
+    if count is None:
+        return out
     if count > len(out):
         raise ElastiLMError(f"only {len(out)} training prompts exist; ask for at most that many")
     return out[:count]
@@ -107,3 +112,31 @@ def answers(
                 bar.update(len(chunk))
         bar.close()
     return [done[p["id"]] for p in training_prompts(count)]
+
+
+def distinct_answers(
+    folder: Path, source: str, tokenizer, count: int, max_new_tokens: int = 96, progress: bool = True
+) -> list[dict]:
+    """`count` of the full model's answers (`answers`), without canned ones where it can. Qwen2.5-Coder answered 5
+    of its first 32 training prompts with the same "I'm sorry, but I can't assist with that."; distilled on those,
+    its 50% and 70% sub-models gave that reply to 12 of 60 held-out prompts, where the full model refuses 1. So
+    every prompt whose answer another prompt got word for word is left out, and further prompts are answered in
+    their place, up to twice `count` prompts in all; if that is not enough (a model that says one thing to
+    everything), the canned answers fill the rest, with a warning."""
+    top = min(2 * count, len(training_prompts(None)))
+    asked = min(count, top)
+    while True:
+        rows = answers(folder, source, tokenizer, asked, max_new_tokens, progress=progress)
+        times = Counter(tuple(r["answer"]) for r in rows)
+        kept = [r for r in rows if times[tuple(r["answer"])] == 1]
+        if len(kept) >= count or asked == top:
+            break
+        asked = min(top, asked + count - len(kept))
+    if len(kept) < count:
+        warnings.warn(
+            f"only {len(kept)} of the full model's answers to {asked} prompts are not canned; "
+            f"{count - len(kept)} canned ones fill the chat data",
+            stacklevel=2,
+        )
+        kept += [r for r in rows if times[tuple(r["answer"])] > 1][: count - len(kept)]
+    return kept[:count]

@@ -178,9 +178,13 @@ def recover(folder: Path, options: RecoverOptions = RecoverOptions(), progress: 
     if chat_steps:
         source, count = model.meta["source"]["model"], chat_steps * options.batch
         if acc.is_main_process:  # the others read the cache it writes
-            chat_answers.answers(folder, source, model.tokenizer, count, options.answer_tokens, progress=progress)
+            chat_answers.distinct_answers(
+                folder, source, model.tokenizer, count, options.answer_tokens, progress=progress
+            )
         acc.wait_for_everyone()
-        rows = chat_answers.answers(folder, source, model.tokenizer, count, options.answer_tokens, progress=False)
+        rows = chat_answers.distinct_answers(
+            folder, source, model.tokenizer, count, options.answer_tokens, progress=False
+        )
         chats = chat_batches(rows, options.batch)
     scale = options.alpha / options.rank
     torch.manual_seed(options.seed)
