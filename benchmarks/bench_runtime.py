@@ -156,7 +156,7 @@ def main():
     full_ttft, full_tpot = levels[1.0]
     manifest = engine.manifest
     scheme = manifest["quantization"]["scheme"]
-    untied = "lm_head" in " ".join(manifest["param_names"])  # then the embedding table is only gathered, not read
+    untied = any(n.startswith("lm_head.") for n in manifest["param_names"])  # the embedding is then only gathered
     weight_bytes = sum(
         p.numpy().nbytes
         for name, p in zip(manifest["param_names"], engine.params)

@@ -64,8 +64,8 @@ def _package_file(model: str, package: str, relpath: str) -> Path:
 
 
 def _joined(model: str, packaged: PackagedModel) -> Path:
-    """The parts joined into the model cache, once: written whole, then its size and sha256 checked. A stamp beside
-    it records the verified digest, so later runs check only the size."""
+    """The parts joined into the model cache, once: the file appears only after its size and sha256 are checked
+    (`files.write_whole`). A stamp beside it records the verified digest, so later runs check only the size."""
     parts = [_package_file(model, package, relpath) for package, relpath in packaged.parts]
     path = model_cache() / packaged.filename
     stamp = path.with_name(path.name + ".sha256")
@@ -73,27 +73,25 @@ def _joined(model: str, packaged: PackagedModel) -> Path:
         if stamp.read_text().strip() == packaged.sha256:
             return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
 
     def join(partial: Path) -> None:
+        digest = hashlib.sha256()
         with open(partial, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     for chunk in iter(lambda: f.read(1 << 22), b""):
                         digest.update(chunk)
                         out.write(chunk)
-
-    unverified = path.with_name(path.name + ".unverified")
-    try:
-        files.write_whole(unverified, join)
-        got, size = digest.hexdigest(), unverified.stat().st_size
+        got, size = digest.hexdigest(), partial.stat().st_size
         if (got, size) != (packaged.sha256, packaged.size):
             raise ElastiLMError(
                 f"model '{model}': its {len(parts)} parts join to {size} bytes with sha256 {got[:12]}, expected "
                 f"{packaged.size} bytes with sha256 {packaged.sha256[:12]}; reinstall "
                 + " ".join(p.replace("_", "-") for p, _ in packaged.parts)
             )
-        os.replace(unverified, path)
+
+    try:
+        files.write_whole(path, join)
         files.write_whole(stamp, lambda partial: partial.write_text(packaged.sha256 + "\n"))
     except OSError as e:
         raise ElastiLMError(
@@ -101,8 +99,7 @@ def _joined(model: str, packaged: PackagedModel) -> Path:
             f"{packaged.size >> 20} MiB free"
         ) from None
     finally:
-        for leftover in (unverified, unverified.with_name(unverified.name + ".partial")):
-            leftover.unlink(missing_ok=True)
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)  # a join refused or cut short
     return path
 
 
