@@ -5,8 +5,9 @@
 Starts the service in a subprocess on a free loopback port, then each client thread sends its share of requests
 (chat and completions, streaming or not, SLOs drawn from the paper's pairs and from millisecond budgets, prompts
 from the benchmarks' report parts). A 429 is retried after its Retry-After; anything else that is not a
-well-formed answer counts as an error. Bounded by --requests and --time-limit. Writes
-benchmarks/results/load-test.{json,md}.
+well-formed answer counts as an error. Bounded by --requests and --time-limit. With --app-keys the service gets
+one key per app (the six well-formed apps, and one for all hostile clients), so the queue tells them apart by key.
+Writes benchmarks/results/load-test.{json,md}.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ import httpx
 from elastilm.evaluate import tasks
 from elastilm.evaluate.trace import start_service as spawn
 
+APPS = [f"app{i}" for i in range(6)]
 SLOS = [
     {"ttft": 0.8, "tpot": 0.9},
     {"ttft": 0.6, "tpot": 0.8},
@@ -41,7 +44,7 @@ def request_body(rng: random.Random, n: int) -> tuple[str, dict]:
     task = rng.choice(list(tasks.TASKS))
     item = rng.choice(tasks.items(task, "report"))
     slo = rng.choice(SLOS)
-    common = {"max_tokens": rng.choice([4, 8, 16]), "stream": rng.random() < 0.5, "user": f"app{n % 6}"}
+    common = {"max_tokens": rng.choice([4, 8, 16]), "stream": rng.random() < 0.5, "user": APPS[n % len(APPS)]}
     if slo:
         common["slo"] = slo
     if rng.random() < 0.5:
@@ -115,11 +118,22 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=900, help="seconds; clients stop sending after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hostile", type=int, default=0, help="clients sending hostile traffic alongside")
+    parser.add_argument("--app-keys", action="store_true", help="one key per app (--app-keys of the service)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    server, url = spawn(args.build, args.out / "load-test-server.log", queue=args.queue, max_tokens=16)
+    keys = {app: f"key-{app}-{random.Random(app).getrandbits(64):x}" for app in [*APPS, "hostile"]}
+    key_file = None
+    if args.app_keys:
+        key_file = Path(tempfile.mkdtemp()) / "app-keys.json"
+        key_file.write_text(json.dumps(keys))
+    server, url = spawn(
+        args.build, args.out / "load-test-server.log", queue=args.queue, max_tokens=16, app_keys=key_file
+    )
+
+    def auth(app: str) -> dict:
+        return {"Authorization": f"Bearer {keys[app]}"} if args.app_keys else {}
 
     results: list[dict] = []
     lock = threading.Lock()
@@ -135,7 +149,7 @@ def main() -> None:
                 path, body = request_body(rng, k * 1000 + n)
                 start, retries = time.perf_counter(), 0
                 while True:
-                    r = http.post(path, json=body)
+                    r = http.post(path, json=body, headers=auth(body["user"]))
                     if r.status_code != 429:
                         break
                     retries += 1
@@ -167,7 +181,7 @@ def main() -> None:
 
     def attacker(k: int) -> None:
         rng = random.Random(args.seed * 1000 + 500 + k)
-        with httpx.Client(base_url=url, timeout=120) as http:
+        with httpx.Client(base_url=url, timeout=120, headers=auth("hostile")) as http:
             n = k
             while not done.is_set():
                 kind = HOSTILE[n % len(HOSTILE)]
@@ -194,7 +208,7 @@ def main() -> None:
     for t in attackers:
         t.join()
     health_after = httpx.get(f"{url}/health", timeout=5).json()
-    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    metrics = httpx.get(f"{url}/metrics", timeout=5, headers=auth("app0")).text
     alive = server.poll() is None
     server.terminate()
     server.wait(30)
@@ -208,6 +222,7 @@ def main() -> None:
         "errors": [r["error"] for r in results if not r["ok"]],
         "clients": args.clients,
         "server_queue": args.queue,
+        "app_keys": args.app_keys,
         "seconds": round(seconds, 1),
         "throughput_rps": round(len(ok) / seconds, 3),
         "retries_429": sum(r["retries_429"] for r in results),

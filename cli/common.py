@@ -27,13 +27,31 @@ def device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracker", default=None, help="host:port of an RPC tracker; with --key")
     p.add_argument("--key", default=None, help="device key registered with the tracker")
     p.add_argument("--quant", default=None, help="refuse a build whose weights are not this scheme (e.g. q4f32_1)")
+    p.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an RPC call may wait for the device before it counts as lost (more than the longest call: "
+        "the qemu stand-in phone needs 600)",
+    )
+    p.add_argument(
+        "--reconnect-for", type=float, default=30.0, help="seconds to keep reconnecting to a lost device, with back-off"
+    )
 
 
 def engine(args):
     """The engine for --build or --bundle, local or on a device (--rpc / --tracker + --key)."""
     from elastilm.runtime_py.engine import ElasticEngine
 
-    remote = dict(rpc=args.rpc, tracker=args.tracker, key=args.key, progress=True, quant=args.quant)
+    remote = dict(
+        rpc=args.rpc,
+        tracker=args.tracker,
+        key=args.key,
+        progress=True,
+        quant=args.quant,
+        rpc_timeout=args.rpc_timeout,
+        reconnect_for=args.reconnect_for,
+    )
     if getattr(args, "bundle", None):
         return ElasticEngine.from_bundle(args.bundle, args.model, **remote)
     return ElasticEngine(args.build, **remote)

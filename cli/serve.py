@@ -26,7 +26,15 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument(
+        "--app-keys",
+        type=Path,
+        default=None,
+        help="a JSON file {app: key}: each app its own key, and a request counts as its key's app in the queue "
+        "(instead of --api-key)",
+    )
     p.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 429")
+    p.add_argument("--app-share", type=float, default=0.5, help="the share of the queue one app may hold")
     p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens per request")
     p.add_argument("--lenient", action="store_true", help="ignore unknown request fields instead of answering 400")
     p.set_defaults(run=serve)
@@ -47,8 +55,9 @@ def serve(args) -> None:
     from elastilm.runtime_py.orchestrator import Orchestrator
     from elastilm.runtime_py.serve import serve
 
-    if args.host not in LOOPBACK and not args.api_key:
+    if args.host not in LOOPBACK and not (args.api_key or args.app_keys):
         print(f"elastilm: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    app_keys = read_app_keys(args.app_keys) if args.app_keys else None
     eng = engine(args)
     orch = Orchestrator(eng.folder, eng, latency=args.latency)
     print(
@@ -63,8 +72,24 @@ def serve(args) -> None:
         queue=args.queue,
         max_tokens=args.max_tokens,
         api_key=args.api_key,
+        app_keys=app_keys,
+        app_share=args.app_share,
         strict=not args.lenient,
     )
+
+
+def read_app_keys(path: Path) -> dict[str, str]:
+    import json
+
+    from elastilm.formats.errors import ElastiLMError
+
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ElastiLMError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise ElastiLMError(f'{path}: must hold one JSON object of app names to keys, e.g. {{"mail": "..."}}')
+    return keys
 
 
 def device_serve(args) -> None:

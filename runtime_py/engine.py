@@ -21,7 +21,13 @@ from elastilm.formats import bundle, elastic, signature
 from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.widths import Level, LevelTable, drop_count
 from elastilm.runtime_py.sampling import GREEDY, Sampling, until_stop
-from elastilm.runtime_py.session import DeviceLost, LocalSession, RemoteSession
+from elastilm.runtime_py.session import (
+    DEFAULT_RECONNECT,
+    DEFAULT_TIMEOUT,
+    DeviceLost,
+    LocalSession,
+    RemoteSession,
+)
 
 # prompt tokens per prefill call when a request can be cancelled (the service): long enough that the extra calls
 # cost little, short enough that a client who left frees the model within a fraction of a second
@@ -41,9 +47,13 @@ class ElasticEngine:
         progress: bool = False,
         adapters: bool = True,
         quant: str | None = None,
+        rpc_timeout: float = DEFAULT_TIMEOUT,
+        reconnect_for: float = DEFAULT_RECONNECT,
     ):
         """Runs in this process, or with `rpc` (host:port) / `tracker` (host:port) + `key` on a device over RPC,
-        which receives the library and weights once (cached there by checksum). `adapters`: run each level with
+        which receives the library and weights once (cached there by checksum); there, a call that waits more than
+        `rpc_timeout` seconds for the device fails, and a lost device is reconnected to for `reconnect_for` seconds
+        (session.RemoteSession). `adapters`: run each level with
         its recovery adapter where the build has one (False: the plain sub-models). `quant`: the weight scheme the
         caller expects (formats/quant.py); a build of another is refused by name."""
         self.folder = Path(folder)
@@ -58,7 +68,9 @@ class ElasticEngine:
                 f"`elastilm compile --quant {quant}`"
             )
         self.elastic = elastic.read(self.folder)
-        self.session = RemoteSession(rpc, tracker, key, progress=progress) if remote else LocalSession(device)
+        self.session = (
+            RemoteSession(rpc, tracker, key, rpc_timeout, reconnect_for, progress) if remote else LocalSession(device)
+        )
         self.max_len = self.manifest["context_window"]
         self._load()
         self.levels: LevelTable = elastic.levels(self.elastic)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
+import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from tvm import relax
 
 from elastilm.formats.errors import ElastiLMError
 
+LOG = logging.getLogger("elastilm.session")
 CACHE_NAME = "elastilm.{}.{}"  # device tensor-cache names of tensors made there (KV caches, zero adapters)
 
 
@@ -80,60 +86,176 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+DEFAULT_TIMEOUT = 60.0  # seconds one RPC call may wait for the device before it counts as lost
+DEFAULT_RECONNECT = 30.0  # seconds a lost device is reconnected to, with back-off (a rebooting phone)
+FIRST_CONNECT = 3.0  # seconds the first connection is tried for (a wrong address fails fast)
+HANDSHAKE = 10.0  # seconds a connection's handshake may take (milliseconds when the device answers)
+
+
+def _tcp_sockets() -> dict[int, tuple]:
+    """This process's TCP sockets: fd -> (local address, peer address or None for a listener)."""
+    found = {}
+    for name in os.listdir("/dev/fd"):
+        try:
+            fd = os.dup(int(name))
+        except OSError:  # the listing's own descriptor, closed since
+            continue
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
+            continue
+        with sock:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                local = sock.getsockname()
+                peer = None if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) else sock.getpeername()
+            except OSError:
+                continue
+            found[int(name)] = (local, peer)
+    return found
+
+
+def _opened_links(before: dict[int, tuple]) -> list[int]:
+    """The outgoing TCP connections opened since `before`: not listeners, not connections a server of this process
+    accepted or was sent (a service's clients)."""
+    now = _tcp_sockets()
+    ports = {local[1] for local, peer in now.values() if peer is None}
+    return [
+        fd
+        for fd, (local, peer) in now.items()
+        if before.get(fd) != (local, peer) and peer is not None and local[1] not in ports and peer[1] not in ports
+    ]
+
+
+def _shutdown(fd: int) -> None:
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class RemoteSession:
-    """A device reached through an RPC server (`rpc=host:port`) or a tracker (`tracker=host:port`, `key`)."""
+    """A device reached through an RPC server (`rpc=host:port`) or a tracker (`tracker=host:port`, `key`).
+
+    TVM's RPC client has no deadlines, so a stopped device or a half-open link would block a call for ever. Each
+    connection's socket (found among this process's descriptors: the one outgoing TCP connection the connect
+    opened) gets receive and send timeouts of `timeout` seconds: a call that waits longer fails, the link is shut
+    down (which also ends the session on the device, so the server takes the next one) and DeviceLost names the
+    endpoint. `connect` retries with back-off for `reconnect_for` seconds, then gives up with DeviceLost. `timeout`
+    must exceed the longest single call: a prefill chunk, loading the weights on the device (the qemu stand-in
+    phone needs minutes)."""
 
     def __init__(
         self,
         rpc: str | None = None,
         tracker: str | None = None,
         key: str | None = None,
-        retries: int = 3,
+        timeout: float = DEFAULT_TIMEOUT,
+        reconnect_for: float = DEFAULT_RECONNECT,
         progress: bool = True,
     ):
         if (rpc is None) == (tracker is None):
             raise ElastiLMError("give either rpc=host:port or tracker=host:port with key=NAME")
         if tracker is not None and not key:
             raise ElastiLMError("a tracker needs the device key (key=NAME)")
+        if not timeout > 0 or not reconnect_for >= 0:
+            raise ElastiLMError(f"the RPC timeout must be > 0 and reconnect_for >= 0, got {timeout}, {reconnect_for}")
         self.rpc, self.tracker, self.key = rpc, tracker, key
         self.endpoint = f"rpc {rpc}" if rpc else f"tracker {tracker} key '{key}'"
-        self.retries, self.progress = retries, progress
+        self.timeout, self.reconnect_for, self.progress = timeout, reconnect_for, progress
         self.uploaded_bytes = 0
         self.connections = 0  # connects so far: handles made under an earlier connection are stale
-        self.connect()
+        self._link = None  # the connection's socket (a duplicate of TVM's descriptor, so it stays ours)
+        self.connect(FIRST_CONNECT)
 
     # -- connection ---------------------------------------------------------------------------------------
-    def connect(self) -> None:
+    def connect(self, within: float | None = None) -> None:
+        """(Re)connect, retrying with back-off (0.25 s, doubling up to 4 s) for `within` seconds (default
+        reconnect_for); DeviceLost when the device cannot be reached in that time."""
+        self._drop_link()
+        give_up = time.monotonic() + (self.reconnect_for if within is None else within)
+        pause, tries = 0.25, 0
+        while True:
+            tries += 1
+            try:
+                self.remote, self._link = self._open()
+                break
+            except (OSError, RuntimeError) as err:
+                last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            if time.monotonic() + pause > give_up:
+                raise DeviceLost(f"cannot reach the device at {self.endpoint} ({tries} tries): {last}")
+            time.sleep(pause)
+            pause = min(2 * pause, 4.0)
+        if self._link is not None:
+            timeval = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+            self._link.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self._link.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self.connections += 1
+        if hasattr(self, "device_type"):  # a reconnect: the device handle belongs to the new link
+            self.device = self.remote.device(self.device_type)
+
+    def _open(self):
+        """A new RPC session and its socket (None if it cannot be told apart: no deadlines then), in a thread
+        that is given HANDSHAKE seconds: a stopped device accepts the connection and never answers its
+        handshake, so the sockets it opened are then shut down, which ends the wait."""
         from tvm import rpc
 
-        last = None
-        for attempt in range(self.retries):
+        def open_session():
+            if self.rpc:
+                return rpc.connect(*parse_endpoint(self.rpc), session_timeout=0)
+            tracker = rpc.connect_tracker(*parse_endpoint(self.tracker))
             try:
-                if self.rpc:
-                    self.remote = rpc.connect(*parse_endpoint(self.rpc), session_timeout=0)
-                else:
-                    self.remote = rpc.connect_tracker(*parse_endpoint(self.tracker)).request(
-                        self.key, session_timeout=0
-                    )
-                self.connections += 1
-                if hasattr(self, "device_type"):  # a reconnect: the device handle belongs to the new link
-                    self.device = self.remote.device(self.device_type)
-                return
-            except (OSError, RuntimeError) as err:
-                last = err
-                time.sleep(0.5 * (attempt + 1))
-        raise ElastiLMError(f"cannot reach the device at {self.endpoint} after {self.retries} tries: {last}")
+                return tracker.request(self.key, session_timeout=0)
+            finally:
+                tracker.close()
+
+        before, result = _tcp_sockets(), {}
+
+        def run():
+            try:
+                result["session"] = open_session()
+            except Exception as err:  # noqa: BLE001  (re-raised in the caller's thread)
+                result["error"] = err
+
+        thread = threading.Thread(target=run, name="elastilm-rpc-connect", daemon=True)
+        thread.start()
+        thread.join(min(self.timeout, HANDSHAKE))
+        links = _opened_links(before)
+        if thread.is_alive():
+            for fd in links:
+                _shutdown(fd)
+            thread.join(5)
+            raise TimeoutError(f"no answer to the handshake within {min(self.timeout, HANDSHAKE):g} s")
+        if "error" in result:
+            raise result["error"]
+        if len(links) != 1:
+            LOG.warning("cannot tell the socket to %s apart: its calls have no deadline", self.endpoint)
+            return result["session"], None
+        return result["session"], socket.socket(fileno=os.dup(links[0]))
+
+    def _drop_link(self) -> None:
+        """Shut the current connection down: its stale handles fail at once, and the device's session ends."""
+        if self._link is not None:
+            with contextlib.suppress(OSError):
+                self._link.shutdown(socket.SHUT_RDWR)
+            self._link.close()
+            self._link = None
 
     def close(self) -> None:
+        self._drop_link()
         self._shape = self._get_item = self.remote = self.device = None
 
     @contextlib.contextmanager
     def guard(self):
-        """A broken connection inside becomes DeviceLost, naming the endpoint."""
+        """A broken or stalled connection inside becomes DeviceLost, naming the endpoint."""
         try:
             yield
         except (OSError, RuntimeError) as err:
+            if "temporarily unavailable" in str(err):  # EAGAIN: the socket's timeout passed without an answer
+                self._drop_link()
+                raise DeviceLost(f"the device at {self.endpoint} gave no answer within {self.timeout:g} s") from err
             if not self._alive():  # RPC errors of a lost link vary with where the call was cut; ask the link
+                self._drop_link()
                 raise DeviceLost(f"lost the device at {self.endpoint}: {str(err).strip().splitlines()[-1]}") from err
             raise
 
@@ -236,4 +358,4 @@ class RemoteSession:
 
 
 class DeviceLost(ElastiLMError):
-    """The RPC connection broke; the message names the endpoint."""
+    """The device cannot be reached, stopped answering, or its connection broke; the message names the endpoint."""

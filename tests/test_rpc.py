@@ -1,5 +1,10 @@
 """The engine over TVM RPC on loopback: a real RPC server (and tracker), outputs equal to a local run."""
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +21,7 @@ from elastilm.formats import elastic as artifact
 from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import device
 from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.runtime_py.session import DeviceLost
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +121,157 @@ def test_unreachable_device_names_the_endpoint(built):
         ElasticEngine(built, rpc="phone")
 
 
+class DeviceProcess:
+    """`elastilm device serve` in a process group of its own, so that the whole server (its accept loop and the
+    session it forked) can be stopped (SIGSTOP: a frozen phone, a half-open link) or killed."""
+
+    def __init__(self, cache: Path, port: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "elastilm", "device", "serve", "--port", str(port), "--cache", str(cache)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        banner = self.proc.stdout.readline()
+        assert "serving on 127.0.0.1:" in banner, banner
+        self.port = int(banner.split("serving on 127.0.0.1:")[1].split(";")[0])
+
+    def signal(self, sig) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def test_a_stopped_device_fails_within_the_deadline_and_a_rebooting_one_is_reconnected_to(built, local, tmp_path):
+    ids = prompt(local, 6, 7)
+    expected = greedy(local, ids, 0.5, n=12)
+    devices = [DeviceProcess(tmp_path / "cache", 9800)]
+    port = devices[0].port
+    try:
+        engine = ElasticEngine(built, rpc=f"127.0.0.1:{port}", rpc_timeout=2, reconnect_for=3)
+        tokens = engine.generate_ids(ids, 0.5, max_new_tokens=12)
+        got = [next(tokens) for _ in range(3)]
+        devices[0].signal(signal.SIGSTOP)  # mid-stream: the next decode call never gets an answer
+        start = time.monotonic()
+        with pytest.raises(DeviceLost, match=f"cannot reach the device at rpc 127.0.0.1:{port} "):
+            list(tokens)
+        waited = time.monotonic() - start
+        assert 4 < waited < 12, waited  # the 2 s deadline, then 3 s of reconnecting (each try at most 2 s)
+        devices[0].signal(signal.SIGCONT)  # it answers again: the next request reconnects
+        assert greedy(engine, ids, 0.5, n=12) == expected
+
+        engine.session.reconnect_for = 30  # a rebooting phone: gone mid-stream, back on its port 2 s later
+        tokens = engine.generate_ids(ids, 0.5, max_new_tokens=12)
+        got = [next(tokens) for _ in range(3)]
+        devices[0].kill()
+        reboot = threading.Timer(2.0, lambda: devices.append(DeviceProcess(tmp_path / "cache", port)))
+        reboot.start()
+        got += list(tokens)
+        reboot.join()
+        assert devices[-1].port == port and got == expected
+        assert engine.session.connections == 3
+        engine.close()
+    finally:
+        for d in devices:
+            d.kill()
+
+
+def test_the_service_answers_or_refuses_every_request_clearly_when_the_device_stops_then_dies(
+    tmp_path_factory, tmp_path
+):
+    """A real `elastilm serve` on a real device server: the device stops (SIGSTOP) with requests in flight and
+    queued, then is killed; each request gets its answer or a 503 naming the device within its deadline, the
+    service stays up, and once a device is back on the port the next request is answered."""
+    import httpx
+    from conftest import tiny_build_with_tlm
+
+    from elastilm.evaluate.trace import start_service
+
+    out, _ = tiny_build_with_tlm(tmp_path_factory)
+    device_server = DeviceProcess(tmp_path / "cache", 9850)
+    endpoint = f"127.0.0.1:{device_server.port}"
+    service, url = start_service(out, tmp_path / "serve.log", rpc=endpoint, rpc_timeout=2, reconnect_for=3)
+    body = {"prompt": "w5 w6 w7", "max_tokens": 5, "slo": {"ttft": 0.9, "tpot": 0.9}}
+    revived = None
+    try:
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        device_server.signal(signal.SIGSTOP)
+        results = {}
+
+        def call(name, stream):
+            start = time.monotonic()
+            r = httpx.post(f"{url}/v1/completions", json={**body, "stream": stream, "user": name}, timeout=60)
+            results[name] = (r.status_code, r.text, time.monotonic() - start)
+
+        clients = [threading.Thread(target=call, args=(f"app{i}", i == 0)) for i in range(3)]
+        for c in clients:
+            c.start()
+        time.sleep(3.5)  # past the 2 s deadline of the request in flight: a stall, not a broken link
+        device_server.kill()
+        for c in clients:
+            c.join(60)
+        for name, (status, text, seconds) in results.items():
+            assert seconds < 20, (name, seconds)  # queued behind each other: 2 s deadline + 3 s reconnecting each
+            assert f"device at rpc {endpoint}" in text and "retry later" in text, text
+            assert status == 503 or (name == "app0" and '"code": 503' in text), text  # a begun stream: its last event
+        assert len(results) == 3
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        revived = DeviceProcess(tmp_path / "cache", device_server.port)
+        assert revived.port == device_server.port
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200, again.text
+    finally:
+        service.terminate()
+        service.wait(30)
+        device_server.kill()
+        if revived is not None:
+            revived.kill()
+
+
+def test_sigterm_stops_accepting_lets_the_request_in_flight_finish_and_exits_0(tmp_path_factory, tmp_path):
+    """A real `elastilm serve` process gets SIGTERM while a request is in flight (held up by a stopped device): the
+    port stops accepting at once, the request still gets its answer, and the process exits 0 within the grace."""
+    import httpx
+    from conftest import tiny_build_with_tlm
+
+    from elastilm.evaluate.trace import start_service
+
+    out, _ = tiny_build_with_tlm(tmp_path_factory)
+    device_server = DeviceProcess(tmp_path / "cache", 9870)
+    service, url = start_service(
+        out, tmp_path / "serve.log", rpc=f"127.0.0.1:{device_server.port}", rpc_timeout=3, reconnect_for=1
+    )
+    body = {"prompt": "w5 w6 w7", "max_tokens": 5, "slo": {"ttft": 0.9, "tpot": 0.9}}
+    try:
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        device_server.signal(signal.SIGSTOP)
+        result = {}
+        in_flight = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=60))
+        )
+        in_flight.start()
+        time.sleep(1.0)  # the request is on the worker, waiting for the device
+        start = time.monotonic()
+        service.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)
+        in_flight.join(30)
+        assert result["r"].status_code == 503 and "cannot reach the device" in result["r"].text
+        assert service.wait(30) == 0
+        assert time.monotonic() - start < 30
+    finally:
+        if service.poll() is None:
+            service.kill()
+        device_server.signal(signal.SIGCONT)
+        device_server.kill()
+
+
 def test_cli_device_serve_runs_until_interrupted(built, local, tmp_path):
     """`elastilm device serve` as a user starts it: a separate process, loopback, stopped with Ctrl-C."""
-    import signal
-    import subprocess
-    import sys
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "elastilm", "device", "serve", "--port", "9500", "--cache", str(tmp_path / "cache")],
         stdout=subprocess.PIPE,

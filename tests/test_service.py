@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_build_with_tlm
 
+from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.orchestrator import Orchestrator, Request
 from elastilm.runtime_py.serve import Service, create_app
@@ -223,12 +224,76 @@ def test_fair_queue_round_robin_capacity_and_removal():
 
     q = FairQueue(5)
     jobs = [J("a", 1), J("a", 2), J("a", 3), J("b", 1), J("c", 1)]
-    assert all(q.put(j) for j in jobs)
-    assert not q.put(J("d", 1))  # full
+    assert all(q.put(j) is None for j in jobs)
+    assert "full" in q.put(J("d", 1))
     assert q.remove(jobs[1]) and not q.remove(jobs[1])
     order = [q.get(timeout=0) for _ in range(4)]
     assert [(j.app, j.n) for j in order] == [("a", 1), ("b", 1), ("c", 1), ("a", 3)]
     assert q.get(timeout=0.01) is None and len(q) == 0
+
+
+def test_each_app_holds_at_most_its_share_of_the_queue():
+    class J:
+        def __init__(self, app):
+            self.app = app
+
+    q = FairQueue(5, share=0.4)  # ceil(0.4 x 5) = 2 places per app
+    assert [q.put(J("mail")) for _ in range(3)][2] == (
+        "this app already has 2 requests waiting, its share of the 5 places"
+    )
+    assert all(q.put(J(app)) is None for app in ("notes", "notes", "chat"))
+    assert "full" in q.put(J("maps"))
+    assert q.get(timeout=0).app == "mail" and q.put(J("mail")) is None  # a place of its own freed: room again
+    with pytest.raises(ValueError, match="share"):
+        FairQueue(4, share=0)
+
+
+def test_one_apps_burst_cannot_turn_another_app_away(built):
+    """With the apps' keys, a request counts as its key's app (its "user" field cannot make it another): one app
+    fills its share of the queue and is refused beyond it, while another app's request still gets in."""
+    gate = Gate(built)
+    service = Service(gate, "tiny", queue=4, max_tokens=4, app_keys={"mail": "k-mail", "notes": "k-notes"})
+    srv = Server(service)
+    results = {}
+
+    def call(name, key, user=None):
+        body = {**CHAT, "user": user} if user else CHAT
+        results[name] = httpx.post(
+            f"{srv.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        )
+
+    try:
+        threads = [threading.Thread(target=call, args=("mail-running", "k-mail"))]
+        threads[0].start()
+        _wait(lambda: service.busy)  # mail's first request holds the model
+        for i in range(2):
+            threads.append(threading.Thread(target=call, args=(f"mail-{i}", "k-mail", f"disguise-{i}")))
+            threads[-1].start()
+        _wait(lambda: len(service.queue) == 2)
+        burst = httpx.post(
+            f"{srv.url}/v1/chat/completions",
+            json={**CHAT, "user": "notes"},  # claims to be another app: still mail's
+            headers={"Authorization": "Bearer k-mail"},
+            timeout=10,
+        )
+        assert burst.status_code == 429 and "its share of the 4 places" in burst.json()["error"]["message"]
+        assert int(burst.headers["Retry-After"]) >= 1
+        threads.append(threading.Thread(target=call, args=("notes", "k-notes")))
+        threads[-1].start()
+        _wait(lambda: len(service.queue) == 3)  # the other app got in
+        assert httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 401
+        gate.gate.set()
+        for t in threads:
+            t.join(60)
+        assert {n: r.status_code for n, r in results.items()} == dict.fromkeys(
+            ["mail-running", "mail-0", "mail-1", "notes"], 200
+        )
+    finally:
+        gate.gate.set()
+        srv.stop()
+        service.close()
+    with pytest.raises(ElastiLMError, match="two apps share one key"):
+        Service(gate, "tiny", app_keys={"a": "k", "b": "k"})
 
 
 def test_multiple_choice_and_baseline_strategies(server, built):

@@ -9,6 +9,7 @@ app.py       the HTTP routes
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from elastilm.runtime_py.device import LOOPBACK
@@ -41,8 +42,13 @@ def serve(orch, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> No
 
     hosts = LOOPBACK if host in LOOPBACK else None  # bound to loopback: loopback names only (DNS rebinding)
     service = Service(orch, orch.engine.manifest["model"], hosts=hosts, on_unhealthy=_exit_unhealthy, **options)
+    # uvicorn shuts down gracefully on these, then raises the signal again under the handler it found: a no-op
+    # one here, so that a graceful stop ends with status 0 rather than death by the signal
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         service.close()
         orch.close()

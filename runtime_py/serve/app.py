@@ -7,7 +7,8 @@ A route parses the body (protocol.py), queues one Job (queue.py) and relays what
 Bad requests get a 400 with the reason (OpenAI's error shape), a body over the limit 413 before it is parsed, a
 full queue 429 with Retry-After, a failure inside the server 500 with an error id (the details go to the log,
 never to the client); the server itself never stops on one. A client that disconnects is cancelled at its next
-token (or dropped from the queue). With an API key, every route but a bare liveness answer on /health needs it.
+token (or dropped from the queue). With an API key (or the apps' keys), every route but a bare liveness answer on
+/health needs one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.orchestrator import Answer, InvalidRequest
 from elastilm.runtime_py.serve import protocol
 from elastilm.runtime_py.serve.queue import Job
-from elastilm.runtime_py.serve.worker import Service
+from elastilm.runtime_py.serve.worker import Service, Unavailable
 
 
 def create_app(service: Service) -> FastAPI:
@@ -54,11 +55,25 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}")
 
 
-def _authorized(request: Request) -> bool:
-    """True without an API key, else when the request carries it (compared in constant time)."""
-    key = _service(request).api_key
+def _caller(request: Request) -> str | None:
+    """The app whose key the request carries (--app-keys); "" on a server without per-app keys, when the request
+    carries its one key or the server needs none; None when the request lacks a key the server needs. Keys are
+    compared in constant time, every one of them."""
+    service = _service(request)
     given = request.headers.get("authorization", "").encode()
-    return not key or hmac.compare_digest(given, f"Bearer {key}".encode())
+    if service.app_keys:
+        found = None
+        for app, key in service.app_keys.items():
+            if hmac.compare_digest(given, f"Bearer {key}".encode()):
+                found = app
+        return found
+    if service.api_key and not hmac.compare_digest(given, f"Bearer {service.api_key}".encode()):
+        return None
+    return ""
+
+
+def _authorized(request: Request) -> bool:
+    return _caller(request) is not None
 
 
 def _unauthorized(request: Request) -> JSONResponse | None:
@@ -128,7 +143,8 @@ async def _body(request: Request, schema):
 
 
 def _app_name(request: Request, body) -> str:
-    return body.user or request.headers.get("authorization") or (request.client.host if request.client else "anonymous")
+    """The app a request counts as in the queue: its key's app, else what the client says it is."""
+    return _caller(request) or body.user or (request.client.host if request.client else "anonymous")
 
 
 async def chat(request: Request):
@@ -163,11 +179,11 @@ async def _handle(request: Request, schema):
     if (reason := service.problem()) is not None:
         service.metrics.requests.labels(endpoint, "503").inc()
         return _error(503, f"the service is unavailable ({reason}); retry later", "server_error")
-    if not service.submit(job):
+    if (refused := service.submit(job)) is not None:
         service.metrics.requests.labels(endpoint, "429").inc()
         return _error(
             429,
-            f"the queue is full ({service.queue.capacity} waiting); retry later",
+            f"{refused}; retry later",
             "rate_limit_error",
             {"Retry-After": str(service.retry_after())},
         )
@@ -183,10 +199,6 @@ async def _handle(request: Request, schema):
     if body.stream:
         return StreamingResponse(_stream(request, job, first, rid, schema.kind), media_type="text/event-stream")
     return await _whole(request, job, first, rid, schema.kind)
-
-
-class Unavailable(ElastiLMError):
-    """The service cannot answer: its worker died or is stuck (503)."""
 
 
 def _failure(error: Exception) -> tuple[int, str]:

@@ -14,6 +14,7 @@ from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.orchestrator import InvalidRequest
 from elastilm.runtime_py.serve.metrics import Metrics
 from elastilm.runtime_py.serve.queue import FairQueue, Job
+from elastilm.runtime_py.session import DeviceLost
 
 LOG = logging.getLogger("elastilm.serve")
 
@@ -26,8 +27,17 @@ class InternalError(ElastiLMError):
         super().__init__(f"internal error {self.error_id}; the server's log has the details")
 
 
+class Unavailable(ElastiLMError):
+    """The service cannot answer: its worker died or is stuck, or the device is lost (503)."""
+
+
 class Service:
     """The worker, the queue and the metrics around one Orchestrator, and the limits of what a request may hold.
+
+    queue: requests that may wait, app_share: the share of them one app may hold. app_keys: {app: key}; a request
+    must carry one of them (Authorization: Bearer KEY) and counts as that app, whatever its "user" field says;
+    without them (a single `api_key` or none) the app is the request's "user" field or the client's address, as
+    the client says (cooperating apps).
 
     max_body: bytes of a request body (413 beyond, before parsing); max_chars: characters of all text in a request
     (prompt, messages, context, options), checked before anything is tokenized; hosts: the Host headers accepted
@@ -45,6 +55,8 @@ class Service:
         queue: int = 16,
         max_tokens: int = 256,
         api_key: str | None = None,
+        app_keys: dict[str, str] | None = None,
+        app_share: float = 0.5,
         strict: bool = True,
         max_body: int = 1 << 20,
         max_chars: int = 64_000,
@@ -54,9 +66,16 @@ class Service:
     ):
         self.orch = orchestrator
         self.model_id = model_id
-        self.queue = FairQueue(queue)
+        if app_keys is not None:
+            if api_key is not None:
+                raise ElastiLMError("give either one API key or the apps' keys, not both")
+            if not app_keys or not all(isinstance(k, str) and k for k in app_keys.values()):
+                raise ElastiLMError("the apps' keys must be non-empty strings, one per app")
+            if len(set(app_keys.values())) != len(app_keys):
+                raise ElastiLMError("two apps share one key: each app needs its own")
+        self.queue = FairQueue(queue, app_share)
         self.max_tokens = max_tokens
-        self.api_key = api_key
+        self.api_key, self.app_keys = api_key, app_keys
         self.strict = strict
         self.max_body, self.max_chars, self.hosts = max_body, max_chars, hosts
         self.metrics = Metrics()
@@ -114,6 +133,9 @@ class Service:
                     job.put(item)
             except InvalidRequest as e:  # the request's own fault: its reason goes back to the client
                 job.put(e)
+            except DeviceLost as e:  # stalled or gone past the reconnect time: the next request tries again
+                LOG.error("request failed: %s", e)
+                job.put(Unavailable(f"{e}; retry later"))
             except Exception:  # noqa: BLE001  (one request's failure is reported to it, the worker goes on)
                 error = InternalError()
                 LOG.exception("request failed (error %s)", error.error_id)
@@ -125,10 +147,11 @@ class Service:
     def retry_after(self) -> int:
         return max(1, round((len(self.queue) + 1) * self.mean_seconds))
 
-    def submit(self, job: Job) -> bool:
-        ok = self.queue.put(job)
+    def submit(self, job: Job) -> str | None:
+        """None once queued, else why it is refused."""
+        refused = self.queue.put(job)
         self.metrics.queue.set(len(self.queue))
-        return ok
+        return refused
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
