@@ -54,6 +54,7 @@ def serve(args) -> None:
     from elastilm.runtime_py.device import LOOPBACK
     from elastilm.runtime_py.orchestrator import Orchestrator
     from elastilm.runtime_py.serve import serve
+    from elastilm.runtime_py.serve.worker import read_app_keys
 
     if args.host not in LOOPBACK and not (args.api_key or args.app_keys):
         print(f"elastilm: warning: serving on {args.host} without --api-key", file=sys.stderr)
@@ -76,20 +77,6 @@ def serve(args) -> None:
         app_share=args.app_share,
         strict=not args.lenient,
     )
-
-
-def read_app_keys(path: Path) -> dict[str, str]:
-    import json
-
-    from elastilm.formats.errors import ElastiLMError
-
-    try:
-        keys = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ElastiLMError(f"{path}: not a readable JSON file ({err})") from None
-    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
-        raise ElastiLMError(f'{path}: must hold one JSON object of app names to keys, e.g. {{"mail": "..."}}')
-    return keys
 
 
 def device_serve(args) -> None:

@@ -92,18 +92,26 @@ FIRST_CONNECT = 3.0  # seconds the first connection is tried for (a wrong addres
 HANDSHAKE = 10.0  # seconds a connection's handshake may take (milliseconds when the device answers)
 
 
+def _socket(fd: int) -> socket.socket | None:
+    """A socket object on a duplicate of descriptor `fd` (closing it leaves `fd` open), or None if `fd` is not a
+    socket (or is closed)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        return socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return None
+
+
 def _tcp_sockets() -> dict[int, tuple]:
     """This process's TCP sockets: fd -> (local address, peer address or None for a listener)."""
     found = {}
     for name in os.listdir("/dev/fd"):
-        try:
-            fd = os.dup(int(name))
-        except OSError:  # the listing's own descriptor, closed since
-            continue
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:  # not a socket
-            os.close(fd)
+        sock = _socket(int(name))
+        if sock is None:
             continue
         with sock:
             if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -129,9 +137,11 @@ def _opened_links(before: dict[int, tuple]) -> list[int]:
     ]
 
 
-def _shutdown(fd: int) -> None:
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-        sock.shutdown(socket.SHUT_RDWR)
+def _shutdown(sock: socket.socket | None) -> None:
+    """End the connection (the other side sees it closed, blocked calls on it return) and close `sock`."""
+    if sock is not None:
+        with sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class RemoteSession:
@@ -223,7 +233,7 @@ class RemoteSession:
         links = _opened_links(before)
         if thread.is_alive():
             for fd in links:
-                _shutdown(fd)
+                _shutdown(_socket(fd))
             thread.join(5)
             raise TimeoutError(f"no answer to the handshake within {min(self.timeout, HANDSHAKE):g} s")
         if "error" in result:
@@ -231,15 +241,12 @@ class RemoteSession:
         if len(links) != 1:
             LOG.warning("cannot tell the socket to %s apart: its calls have no deadline", self.endpoint)
             return result["session"], None
-        return result["session"], socket.socket(fileno=os.dup(links[0]))
+        return result["session"], _socket(links[0])
 
     def _drop_link(self) -> None:
         """Shut the current connection down: its stale handles fail at once, and the device's session ends."""
-        if self._link is not None:
-            with contextlib.suppress(OSError):
-                self._link.shutdown(socket.SHUT_RDWR)
-            self._link.close()
-            self._link = None
+        _shutdown(self._link)
+        self._link = None
 
     def close(self) -> None:
         self._drop_link()

@@ -5,10 +5,12 @@ stalls the model; a cancelled job (the client left) stops at its next token and 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py.orchestrator import InvalidRequest
@@ -25,6 +27,29 @@ class InternalError(ElastiLMError):
     def __init__(self):
         self.error_id = uuid.uuid4().hex[:12]
         super().__init__(f"internal error {self.error_id}; the server's log has the details")
+
+
+def check_app_keys(keys) -> None:
+    """{app name: key}, each key a non-empty string of its own."""
+    if not isinstance(keys, dict) or not keys:
+        raise ElastiLMError('the apps\' keys must be a JSON object of app names to keys, e.g. {"mail": "..."}')
+    if not all(isinstance(a, str) and isinstance(k, str) and k for a, k in keys.items()):
+        raise ElastiLMError("the apps' keys must be non-empty strings, one per app")
+    if len(set(keys.values())) != len(keys):
+        raise ElastiLMError("two apps share one key: each app needs its own")
+
+
+def read_app_keys(path: Path) -> dict[str, str]:
+    """The apps' keys from a JSON file (`serve --app-keys`), checked."""
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ElastiLMError(f"{path}: not a readable JSON file ({err})") from None
+    try:
+        check_app_keys(keys)
+    except ElastiLMError as err:
+        raise ElastiLMError(f"{path}: {err}") from None
+    return keys
 
 
 class Unavailable(ElastiLMError):
@@ -69,10 +94,7 @@ class Service:
         if app_keys is not None:
             if api_key is not None:
                 raise ElastiLMError("give either one API key or the apps' keys, not both")
-            if not app_keys or not all(isinstance(k, str) and k for k in app_keys.values()):
-                raise ElastiLMError("the apps' keys must be non-empty strings, one per app")
-            if len(set(app_keys.values())) != len(app_keys):
-                raise ElastiLMError("two apps share one key: each app needs its own")
+            check_app_keys(app_keys)
         self.queue = FairQueue(queue, app_share)
         self.max_tokens = max_tokens
         self.api_key, self.app_keys = api_key, app_keys
