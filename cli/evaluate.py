@@ -53,7 +53,32 @@ def register(sub) -> None:
     )
     p.add_argument("--rate", type=float, default=0.5, help="arrivals per second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--questions", type=int, default=None, help="each app draws from its first N report questions (default all)"
+    )
     p.add_argument("--out", type=Path, default=Path("dist/trace"))
+    p.add_argument(
+        "--simulate",
+        type=Path,
+        default=None,
+        metavar="REPLAY",
+        help="simulate the traces instead (evaluate/simulate.py) with the latency scatter and TLM cost measured in "
+        "this replay folder, one simulated service per --seeds; needs --questions",
+    )
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
+    p.add_argument(
+        "--validate",
+        type=Path,
+        default=None,
+        metavar="REPLAY",
+        help="simulate the traces replayed in this folder and compare request by request (trace-agreement.md)",
+    )
+    p.add_argument(
+        "--outcomes",
+        type=Path,
+        default=Path("dist/trace-outcomes.csv"),
+        help="the outcome grid the simulation reads and fills (resumable, per build)",
+    )
     p.set_defaults(run=bench_trace)
 
 
@@ -83,9 +108,43 @@ def eval_slo(args) -> None:
 
 
 def bench_trace(args) -> None:
+    from elastilm.evaluate import simulate
     from elastilm.evaluate.trace import run
     from elastilm.evaluate.trace_report import summary_lines
+    from elastilm.formats.errors import ElastiLMError
+    from elastilm.runtime_py.planner import STRATEGIES
 
+    if args.validate is not None:
+        from elastilm.runtime_py.orchestrator import Orchestrator
+
+        orch = Orchestrator(args.build)
+        try:
+            table = simulate.validate(orch, args.validate, args.outcomes)
+        finally:
+            orch.close()
+        print(simulate.agreement_markdown(table))
+        print(f"wrote {args.validate}/trace-simulated.csv, trace-agreement.md")
+        return
+    if args.simulate is not None:
+        if args.questions is None:
+            raise ElastiLMError("--simulate draws from the outcome grid's questions: give --questions (e.g. 100)")
+        table = simulate.run(
+            args.build,
+            args.simulate,
+            list(args.alphas),
+            args.strategies or list(STRATEGIES),
+            args.requests,
+            args.rate,
+            args.seeds,
+            args.questions,
+            8,
+            args.outcomes,
+            args.out,
+        )
+        print("\n".join(summary_lines(table)))
+        print((args.out / "trace-gaps.md").read_text())
+        print(f"wrote {args.out}/trace-requests.csv, trace.csv, trace.md, trace.png, trace-gaps.md, trace-gaps.png")
+        return
     table = run(
         args.url,
         args.requests,
@@ -96,6 +155,7 @@ def bench_trace(args) -> None:
         args.out,
         args.api_key,
         build=args.build,
+        questions=args.questions,
     )
     print("\n".join(summary_lines(table)))
     print(f"wrote {args.out}/trace-requests.csv, trace.csv, trace.md, trace.png")

@@ -20,6 +20,7 @@ Output: trace-requests.csv (one row per request); the tables and plots from it: 
 from __future__ import annotations
 
 import csv
+import json
 import random
 import socket
 import subprocess
@@ -34,6 +35,7 @@ import numpy as np
 from elastilm.evaluate import tasks
 from elastilm.evaluate.trace_report import summarize
 from elastilm.formats.errors import ElastiLMError
+from elastilm.formats.files import write_json
 from elastilm.runtime_py.planner import STRATEGIES
 
 
@@ -64,8 +66,16 @@ class Request:
     item: tasks.Item
 
 
-def make_trace(requests: int, alpha: float, rate: float, seed: int) -> list[Request]:
-    """`requests` arrivals: app shares proportional to e^(alpha i), Poisson times, seeded."""
+def pool(app: App, questions: int | None = None) -> list[tasks.Item]:
+    """The report questions `app` draws from: the first `questions` of its task's report part (all: None); the
+    Docs app only those with a support passage."""
+    items = [it for it in tasks.items(app.task, "report") if not app.passage or tasks.sciq_support().get(it.id)]
+    return items[:questions]
+
+
+def make_trace(requests: int, alpha: float, rate: float, seed: int, questions: int | None = None) -> list[Request]:
+    """`requests` arrivals: app shares proportional to e^(alpha i), Poisson times, seeded; each app's questions
+    drawn from its `pool` (of `questions` each: the ones an outcome grid holds, evaluate/outcomes.py)."""
     rng = random.Random(seed)
     weights = np.exp(alpha * np.arange(len(APPS)))
     exact = requests * weights / weights.sum()
@@ -78,11 +88,8 @@ def make_trace(requests: int, alpha: float, rate: float, seed: int) -> list[Requ
     pools: dict[str, list] = {}
     for app in apps:
         t += rng.expovariate(rate)
-        pool = pools.setdefault(
-            app.name,
-            [it for it in tasks.items(app.task, "report") if not app.passage or tasks.sciq_support().get(it.id)],
-        )
-        out.append(Request(t, app, pool[rng.randrange(len(pool))]))
+        items = pools.setdefault(app.name, pool(app, questions))
+        out.append(Request(t, app, items[rng.randrange(len(items))]))
     return out
 
 
@@ -142,9 +149,15 @@ def replay(
                 level=ext["level"],
                 layers_dropped=ext["layers_dropped"],
                 ratio=ext["prompt_ratio"],
+                choice=ext["choice"],
                 ttft_ms=ext["measured_ms"]["ttft"],
                 tpot_ms=ext["measured_ms"]["tpot"],
                 predicted_ttft_ms=ext["predicted_ms"]["ttft"],
+                predicted_tpot_ms=ext["predicted_ms"]["tpot"],
+                scale_ttft=ext["plan_scale"][0],
+                scale_tpot=ext["plan_scale"][1],
+                budget_ttft_ms=ext["budget_ms"]["ttft"],
+                budget_tpot_ms=ext["budget_ms"]["tpot"],
                 e2e_ms=round(1000 * (time.perf_counter() - sent), 1),
             )
         except (ElastiLMError, httpx.HTTPError, KeyError) as e:
@@ -191,29 +204,38 @@ def run(
     progress: bool = True,
     warmup: int = 8,
     build: Path | None = None,
+    questions: int | None = None,
 ) -> list[dict]:
     """Replay one trace per alpha for every strategy against the service at `url` (None: one started on `build`,
     on loopback, for the duration); resumable per (alpha, strategy) through trace-requests.csv. A service that has
-    not answered `warmup` requests yet gets them first (see warm_up)."""
+    not answered `warmup` requests yet gets them first (see warm_up). The trace's parameters and the warm-ups sent
+    go to trace.json, the service's TLM cost and calibration at the end to service.json (what evaluate/simulate.py
+    reads)."""
     strategies = strategies or list(STRATEGIES)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ElastiLMError(f"unknown strategy {unknown}; known: {', '.join(STRATEGIES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    params = {"requests": requests, "rate": rate, "seed": seed, "questions": questions}
+    if (out / "trace.json").is_file():
+        before = json.loads((out / "trace.json").read_text())
+        if {k: before[k] for k in params} != params:
+            raise ElastiLMError(f"{out} holds a trace replayed with {before}, not {params}: give another --out")
+    args = (requests, alphas, strategies, rate, seed, questions, out, api_key, progress, warmup)
     if url is not None:
-        return _run(url, requests, alphas, strategies, rate, seed, out, api_key, progress, warmup)
+        return _run(url, *args)
     if build is None:
         raise ElastiLMError("give the URL of a running service or a build to start one on")
     server, url = start_service(build, out / "server.log", queue=64, max_tokens=16)
     try:
-        return _run(url, requests, alphas, strategies, rate, seed, out, api_key, progress, warmup)
+        return _run(url, *args)
     finally:
         server.terminate()
         server.wait(30)
 
 
-def _run(url, requests, alphas, strategies, rate, seed, out: Path, api_key, progress, warmup) -> list[dict]:
+def _run(url, requests, alphas, strategies, rate, seed, questions, out: Path, api_key, progress, warmup) -> list[dict]:
     import httpx
 
     path = out / "trace-requests.csv"
@@ -232,18 +254,28 @@ def _run(url, requests, alphas, strategies, rate, seed, out: Path, api_key, prog
         "level",
         "layers_dropped",
         "ratio",
+        "choice",
         "ttft_ms",
         "tpot_ms",
         "predicted_ttft_ms",
+        "predicted_tpot_ms",
+        "scale_ttft",
+        "scale_tpot",
+        "budget_ttft_ms",
+        "budget_tpot_ms",
         "e2e_ms",
         "error",
     )
-    done = _read(path)
-    answered = httpx.get(f"{url}/health", timeout=30).json().get("calibration", {}).get("answers", 0)
+    done = read_rows(path)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    answered = httpx.get(f"{url}/health", headers=headers, timeout=30).json().get("calibration", {}).get("answers", 0)
     if answered < warmup:
         warm_up(url, warmup - answered, seed, api_key)
+    if not (out / "trace.json").is_file():  # the trace, and the warm-ups its first strategy came after
+        params = {"requests": requests, "rate": rate, "seed": seed, "questions": questions}
+        write_json(out / "trace.json", {**params, "warmup": max(0, warmup - answered)})
     for alpha in alphas:
-        trace = make_trace(requests, alpha, rate, seed)
+        trace = make_trace(requests, alpha, rate, seed, questions)
         for s in strategies:
             if any(r["alpha"] == alpha and r["strategy"] == s for r in done):
                 continue
@@ -255,6 +287,7 @@ def _run(url, requests, alphas, strategies, rate, seed, out: Path, api_key, prog
                     writer.writeheader()
                 writer.writerows(rows)
             done += rows
+    write_json(out / "service.json", httpx.get(f"{url}/health", headers=headers, timeout=30).json())
     return summarize(done, out, [a.name for a in APPS])
 
 
@@ -285,13 +318,17 @@ def start_service(build, log_path, **options) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
 
 
-def _read(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    num = {"ok", "correct", "slo_met", "ttft_met", "tpot_met", "layers_dropped"}
-    flt = {"alpha", "level", "ratio", "ttft_ms", "tpot_ms", "predicted_ttft_ms", "e2e_ms", "arrival_s"}
+    if not rows:
+        return []
+    num = {"ok", "correct", "slo_met", "ttft_met", "tpot_met", "layers_dropped", "choice"}
+    flt = {"alpha", "level", "ratio", "e2e_ms", "arrival_s"} | {
+        k for k in rows[0] if k.endswith("_ms") or k.startswith("scale_")
+    }
     return [
         {k: (int(v) if k in num and v != "" else float(v) if k in flt and v != "" else v) for k, v in r.items()}
         for r in rows

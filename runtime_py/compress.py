@@ -21,6 +21,15 @@ WORD = re.compile(r"\S+")
 DIGIT = re.compile(r"\d")
 
 
+class Recency:
+    """Scores in place of the TLM's score head (its ablation, the "no-score-head" strategy): each word scores by
+    its position, so compression keeps the end of the context, as plain truncation from the front would."""
+
+    def token_scores(self, text: str) -> list[tuple[int, int, float]]:
+        words = [m.span() for m in WORD.finditer(text)]
+        return [(a, b, (i + 1) / len(words)) for i, (a, b) in enumerate(words)]
+
+
 @dataclass(frozen=True)
 class Part:
     text: str

@@ -129,6 +129,12 @@ class ElasticEngine:
         view.adapters = {}
         return view
 
+    def without_adapters(self) -> ElasticEngine:
+        """This engine with no recovery adapter at any level (their ablation). A view, as in `dropped`."""
+        view = copy.copy(self)
+        view.adapters = {}
+        return view
+
     def close(self) -> None:
         """Release the library, weights and cache; over RPC this ends the session (a TVM RPC server serves one
         session at a time)."""

@@ -22,7 +22,7 @@ import numpy as np
 from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.choice import option_scores
-from elastilm.runtime_py.compress import Compressed, Part, compress
+from elastilm.runtime_py.compress import Compressed, Part, Recency, compress
 from elastilm.runtime_py.engine import ElasticEngine
 from elastilm.runtime_py.sampling import GREEDY, Sampling
 from elastilm.runtime_py.session import DeviceLost
@@ -61,6 +61,7 @@ class Answer:
     finish_reason: str = "length"  # "stop": end-of-sequence or a stop sequence; "length": max_new_tokens reached
     choice: int | None = None  # multiple-choice requests: the best option
     option_scores: list[float] | None = None
+    scale: tuple[float, float] = (1.0, 1.0)  # the calibration's plan_scale the plan was made with
 
     @property
     def ttft_budget_ms(self) -> float:
@@ -84,6 +85,7 @@ class Answer:
             },
             "budget_ms": {"ttft": round(self.ttft_budget_ms, 1), "tpot": round(self.tpot_budget_ms, 1)},
             "measured_ms": {"ttft": round(self.ttft_ms, 1), "tpot": round(self.tpot_ms, 1)},
+            "plan_scale": [round(x, 4) for x in self.scale],
             "tokens": self.tokens,
             "slo_met": self.slo_met,
             **(
@@ -156,7 +158,7 @@ class Orchestrator:
         budgets = planner.budgets(request.slo, self.latency, prompt, self.calibration.served)
         ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)
         preference = None
-        if request.strategy == "elastilm":
+        if planner.STRATEGIES[request.strategy].decides:
             query = " ".join(p.text for p in parts if not p.compress)
             ratio_lp, level_lp = self.tlm.decide(query, budgets.ttft, budgets.tpot)
             preference = planner.Preference.from_heads(self.tlm.ratios, ratio_lp, self.tlm.levels, level_lp)
@@ -198,12 +200,12 @@ class Orchestrator:
         parts = self.parts(request.query, request.context, request.chat)
         try:
             p, budgets = self.plan(request, parts)
-            c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
+            c = self.compress(parts, p.ratio, request.strategy)
         except DeviceLost:  # the device went away between requests: nothing ran yet, so reconnect and plan again
             self.engine.session.connect()
             p, budgets = self.plan(request, parts)
-            c = compress(parts, p.ratio, self.tlm, self.engine.tokenizer)
-        answer = Answer("", p, c, budgets)
+            c = self.compress(parts, p.ratio, request.strategy)
+        answer = Answer("", p, c, budgets, scale=scale)
         times: list[float] = []
 
         def timed(tokens):
@@ -211,7 +213,7 @@ class Orchestrator:
                 times.append(time.perf_counter())
                 yield t
 
-        engine = self.engine.dropped(p.dropped)  # the layer-dropping baseline runs a variant; everything else: itself
+        engine = self.model(p, request.strategy)
         tokens = timed(engine.generate_ids(c.ids, p.level, request.max_new_tokens, request.sampling, cancelled))
         answer.finish_reason = yield from engine.stream_text(tokens, request.sampling.stop)
         if cancelled is not None and cancelled.is_set():
@@ -225,11 +227,25 @@ class Orchestrator:
                 if len(times) > 1:
                     self.calibration.add(1, answer.tpot_ms, p.tpot_ms / scale[1])
         if request.options:
-            answer.option_scores = self._option_scores(engine, request, parts, c, p.level)
+            answer.option_scores = self.score_options(request, parts, c, p)
             answer.choice = int(np.argmax(answer.option_scores))
         yield answer
 
-    def _option_scores(self, engine, request: Request, parts: list[Part], c: Compressed, level: float) -> list[float]:
+    def compress(self, parts: list[Part], ratio: float, strategy: str) -> Compressed:
+        """`parts` compressed to `ratio` by the TLM's scores (by position for the score head's ablation)."""
+        scorer = self.tlm if planner.STRATEGIES[strategy].scores else Recency()
+        return compress(parts, ratio, scorer, self.engine.tokenizer)
+
+    def model(self, plan: planner.Plan, strategy: str) -> ElasticEngine:
+        """The engine that runs `plan`: a layer-drop variant for the layer-dropping baseline, the levels without
+        adapters for their ablation, otherwise the engine itself."""
+        engine = self.engine.dropped(plan.dropped)
+        return engine if planner.STRATEGIES[strategy].adapters else engine.without_adapters()
+
+    def score_options(self, request: Request, parts: list[Part], c: Compressed, plan: planner.Plan) -> list[float]:
+        """The options' scores after the compressed prompt `c` with the model of `plan` (the answer of a
+        multiple-choice request; evaluate/outcomes.py asks it at plans the service did not run)."""
+        engine, level = self.model(plan, request.strategy), plan.level
         ids = [engine.encode(o) for o in request.options]
         chars = [len(o) for o in request.options]
         scores = option_scores(engine, 0, c.ids, ids, level, chars)

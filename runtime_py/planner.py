@@ -261,16 +261,25 @@ class Strategy:
     name: str
     description: str
     plan: Callable[[PlanRequest, LatencyModel], Plan]
+    decides: bool = False  # plans with the TLM decision head's preference (PlanRequest.preference)
+    adapters: bool = True  # False: levels run without their recovery adapters (an ablation)
+    scores: bool = True  # False: compression keeps the end of the context instead of the TLM's scores (an ablation)
+
+    @property
+    def variant(self) -> str:
+        """How the chosen plan runs, beyond (ratio, level, dropped): "" as built, or the ablation's name."""
+        return "" if self.adapters and self.scores else "no-adapters" if self.scores else "no-score-head"
 
 
 STRATEGIES: dict[str, Strategy] = {}  # plan policies by name, in the order they are compared
 
 
-def strategy(name: str, description: str):
-    """Register a plan policy `fn(request, latency) -> Plan` under `name`."""
+def strategy(name: str, description: str, **how):
+    """Register a plan policy `fn(request, latency) -> Plan` under `name` (`how`: Strategy.decides, .adapters,
+    .scores)."""
 
     def register(fn):
-        STRATEGIES[name] = Strategy(name, description, fn)
+        STRATEGIES[name] = Strategy(name, description, fn, **how)
         return fn
 
     return register
@@ -283,10 +292,14 @@ def choose(name: str, request: PlanRequest, latency: LatencyModel) -> Plan:
     return STRATEGIES[name].plan(request, latency)
 
 
-@strategy("elastilm", "ElastiLM (TLM-planned)")
+@strategy("elastilm", "ElastiLM (TLM-planned)", decides=True)
 def _elastilm(request: PlanRequest, latency: LatencyModel) -> Plan:
     """The TLM decision head's choice when that meets the SLO; otherwise the feasible plan the head scores best;
     if nothing meets the SLO, the fastest plan, marked infeasible. The TLM's decision always counts in TTFT."""
+    return _tlm_planned(request, latency)
+
+
+def _tlm_planned(request: PlanRequest, latency: LatencyModel) -> Plan:
     pref = request.preference
     if pref is None:
         raise ElastiLMError("the elastilm strategy plans with the TLM's decision (PlanRequest.preference)")
@@ -333,3 +346,25 @@ def _layer_drop(request: PlanRequest, latency: LatencyModel) -> Plan:
         )
     best = _best(candidates(request, drops, (1.0,), drops.levels), lambda p: p.level, "layer-drop")
     return replace(best, level=1.0, dropped=drops.dropped[best.level])
+
+
+@strategy("no-decision-head", "ElastiLM without its decision head (largest feasible level, then ratio)")
+def _no_decision_head(request: PlanRequest, latency: LatencyModel) -> Plan:
+    """The ablation of the TLM's decision head: a fixed rule over the same plans instead, the largest level that
+    meets the SLO at some ratio, at the largest such ratio; the TLM still scores what it compresses, but
+    decides nothing."""
+    plans = candidates(request, latency, request.ratios, request.levels, request.tlm)
+    return _best(plans, lambda p: (p.level, p.ratio), "no-decision-head")
+
+
+@strategy("no-adapters", "ElastiLM without recovery adapters", decides=True, adapters=False)
+def _no_adapters(request: PlanRequest, latency: LatencyModel) -> Plan:
+    """The ablation of the recovery adapters: ElastiLM's plan, run by the levels without them."""
+    return _tlm_planned(request, latency)
+
+
+@strategy("no-score-head", "ElastiLM without its score head (keeps the end of the context)", decides=True, scores=False)
+def _no_score_head(request: PlanRequest, latency: LatencyModel) -> Plan:
+    """The ablation of the TLM's score head: ElastiLM's plan, the context compressed by position
+    (compress.Recency), which costs no TLM scoring."""
+    return _tlm_planned(replace(request, tlm=replace(request.tlm, window_ms=0.0)), latency)

@@ -163,6 +163,35 @@ def test_baselines_pick_their_own_dimension():
         planner.choose("oracle", request, lat)
 
 
+@given(st.floats(0.15, 1.2), st.floats(0.3, 1.2), st.integers(40, 700), st.floats(0.0, 10.0), st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_without_the_decision_head_the_largest_feasible_level_then_ratio(ttft, tpot, prompt, window_ms, seed):
+    """The ablation ignores the TLM's preference; it pays for scoring what it compresses, never for a decision."""
+    lat = planner.LatencyModel(table())
+    cost = planner.TLMCost(7.0, window_ms, 126)
+    request = _request(planner.SLO(ttft, tpot), lat, prompt, 20, cost=cost, preference=_random_preference(seed))
+    p = planner.choose("no-decision-head", request, lat)
+    b = request.budgets
+
+    def predicted(r, lv):
+        tokens = prompt if r == 1 else max(round(r * prompt), 20)
+        scoring = np.ceil((prompt - 20) / 126) * window_ms if r < 1 else 0.0
+        return lat.ttft(lv, tokens) + scoring, lat.tpot(lv)
+
+    def fits(r, lv):
+        t, d = predicted(r, lv)
+        return t <= b.ttft_ms * (1 + 1e-9) and d <= b.tpot_ms * (1 + 1e-9)
+
+    feasible = [(lv, r) for r in RATIOS for lv in LEVELS if fits(r, lv)]
+    assert p.feasible == bool(feasible) and p.tlm_ms == pytest.approx(
+        predicted(p.ratio, p.level)[0] - lat.ttft(p.level, p.tokens)
+    )
+    if feasible:
+        assert (p.level, p.ratio) == max(feasible)
+    else:
+        assert p.level == min(LEVELS)
+
+
 def test_scaled_predictions_tighten_plans():
     """The runtime's measured/predicted ratio scales every prediction: a plan that fits the profile does not fit
     a process running 1.5x slower."""

@@ -254,6 +254,7 @@ def test_compiled_adapters_match_the_oracle_at_every_level(adapted):
     model, adapters, build_dir = adapted
     ids = random_ids(model.config, batch=1, length=9, seed=5)[0].tolist()
     with_adapters, plain = ElasticEngine(build_dir), ElasticEngine(build_dir, adapters=False)
+    view = with_adapters.without_adapters()  # the adapters' ablation: the same engine, its levels without them
     for lv in reversed(list(model.levels.values())):  # switching level swaps the adapter set between calls
         ad = adapters.get(lv.fraction)
         got = with_adapters.prefill(ids, lv.fraction)
@@ -261,6 +262,7 @@ def test_compiled_adapters_match_the_oracle_at_every_level(adapted):
         if ad is not None:  # the adapter changes the output, and the plain engine runs without it
             assert np.abs(got - oracle(model, ids, lv.fraction, None)[-1]).max() > 0.1
         assert np.abs(plain.prefill(ids, lv.fraction) - oracle(model, ids, lv.fraction, None)[-1]).max() <= 1e-3
+        assert np.abs(view.prefill(ids, lv.fraction) - oracle(model, ids, lv.fraction, None)[-1]).max() <= 1e-3
 
 
 def test_score_gives_every_position_after_a_cached_context(adapted):

@@ -49,7 +49,7 @@ class Gate:
 
     def __init__(self, orch):
         self.orch, self.gate = orch, threading.Event()
-        self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
+        self.tlm, self.engine, self.calibration, self.cost = orch.tlm, orch.engine, orch.calibration, orch.cost
 
     def answer(self, *a, **k):
         self.gate.wait(timeout=60)
@@ -425,7 +425,7 @@ def test_trace_run_warms_the_service_up_and_replays_every_strategy(server, monke
         STRATEGIES
     )  # this server never calibrates: 2 warm-ups
     assert {r["strategy"] for r in table if r["app"] == "all"} == set(STRATEGIES)
-    rows = trace._read(tmp_path / "trace-requests.csv")
+    rows = trace.read_rows(tmp_path / "trace-requests.csv")
     assert len(rows) == 3 * len(STRATEGIES) and all(r["ok"] == 1 for r in rows)
     sent.clear()
     trace.run(srv.url, 3, [0.0], None, rate=50.0, seed=0, out=tmp_path, progress=False, warmup=0)
@@ -582,7 +582,7 @@ class Broken:
     """The real orchestrator whose answers fail inside the server, with a message that must not reach clients."""
 
     def __init__(self, orch):
-        self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
+        self.tlm, self.engine, self.calibration, self.cost = orch.tlm, orch.engine, orch.calibration, orch.cost
 
     def answer(self, *a, **k):
         raise RuntimeError("TVMError: /home/secret/model.so: segfault in fused_kernel_42")
@@ -645,7 +645,7 @@ class Dying:
     abort would surface)."""
 
     def __init__(self, orch):
-        self.tlm, self.engine, self.calibration = orch.tlm, orch.engine, orch.calibration
+        self.tlm, self.engine, self.calibration, self.cost = orch.tlm, orch.engine, orch.calibration, orch.cost
 
     def answer(self, *a, **k):
         raise SystemExit("the worker thread ends here")
@@ -761,3 +761,108 @@ def test_fuzzed_request_bodies_never_get_a_500_and_the_server_goes_on(server):
     assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1}).status_code == 200
     assert client.get("/health").status_code == 200
     client.close()
+
+
+def _short_body(r, strategy):
+    """A trace request's body in words the tiny model knows, varied by question (prompts fit its window)."""
+    import zlib
+
+    h = zlib.crc32(r.item.id.encode()) % 7
+    return {
+        "prompt": f"w5 w{6 + h}",
+        "context": f"w9 w10 w{11 + h} w12",
+        "options": [f" w{20 + i}" for i in range(len(r.item.options))],
+        "max_tokens": 3,
+        "strategy": strategy,
+        "slo": {"ttft": r.app.ttft, "tpot": r.app.tpot},
+        "user": r.app.name,
+    }
+
+
+def test_the_simulator_reproduces_a_hand_computed_trace(built, tmp_path):
+    """Fixed latency scatter (0.99 of the prediction) and a hand-written outcome grid: plans, SLOs, queueing and
+    the report equal a count by hand. The tiny profile predicts TTFT = level x tokens ms, TPOT = 1 + level ms."""
+    import csv
+
+    from elastilm.evaluate import outcomes, simulate, tasks, trace, trace_report
+    from elastilm.formats.build import build_id
+
+    apps = {a.name: a for a in trace.APPS}
+    item = lambda i: tasks.Item(f"q{i}", "", ("a", "b"), 1)  # noqa: E731
+    requests = [
+        trace.Request(0.0, apps["Rewind"], item(0)),  # <1.0, 1.0>
+        trace.Request(0.0, apps["Rewind"], item(1)),
+        trace.Request(0.0, apps["GMail"], item(2)),  # <0.8, 0.9>
+        trace.Request(10.0, apps["XiaoAi"], item(3)),  # <0.2, 0.5>: no level reaches TPOT 0.5 x 2 ms
+    ]
+    levels = built.tlm.levels
+    grid = tmp_path / "outcomes.csv"
+    with grid.open("w", newline="") as f:
+        w = csv.DictWriter(f, outcomes.FIELDS)
+        w.writeheader()
+        for r in requests:
+            for ratio, lv, dropped in outcomes.plans(built):
+                w.writerow(
+                    dict(app=r.app.name, id=r.item.id, ratio=ratio, level=lv, dropped=dropped, tokens=0, original=0,
+                         choice=int(lv >= 0.5), correct=int(lv >= 0.5), score_ms=5.0, build=build_id(built.engine.folder))
+                )  # fmt: skip
+    scatter = simulate.Scatter(np.array([0.99]), np.array([0.99]))
+    runs = [(0.0, s) for s in ("full", "model-only", "smallest")]
+    rows = simulate.simulate(built, {0.0: requests}, runs, scatter, 0, grid, _short_body, progress=False)
+    tokens = {  # each prompt's length: context + query
+        r.item.id: sum(len(built.engine.encode(_short_body(r, "full")[k])) for k in ("context", "prompt"))
+        for r in requests
+    }
+    by = {(r["strategy"], r["id"]): r for r in rows}
+    gmail = max(lv for lv in levels if lv <= 0.8 + 1e-9)
+    expected_level = {
+        "full": [1.0, 1.0, 1.0, 1.0],
+        "model-only": [1.0, 1.0, gmail, min(levels)],
+        "smallest": [min(levels)] * 4,
+    }
+    expected_met = {"full": [1, 1, 0, 0], "model-only": [1, 1, 1, 0], "smallest": [1, 1, 1, 0]}
+    for s in expected_level:
+        for i in range(4):
+            r = by[(s, f"q{i}")]
+            lv = expected_level[s][i]
+            assert r["level"] == lv and r["ratio"] == 1.0 and r["layers_dropped"] == 0
+            assert r["ttft_ms"] == pytest.approx(0.99 * lv * tokens[f"q{i}"], abs=0.06)
+            assert r["tpot_ms"] == pytest.approx(0.99 * (1 + lv), abs=0.06)
+            assert r["slo_met"] == expected_met[s][i], (s, i)
+            assert r["correct"] == int(lv >= 0.5)
+        # one worker, the fair queue round-robin over apps: Rewind q0, GMail q2, then Rewind q1; XiaoAi alone later
+        busy = {i: by[(s, f"q{i}")]["ttft_ms"] + 2 * by[(s, f"q{i}")]["tpot_ms"] + 5.0 for i in range(4)}
+        assert by[(s, "q0")]["e2e_ms"] == pytest.approx(busy[0], abs=0.2)
+        assert by[(s, "q2")]["e2e_ms"] == pytest.approx(busy[0] + busy[2], abs=0.2)
+        assert by[(s, "q1")]["e2e_ms"] == pytest.approx(busy[0] + busy[2] + busy[1], abs=0.2)
+        assert by[(s, "q3")]["e2e_ms"] == pytest.approx(busy[3], abs=0.2)
+    table = trace_report.summarize(rows, tmp_path, [a.name for a in trace.APPS])
+    within = {r["strategy"]: r["accuracy_within_slo"] for r in table if r["app"] == "all"}
+    assert within == {"full": 0.5, "model-only": 0.75, "smallest": 0.0}
+    gaps = {g["strategy"]: g["gap"] for g in simulate.paired_gaps(rows, "model-only") if g["alpha"] == "all"}
+    assert gaps == {"full": 25.0, "smallest": 75.0}
+
+
+def test_validation_replays_a_trace_then_simulates_it_request_by_request(server, built, monkeypatch, tmp_path):
+    """`bench trace` against the real service, then `--validate`: the outcome grid is filled through the
+    service's own scoring, and every simulated request has the replayed plan and answer (the fixture's service
+    does not calibrate, so plans cannot drift with the latency draws)."""
+    from elastilm.evaluate import outcomes, simulate, trace
+
+    srv, _ = server
+    monkeypatch.setattr(trace, "request_body", _short_body)
+    strategies = ["elastilm", "model-only", "layer-drop", "no-adapters", "no-score-head"]
+    trace.run(srv.url, 8, [0.0], strategies, 20.0, 0, tmp_path, progress=False, warmup=0, questions=3)
+    assert json.loads((tmp_path / "trace.json").read_text())["questions"] == 3
+    with pytest.raises(ElastiLMError, match="another --out"):
+        trace.run(srv.url, 9, [0.0], strategies, 20.0, 0, tmp_path, progress=False, warmup=0, questions=3)
+    grid = tmp_path / "outcomes.csv"
+    table = simulate.validate(built, tmp_path, grid, _short_body, progress=False)
+    agree = {r["strategy"]: r for r in table}
+    assert set(agree) == {*strategies, "all"} and agree["all"]["n"] == 8 * len(strategies)
+    assert all(r["same_plan"] == 100.0 and r["same_correct"] == 100.0 for r in table), table
+    rows = grid.read_text().splitlines()
+    assert len(outcomes.read(grid, rows[1].split(",")[-1])) == len(rows) - 1 > 0
+    simulate.validate(built, tmp_path, grid, _short_body, progress=False)
+    assert grid.read_text().splitlines() == rows  # resumed: nothing answered twice
+    assert "same plan" in (tmp_path / "trace-agreement.md").read_text()

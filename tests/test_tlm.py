@@ -85,6 +85,22 @@ def test_kept_tokens_are_the_best_scored_words(llm_tokenizer):
         assert expected[kept & inside].min() >= expected[~kept & inside].max()
 
 
+@pytest.mark.parametrize("ratio", [0.9, 0.55, 0.3])
+def test_recency_scores_keep_the_end_of_the_context(ratio, llm_tokenizer):
+    """The score head's ablation: with digits not forced, the kept context tokens are its last ones, but for the
+    word at the margin (its line break and first tokens go first: ties go to the earlier token)."""
+    from elastilm.runtime_py.compress import Recency
+
+    prefix, question = real_prompts()[1]
+    enc = llm_tokenizer.encode(prefix.rstrip(), add_special_tokens=False).ids  # trailing line breaks go first
+    q = llm_tokenizer.encode(question, add_special_tokens=False).ids
+    c = compress([Part(prefix), Part(question, compress=False)], ratio, Recency(), llm_tokenizer, keep_digits=False)
+    kept = c.ids[: len(c.ids) - len(q)]
+    assert c.achieved == c.requested and c.ids[len(kept) :] == q and 0 < len(kept) < len(enc)
+    tail = len(kept) - 4
+    assert kept[-tail:] == enc[-tail:]
+
+
 def test_digits_and_forced_text_stay(llm_tokenizer, torch_tlm):
     context = "Order 4512 shipped on day 17. The parcel weighs 3 kg. Answer: call the courier before noon. " * 3
     enc = llm_tokenizer.encode(context, add_special_tokens=False)

@@ -14,6 +14,7 @@ token (or dropped from the queue). With an API key (or the apps' keys), every ro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 
@@ -300,6 +301,7 @@ async def health(request: Request):
         "queued": len(service.queue),
         "busy": service.busy,
         "calibration": service.orch.calibration.to_dict(),
+        "tlm_cost_ms": dataclasses.asdict(service.orch.cost),
     }
 
 

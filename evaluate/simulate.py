@@ -1,0 +1,393 @@
+"""`elastilm bench trace --simulate` and `--validate`: the trace replay of evaluate/trace.py without the service.
+
+A simulated request is planned by the service's own code (Orchestrator.parts and Orchestrator.plan: the same
+TLM decisions, planner and latency calibration), takes its answer from the outcome grid (evaluate/outcomes.py:
+the service's scoring code at that plan) and its latency from the profile's prediction times a pair of
+measured / predicted ratios (TTFT, TPOT) drawn from the requests of a real replay: the service's run-to-run
+scatter on this machine. The calibration sees these simulated measurements in the order the service would
+answer: one worker taking requests from the service's fair queue (runtime_py/serve/queue.py) as they arrive,
+first the warm-up requests, then per alpha each strategy's trace, as `bench trace` sends them.
+
+Queueing: in the service and here alike TTFT runs from the moment the worker starts a request, so queueing does
+not count toward TTFT or the SLO; it counts toward end-to-end latency, for which the simulated worker is busy
+TTFT + (tokens - 1) x TPOT + the options' scoring time the grid measured (HTTP is not modelled).
+
+`validate` simulates the traces of a replay folder and compares request by request (trace-agreement.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from elastilm.evaluate import outcomes, trace
+from elastilm.formats import build as build_file
+from elastilm.formats.errors import ElastiLMError
+from elastilm.runtime_py import planner
+from elastilm.runtime_py.serve.protocol import CompletionRequest
+from elastilm.runtime_py.serve.queue import FairQueue
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """Measured / predicted TTFT and TPOT of answered requests, in pairs; the predictions without the
+    calibration's scale (what planner.Calibration.add compares)."""
+
+    ttft: np.ndarray
+    tpot: np.ndarray
+
+    @classmethod
+    def from_replay(cls, rows: list[dict]) -> Scatter:
+        ok = [r for r in rows if r["ok"] and isinstance(r.get("scale_ttft"), float)]
+        if not ok:
+            raise ElastiLMError(
+                "the replay holds no answered request with its predictions and plan scale (trace-requests.csv "
+                "from an older `bench trace`): replay a trace first"
+            )
+        return cls(
+            np.array([r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"] for r in ok]),
+            np.array([r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"] for r in ok]),
+        )
+
+    def draw(self, rng: np.random.Generator) -> tuple[float, float]:
+        i = int(rng.integers(len(self.ttft)))
+        return float(self.ttft[i]), float(self.tpot[i])
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What defines a replayed trace (its trace.json): requests per trace, arrival rate, seed, questions per app,
+    warm-up requests."""
+
+    requests: int
+    rate: float
+    seed: int
+    questions: int | None
+    warmup: int
+
+    def traces(self, alphas) -> dict[float, list[trace.Request]]:
+        return {a: trace.make_trace(self.requests, a, self.rate, self.seed, self.questions) for a in alphas}
+
+    def warm(self) -> list[trace.Request]:
+        """The warm-up requests trace.warm_up sends a fresh service."""
+        return trace.make_trace(self.warmup, 0.0, 1.0, self.seed + 1) if self.warmup else []
+
+
+@dataclass
+class _Job:
+    app: str
+    request: trace.Request
+
+
+def _plan(orch, r: trace.Request, strategy: str, scatter: Scatter, rng, body) -> dict:
+    """Plan one request as the service does, draw its latency, feed the calibration; the row without outcome."""
+    b = body(r, strategy)
+    request = CompletionRequest(**b).to_request(b["max_tokens"])
+    parts = orch.parts(request.query, request.context, request.chat)
+    scale = orch.calibration.plan_scale
+    plan, budgets = orch.plan(request, parts)
+    a, c = scatter.draw(rng)
+    predicted = (plan.ttft_ms / scale[0], plan.tpot_ms / scale[1])  # the profile's own, as Calibration sees them
+    ttft, tpot = predicted[0] * a, predicted[1] * c
+    if orch.calibrate:
+        orch.calibration.add(0, ttft, predicted[0])
+        if request.max_new_tokens > 1:
+            orch.calibration.add(1, tpot, predicted[1])
+    ttft_met = ttft <= budgets.ttft_ms
+    tpot_met = request.max_new_tokens < 2 or tpot <= budgets.tpot_ms
+    return {
+        "app": r.app.name,
+        "task": r.app.task,
+        "id": r.item.id,
+        "strategy": strategy,
+        "arrival_s": round(r.at, 3),
+        "ok": 1,
+        "slo_met": int(ttft_met and tpot_met),
+        "ttft_met": int(ttft_met),
+        "tpot_met": int(tpot_met),
+        "level": plan.level,
+        "layers_dropped": plan.dropped,
+        "ratio": plan.ratio,
+        "ttft_ms": round(ttft, 1),
+        "tpot_ms": round(tpot, 1),
+        "predicted_ttft_ms": round(plan.ttft_ms, 3),
+        "predicted_tpot_ms": round(plan.tpot_ms, 3),
+        "scale_ttft": scale[0],
+        "scale_tpot": scale[1],
+        "budget_ttft_ms": round(budgets.ttft_ms, 1),
+        "budget_tpot_ms": round(budgets.tpot_ms, 1),
+        "tokens": request.max_new_tokens,
+        "answer": r.item.answer,
+    }
+
+
+def _serve(orch, requests, strategy, scatter, rng, grid, body, default_score_ms) -> tuple[list[dict], set]:
+    """One strategy's trace through a simulated worker: requests leave the fair queue one at a time, each once
+    the previous one is done; returns the rows and the grid keys that were missing."""
+    queue = FairQueue(len(requests) + 1, 1.0)
+    arriving = deque(sorted(requests, key=lambda r: r.at))
+    free, rows, missing = 0.0, [], set()
+    while arriving or len(queue):
+        if not len(queue):
+            free = max(free, arriving[0].at)
+        while arriving and arriving[0].at <= free:
+            r = arriving.popleft()
+            queue.put(_Job(r.app.name, r))
+        r = queue.get().request
+        row = _plan(orch, r, strategy, scatter, rng, body)
+        variant = planner.STRATEGIES[strategy].variant
+        k = (row["app"], row["id"], row["ratio"], row["level"], row["layers_dropped"], variant)
+        outcome = grid.get(k)
+        if outcome is None:
+            missing.add(k)
+        row["correct"] = outcome["correct"] if outcome else 0
+        row["choice"] = outcome["choice"] if outcome else -1
+        score_ms = outcome["score_ms"] if outcome else default_score_ms
+        busy = row["ttft_ms"] + (row["tokens"] - 1) * row["tpot_ms"] + score_ms
+        free = max(free, r.at) + busy / 1000
+        row["e2e_ms"] = round(1000 * (free - r.at), 1)
+        rows.append(row)
+    return rows, missing
+
+
+def simulate(
+    orch,
+    traces: dict[float, list[trace.Request]],
+    runs: list[tuple[float, str]],
+    scatter: Scatter,
+    draw_seed: int,
+    grid_path: Path,
+    body=trace.request_body,
+    warm: list[trace.Request] = (),
+    progress: bool = True,
+) -> list[dict]:
+    """The rows of `runs` ((alpha, strategy) in the order a replay sends them, over `traces` by alpha) through one
+    fresh simulated service that first answers `warm`; outcomes the grid lacks are computed
+    (evaluate/outcomes.fill) and the simulation run again."""
+    grid = outcomes.read(grid_path, build_file.build_id(orch.engine.folder))
+    while True:
+        orch.calibration = planner.Calibration()
+        rng = np.random.default_rng(draw_seed)
+        typical = statistics.median([g["score_ms"] for g in grid.values()]) if grid else 0.0
+        for r in warm:  # not recorded, as in trace.warm_up
+            _plan(orch, r, "full", scatter, rng, body)
+        rows, missing = [], set()
+        for alpha, s in runs:
+            got, lacking = _serve(orch, traces[alpha], s, scatter, rng, grid, body, typical)
+            rows += [{"alpha": alpha, **r} for r in got]
+            missing |= lacking
+        if not missing:
+            return rows
+        requests = [r for t in traces.values() for r in t]
+        grid = outcomes.fill(orch, requests, grid_path, keys=missing, body=body, progress=progress)
+
+
+def setup_of(folder: Path) -> Setup:
+    path = Path(folder) / "trace.json"
+    if not path.is_file():
+        raise ElastiLMError(f"{path}: missing; `elastilm bench trace --out {folder}` writes it with the replay")
+    return Setup(**json.loads(path.read_text()))
+
+
+def service_cost(folder: Path) -> planner.TLMCost:
+    """The TLM cost the replayed service measured (its service.json), which a simulation plans with."""
+    path = Path(folder) / "service.json"
+    if not path.is_file():
+        raise ElastiLMError(f"{path}: missing; a finished `elastilm bench trace --out {folder}` writes it")
+    return planner.TLMCost(**json.loads(path.read_text())["tlm_cost_ms"])
+
+
+def validate(orch, folder: Path, grid_path: Path, body=trace.request_body, progress: bool = True) -> list[dict]:
+    """Simulate the traces replayed in `folder` and compare per request and per strategy; writes
+    trace-simulated.csv and trace-agreement.md there and returns the agreement rows."""
+    folder = Path(folder)
+    replayed = trace.read_rows(folder / "trace-requests.csv")
+    if not replayed:
+        raise ElastiLMError(f"{folder}/trace-requests.csv: no replayed requests")
+    setup = setup_of(folder)
+    orch.cost = service_cost(folder)
+    runs = list(dict.fromkeys((r["alpha"], r["strategy"]) for r in replayed))
+    alphas = sorted({a for a, _ in runs})
+    scatter = Scatter.from_replay(replayed)
+    rows = simulate(orch, setup.traces(alphas), runs, scatter, setup.seed, grid_path, body, setup.warm(), progress)
+    _write(folder / "trace-simulated.csv", rows)
+    table = agreement(replayed, rows)
+    (folder / "trace-agreement.md").write_text(agreement_markdown(table))
+    return table
+
+
+def _match(r: dict) -> tuple:
+    return (r["alpha"], r["strategy"], round(float(r["arrival_s"]), 3), r["app"], r["id"])
+
+
+def agreement(replayed: list[dict], simulated: list[dict]) -> list[dict]:
+    """Per strategy (and over all): requests matched, the share with the same plan and with the same correctness,
+    and SLO attainment and accuracy within SLO replayed vs simulated (percent)."""
+    sim = {_match(r): r for r in simulated}
+    pairs = [(r, sim[_match(r)]) for r in replayed if r["ok"] and _match(r) in sim]
+    plan = lambda r: (r["ratio"], r["level"], r["layers_dropped"])  # noqa: E731
+    out = []
+    for s in list(dict.fromkeys(r["strategy"] for r, _ in pairs)) + ["all"]:
+        sel = [(a, b) for a, b in pairs if s in ("all", a["strategy"])]
+
+        def pct(f, sel=sel):
+            return round(100 * sum(map(f, sel)) / len(sel), 1)
+
+        out.append(
+            {
+                "strategy": s,
+                "n": len(sel),
+                "same_plan": pct(lambda p: plan(p[0]) == plan(p[1])),
+                "same_correct": pct(lambda p: p[0]["correct"] == p[1]["correct"]),
+                "slo_met_replay": pct(lambda p: p[0]["slo_met"]),
+                "slo_met_sim": pct(lambda p: p[1]["slo_met"]),
+                "within_slo_replay": pct(lambda p: p[0]["correct"] * p[0]["slo_met"]),
+                "within_slo_sim": pct(lambda p: p[1]["correct"] * p[1]["slo_met"]),
+            }
+        )
+    return out
+
+
+def agreement_markdown(table: list[dict]) -> str:
+    lines = [
+        "Simulated vs replayed, request by request (percent of the matched requests).",
+        "",
+        "| strategy | requests | same plan | same correctness | SLO met: replay / sim | within SLO: replay / sim |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['strategy']} | {r['n']} | {r['same_plan']} | {r['same_correct']} | "
+            f"{r['slo_met_replay']} / {r['slo_met_sim']} | {r['within_slo_replay']} / {r['within_slo_sim']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(
+    build: Path,
+    scatter_from: Path,
+    alphas: list[float],
+    strategies: list[str],
+    requests: int,
+    rate: float,
+    seeds: list[int],
+    questions: int,
+    warmup: int,
+    grid_path: Path,
+    out: Path,
+    progress: bool = True,
+) -> list[dict]:
+    """One simulated service per seed (its own trace and latency draws), every alpha and strategy; writes
+    trace-requests.csv (with a seed column), the report of evaluate/trace_report.py over all seeds, and
+    trace-gaps.md/png: ElastiLM's paired difference to each other strategy with its 95% interval."""
+    from elastilm.evaluate.trace_report import summarize
+    from elastilm.runtime_py.orchestrator import Orchestrator
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    replayed = trace.read_rows(Path(scatter_from) / "trace-requests.csv")
+    scatter = Scatter.from_replay(replayed)
+    orch = Orchestrator(build)
+    orch.cost = service_cost(scatter_from)
+    runs = [(a, s) for a in alphas for s in strategies]
+    rows = []
+    try:
+        for seed in seeds:
+            setup = Setup(requests, rate, seed, questions, warmup)
+            rows += [
+                {"seed": seed, **r} for r in simulate(orch, setup, runs, scatter, seed, grid_path, progress=progress)
+            ]
+    finally:
+        orch.close()
+    _write(out / "trace-requests.csv", rows)
+    gaps = paired_gaps(rows)
+    (out / "trace-gaps.md").write_text(gaps_markdown(gaps))
+    _plot_gaps(gaps, out / "trace-gaps.png")
+    return summarize(rows, out, [a.name for a in trace.APPS])
+
+
+def paired_gaps(rows: list[dict], reference: str = "elastilm") -> list[dict]:
+    """Per alpha (and over all alphas) and strategy: the mean of `reference`'s correct-within-SLO minus the
+    strategy's over the same requests (same seed, trace position), in points, with a 95% normal interval."""
+    within = {}
+    for r in rows:
+        within[(r.get("seed", 0), r["alpha"], r["strategy"], r["arrival_s"], r["app"], r["id"])] = (
+            r["correct"] * r["slo_met"]
+        )
+    out = []
+    others = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != reference]
+    for alpha in sorted({r["alpha"] for r in rows}) + [None]:
+        for s in others:
+            d = [
+                v - within[k[:2] + (s,) + k[3:]]
+                for k, v in within.items()
+                if k[2] == reference and (alpha is None or k[1] == alpha) and k[:2] + (s,) + k[3:] in within
+            ]
+            if len(d) < 2:
+                continue
+            mean, half = float(np.mean(d)), 1.96 * float(np.std(d, ddof=1)) / len(d) ** 0.5
+            out.append(
+                {
+                    "alpha": "all" if alpha is None else alpha,
+                    "strategy": s,
+                    "n": len(d),
+                    "gap": round(100 * mean, 2),
+                    "low": round(100 * (mean - half), 2),
+                    "high": round(100 * (mean + half), 2),
+                }
+            )
+    return out
+
+
+def gaps_markdown(gaps: list[dict]) -> str:
+    lines = [
+        "ElastiLM minus each strategy, accuracy within SLO (points), paired by request, with 95% intervals.",
+        "",
+        "| alpha | strategy | requests | gap | 95% interval |",
+        "|---|---|---|---|---|",
+    ]
+    for g in gaps:
+        alpha = g["alpha"] if g["alpha"] == "all" else f"{g['alpha']:+g}"
+        lines.append(
+            f"| {alpha} | {g['strategy']} | {g['n']} | {g['gap']:+.1f} | [{g['low']:+.1f}, {g['high']:+.1f}] |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_gaps(gaps: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = list(dict.fromkeys(g["alpha"] for g in gaps))
+    strategies = list(dict.fromkeys(g["strategy"] for g in gaps))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / max(1, len(strategies))
+    cell = {(g["alpha"], g["strategy"]): g for g in gaps}
+    for k, s in enumerate(strategies):
+        x = np.arange(len(alphas)) + (k - (len(strategies) - 1) / 2) * width
+        got = [cell.get((a, s)) for a in alphas]
+        y = [g["gap"] if g else 0 for g in got]
+        err = [[g["gap"] - g["low"] if g else 0 for g in got], [g["high"] - g["gap"] if g else 0 for g in got]]
+        ax.bar(x, y, width, yerr=err, capsize=2, label=s)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(alphas)), [a if a == "all" else f"alpha {a:+g}" for a in alphas])
+    ax.set(title="ElastiLM minus each strategy: accuracy within SLO (points, 95% interval)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
