@@ -122,7 +122,7 @@ def bench_trace(args) -> None:
             table = simulate.validate(orch, args.validate, args.outcomes)
         finally:
             orch.close()
-        print(simulate.agreement_markdown(table))
+        print((args.validate / "trace-agreement.md").read_text())
         print(f"wrote {args.validate}/trace-simulated.csv, trace-agreement.md")
         return
     if args.simulate is not None:

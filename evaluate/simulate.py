@@ -21,7 +21,7 @@ import csv
 import json
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,16 @@ from elastilm.runtime_py.serve.queue import FairQueue
 
 @dataclass(frozen=True)
 class Scatter:
-    """Measured / predicted TTFT and TPOT of answered requests, in pairs; the predictions without the
-    calibration's scale (what planner.Calibration.add compares)."""
+    """Measured / predicted (TTFT, TPOT) pairs of answered requests, the predictions without the calibration's
+    scale (what planner.Calibration.add compares), grouped by app, the model that ran, whether the prompt was
+    compressed and whether the TLM decided: the profile's error differs per level and layer-drop variant (a
+    smoothed, noisy column) and with the prompt (each app's prompts have their own lengths), and the TLM's time
+    scatters around the cost measured once. A plan draws from the requests of its app that ran its model the same
+    way, falling back to any app, then to its model run any way, then to all (`minimum` pairs a group needs)."""
 
-    ttft: np.ndarray
-    tpot: np.ndarray
+    pairs: dict  # () -> all pairs; (level, dropped), (level, dropped, compressed, decided), (app, ...): (n, 2)
+    minimum: int = 8  # pairs a group needs to be drawn from
+    exact: dict | None = None  # request (see _match) -> (its plan, its pair): `replayed`
 
     @classmethod
     def from_replay(cls, rows: list[dict]) -> Scatter:
@@ -50,14 +55,53 @@ class Scatter:
                 "the replay holds no answered request with its predictions and plan scale (trace-requests.csv "
                 "from an older `bench trace`): replay a trace first"
             )
-        return cls(
-            np.array([r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"] for r in ok]),
-            np.array([r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"] for r in ok]),
-        )
+        groups: dict[tuple, list] = {}
+        for r in ok:
+            pair = (
+                r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"],
+                r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"],
+            )
+            model = (r["level"], r["layers_dropped"])
+            how = (r["ratio"] < 1, planner.STRATEGIES[r["strategy"]].decides)
+            for k in ((), model, (*model, *how), (r["app"], *model, *how)):
+                groups.setdefault(k, []).append(pair)
+        return cls({k: np.array(v) for k, v in groups.items()})
 
-    def draw(self, rng: np.random.Generator) -> tuple[float, float]:
-        i = int(rng.integers(len(self.ttft)))
-        return float(self.ttft[i]), float(self.tpot[i])
+    @classmethod
+    def replayed(cls, rows: list[dict]) -> Scatter:
+        """A diagnostic: each replayed request, planned as in the replay, takes the very latency it had there (a
+        plan the replay did not run draws as in `from_replay`), so plans can differ only by the planning code."""
+        exact = {
+            _match(r): (
+                _plan_of(r),
+                (
+                    r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"],
+                    r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"],
+                ),
+            )
+            for r in rows
+            if r["ok"] and isinstance(r.get("scale_ttft"), float)
+        }
+        return replace(cls.from_replay(rows), exact=exact)
+
+    @classmethod
+    def constant(cls, ttft: float, tpot: float) -> Scatter:
+        return cls({(): np.array([[ttft, tpot]])})
+
+    def draw(self, rng: np.random.Generator, plan: planner.Plan, request: tuple | None = None) -> tuple[float, float]:
+        """A pair for `plan` of `request` (alpha, strategy, arrival, app, question id)."""
+        if self.exact and request in self.exact and self.exact[request][0] == (plan.ratio, plan.level, plan.dropped):
+            return self.exact[request][1]
+        model = (plan.level, plan.dropped)
+        app, strategy = (request[3], request[1]) if request else (None, "full")
+        how = (plan.ratio < 1, planner.STRATEGIES[strategy].decides)
+        for k in ((app, *model, *how), (*model, *how), model):
+            if len(self.pairs.get(k, ())) >= self.minimum:
+                break
+        else:
+            k = ()
+        pairs = self.pairs[k]
+        return tuple(float(x) for x in pairs[int(rng.integers(len(pairs)))])
 
 
 @dataclass(frozen=True)
@@ -85,14 +129,14 @@ class _Job:
     request: trace.Request
 
 
-def _plan(orch, r: trace.Request, strategy: str, scatter: Scatter, rng, body) -> dict:
+def _plan(orch, r: trace.Request, strategy: str, scatter: Scatter, rng, body, alpha=None) -> dict:
     """Plan one request as the service does, draw its latency, feed the calibration; the row without outcome."""
     b = body(r, strategy)
     request = CompletionRequest(**b).to_request(b["max_tokens"])
     parts = orch.parts(request.query, request.context, request.chat)
     scale = orch.calibration.plan_scale
     plan, budgets = orch.plan(request, parts)
-    a, c = scatter.draw(rng)
+    a, c = scatter.draw(rng, plan, (alpha, strategy, round(r.at, 3), r.app.name, r.item.id))
     predicted = (plan.ttft_ms / scale[0], plan.tpot_ms / scale[1])  # the profile's own, as Calibration sees them
     ttft, tpot = predicted[0] * a, predicted[1] * c
     if orch.calibrate:
@@ -127,7 +171,7 @@ def _plan(orch, r: trace.Request, strategy: str, scatter: Scatter, rng, body) ->
     }
 
 
-def _serve(orch, requests, strategy, scatter, rng, grid, body, default_score_ms) -> tuple[list[dict], set]:
+def _serve(orch, alpha, requests, strategy, scatter, rng, grid, body, default_score_ms) -> tuple[list[dict], set]:
     """One strategy's trace through a simulated worker: requests leave the fair queue one at a time, each once
     the previous one is done; returns the rows and the grid keys that were missing."""
     queue = FairQueue(len(requests) + 1, 1.0)
@@ -140,7 +184,7 @@ def _serve(orch, requests, strategy, scatter, rng, grid, body, default_score_ms)
             r = arriving.popleft()
             queue.put(_Job(r.app.name, r))
         r = queue.get().request
-        row = _plan(orch, r, strategy, scatter, rng, body)
+        row = _plan(orch, r, strategy, scatter, rng, body, alpha)
         variant = planner.STRATEGIES[strategy].variant
         k = (row["app"], row["id"], row["ratio"], row["level"], row["layers_dropped"], variant)
         outcome = grid.get(k)
@@ -163,13 +207,16 @@ def simulate(
     scatter: Scatter,
     draw_seed: int,
     grid_path: Path,
-    body=trace.request_body,
+    body=None,
     warm: list[trace.Request] = (),
     progress: bool = True,
 ) -> list[dict]:
     """The rows of `runs` ((alpha, strategy) in the order a replay sends them, over `traces` by alpha) through one
     fresh simulated service that first answers `warm`; outcomes the grid lacks are computed
-    (evaluate/outcomes.fill) and the simulation run again."""
+    (evaluate/outcomes.fill) and the simulation run again. `body`: trace.request_body unless given."""
+    body = body or trace.request_body
+    from tqdm import tqdm
+
     grid = outcomes.read(grid_path, build_file.build_id(orch.engine.folder))
     while True:
         orch.calibration = planner.Calibration()
@@ -178,8 +225,8 @@ def simulate(
         for r in warm:  # not recorded, as in trace.warm_up
             _plan(orch, r, "full", scatter, rng, body)
         rows, missing = [], set()
-        for alpha, s in runs:
-            got, lacking = _serve(orch, traces[alpha], s, scatter, rng, grid, body, typical)
+        for alpha, s in tqdm(runs, desc="simulate", unit="trace", disable=not progress):
+            got, lacking = _serve(orch, alpha, traces[alpha], s, scatter, rng, grid, body, typical)
             rows += [{"alpha": alpha, **r} for r in got]
             missing |= lacking
         if not missing:
@@ -203,9 +250,10 @@ def service_cost(folder: Path) -> planner.TLMCost:
     return planner.TLMCost(**json.loads(path.read_text())["tlm_cost_ms"])
 
 
-def validate(orch, folder: Path, grid_path: Path, body=trace.request_body, progress: bool = True) -> list[dict]:
-    """Simulate the traces replayed in `folder` and compare per request and per strategy; writes
-    trace-simulated.csv and trace-agreement.md there and returns the agreement rows."""
+def validate(orch, folder: Path, grid_path: Path, body=None, draws: int = 10, progress: bool = True) -> list[dict]:
+    """Simulate the traces replayed in `folder` `draws` times (latency draws seeded 0 .., the figures are their
+    means) and once with the replay's own latencies (Scatter.replayed), and compare request by request and per
+    strategy; writes trace-simulated.csv (the first draw) and trace-agreement.md there; returns the table."""
     folder = Path(folder)
     replayed = trace.read_rows(folder / "trace-requests.csv")
     if not replayed:
@@ -213,12 +261,16 @@ def validate(orch, folder: Path, grid_path: Path, body=trace.request_body, progr
     setup = setup_of(folder)
     orch.cost = service_cost(folder)
     runs = list(dict.fromkeys((r["alpha"], r["strategy"]) for r in replayed))
-    alphas = sorted({a for a, _ in runs})
+    traces = setup.traces(sorted({a for a, _ in runs}))
     scatter = Scatter.from_replay(replayed)
-    rows = simulate(orch, setup.traces(alphas), runs, scatter, setup.seed, grid_path, body, setup.warm(), progress)
-    _write(folder / "trace-simulated.csv", rows)
-    table = agreement(replayed, rows)
-    (folder / "trace-agreement.md").write_text(agreement_markdown(table))
+    sims = [
+        simulate(orch, traces, runs, scatter, d, grid_path, body, setup.warm(), progress and d == 0)
+        for d in range(draws)
+    ]
+    exact = simulate(orch, traces, runs, Scatter.replayed(replayed), 0, grid_path, body, setup.warm(), False)
+    _write(folder / "trace-simulated.csv", sims[0])
+    table = agreement(replayed, sims, exact)
+    (folder / "trace-agreement.md").write_text(agreement_markdown(table, draws))
     return table
 
 
@@ -226,45 +278,61 @@ def _match(r: dict) -> tuple:
     return (r["alpha"], r["strategy"], round(float(r["arrival_s"]), 3), r["app"], r["id"])
 
 
-def agreement(replayed: list[dict], simulated: list[dict]) -> list[dict]:
-    """Per strategy (and over all): requests matched, the share with the same plan and with the same correctness,
-    and SLO attainment and accuracy within SLO replayed vs simulated (percent)."""
-    sim = {_match(r): r for r in simulated}
-    pairs = [(r, sim[_match(r)]) for r in replayed if r["ok"] and _match(r) in sim]
-    plan = lambda r: (r["ratio"], r["level"], r["layers_dropped"])  # noqa: E731
+def _plan_of(r: dict) -> tuple:
+    return (r["ratio"], r["level"], r["layers_dropped"])
+
+
+def agreement(replayed: list[dict], sims: list[list[dict]], exact: list[dict]) -> list[dict]:
+    """Per strategy (and over all), in percent of the replayed requests: the same plan and the same correctness in
+    the simulations (their mean) and with the replay's latencies; SLO attainment and accuracy within SLO replayed
+    (with a 95% binomial half-width) and simulated (the mean over the draws)."""
+    ok = [r for r in replayed if r["ok"]]
+    by_sim = [{_match(r): r for r in rows} for rows in sims]
+    by_exact = {_match(r): r for r in exact}
     out = []
-    for s in list(dict.fromkeys(r["strategy"] for r, _ in pairs)) + ["all"]:
-        sel = [(a, b) for a, b in pairs if s in ("all", a["strategy"])]
+    for s in list(dict.fromkeys(r["strategy"] for r in ok)) + ["all"]:
+        sel = [r for r in ok if s in ("all", r["strategy"])]
+        n = len(sel)
 
-        def pct(f, sel=sel):
-            return round(100 * sum(map(f, sel)) / len(sel), 1)
+        def share(test, sim, sel=sel) -> float:
+            return 100 * sum(test(r, sim[_match(r)]) for r in sel) / len(sel)
 
+        def mean(test, share=share) -> float:
+            return round(float(np.mean([share(test, sim) for sim in by_sim])), 1)
+
+        within = 100 * sum(r["correct"] * r["slo_met"] for r in sel) / n
         out.append(
             {
                 "strategy": s,
-                "n": len(sel),
-                "same_plan": pct(lambda p: plan(p[0]) == plan(p[1])),
-                "same_correct": pct(lambda p: p[0]["correct"] == p[1]["correct"]),
-                "slo_met_replay": pct(lambda p: p[0]["slo_met"]),
-                "slo_met_sim": pct(lambda p: p[1]["slo_met"]),
-                "within_slo_replay": pct(lambda p: p[0]["correct"] * p[0]["slo_met"]),
-                "within_slo_sim": pct(lambda p: p[1]["correct"] * p[1]["slo_met"]),
+                "n": n,
+                "same_plan": mean(lambda a, b: _plan_of(a) == _plan_of(b)),
+                "same_plan_exact": round(share(lambda a, b: _plan_of(a) == _plan_of(b), by_exact), 1),
+                "same_correct": mean(lambda a, b: a["correct"] == b["correct"]),
+                "slo_met_replay": round(100 * sum(r["slo_met"] for r in sel) / n, 1),
+                "slo_met_sim": mean(lambda a, b: b["slo_met"]),
+                "within_slo_replay": round(within, 1),
+                "within_slo_halfwidth": round(1.96 * (within * (100 - within) / n) ** 0.5, 1),
+                "within_slo_sim": mean(lambda a, b: b["correct"] * b["slo_met"]),
             }
         )
     return out
 
 
-def agreement_markdown(table: list[dict]) -> str:
+def agreement_markdown(table: list[dict], draws: int) -> str:
     lines = [
-        "Simulated vs replayed, request by request (percent of the matched requests).",
+        f"Simulated ({draws} latency draws, means) vs replayed, request by request: percent of the replayed "
+        "requests. 'replay latencies': one simulation in which each request the simulation plans as the replay "
+        "did takes the latency it had there.",
         "",
-        "| strategy | requests | same plan | same correctness | SLO met: replay / sim | within SLO: replay / sim |",
-        "|---|---|---|---|---|---|",
+        "| strategy | requests | same plan | same plan, replay latencies | same correctness | SLO met: replay / sim "
+        "| within SLO: replay (95%) / sim |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(
-            f"| {r['strategy']} | {r['n']} | {r['same_plan']} | {r['same_correct']} | "
-            f"{r['slo_met_replay']} / {r['slo_met_sim']} | {r['within_slo_replay']} / {r['within_slo_sim']} |"
+            f"| {r['strategy']} | {r['n']} | {r['same_plan']} | {r['same_plan_exact']} | {r['same_correct']} | "
+            f"{r['slo_met_replay']} / {r['slo_met_sim']} | {r['within_slo_replay']} (+-{r['within_slo_halfwidth']})"
+            f" / {r['within_slo_sim']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -307,9 +375,10 @@ def run(
     try:
         for seed in seeds:
             setup = Setup(requests, rate, seed, questions, warmup)
-            rows += [
-                {"seed": seed, **r} for r in simulate(orch, setup, runs, scatter, seed, grid_path, progress=progress)
-            ]
+            got = simulate(
+                orch, setup.traces(alphas), runs, scatter, seed, grid_path, warm=setup.warm(), progress=progress
+            )
+            rows += [{"seed": seed, **r} for r in got]
     finally:
         orch.close()
     _write(out / "trace-requests.csv", rows)
@@ -375,7 +444,7 @@ def _plot_gaps(gaps: list[dict], path: Path) -> None:
 
     alphas = list(dict.fromkeys(g["alpha"] for g in gaps))
     strategies = list(dict.fromkeys(g["strategy"] for g in gaps))
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     width = 0.8 / max(1, len(strategies))
     cell = {(g["alpha"], g["strategy"]): g for g in gaps}
     for k, s in enumerate(strategies):
@@ -387,7 +456,7 @@ def _plot_gaps(gaps: list[dict], path: Path) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(alphas)), [a if a == "all" else f"alpha {a:+g}" for a in alphas])
     ax.set(title="ElastiLM minus each strategy: accuracy within SLO (points, 95% interval)")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -299,7 +299,7 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
     from elastilm.compile.package import package
     from elastilm.evaluate.trace import start_service as spawn
     from elastilm.runtime_py.orchestrator import Orchestrator, Request
-    from elastilm.runtime_py.planner import SLO
+    from elastilm.runtime_py.planner import SLO, TLMCost
 
     out, _ = tiny_build_with_tlm(tmp_path_factory)
     bundle = package([out], tmp_path / "bundle")
@@ -308,6 +308,7 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
     endpoint = f"127.0.0.1:{server.port}"
     try:
         remote = Orchestrator(out, ElasticEngine(out, rpc=endpoint), calibrate=False)
+        remote.cost = local.cost  # each measured its TLM's time; on a loaded machine they differ, and so would plans
         query = "w5 w6 w7 w30"
         for ttft, tpot in ((0.9, 0.9), (0.3, 0.6)):
             np.testing.assert_allclose(
@@ -346,6 +347,7 @@ def test_service_over_rpc_from_a_bundle_plans_like_a_local_run(tmp_path_factory,
                 "slo": {"ttft": 0.6, "tpot": 0.9},
             }
             got = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+            local.cost = TLMCost(**httpx.get(f"{url}/health", timeout=30).json()["tlm_cost_ms"])  # the service's own
             expected = local.answer(request)
             assert got["choices"][0]["text"] == expected.text
             assert (got["elastilm"]["level"], got["elastilm"]["prompt_ratio"]) == (

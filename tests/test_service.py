@@ -806,7 +806,7 @@ def test_the_simulator_reproduces_a_hand_computed_trace(built, tmp_path):
                     dict(app=r.app.name, id=r.item.id, ratio=ratio, level=lv, dropped=dropped, tokens=0, original=0,
                          choice=int(lv >= 0.5), correct=int(lv >= 0.5), score_ms=5.0, build=build_id(built.engine.folder))
                 )  # fmt: skip
-    scatter = simulate.Scatter(np.array([0.99]), np.array([0.99]))
+    scatter = simulate.Scatter.constant(0.99, 0.99)
     runs = [(0.0, s) for s in ("full", "model-only", "smallest")]
     rows = simulate.simulate(built, {0.0: requests}, runs, scatter, 0, grid, _short_body, progress=False)
     tokens = {  # each prompt's length: context + query
@@ -866,3 +866,13 @@ def test_validation_replays_a_trace_then_simulates_it_request_by_request(server,
     simulate.validate(built, tmp_path, grid, _short_body, progress=False)
     assert grid.read_text().splitlines() == rows  # resumed: nothing answered twice
     assert "same plan" in (tmp_path / "trace-agreement.md").read_text()
+    # --simulate: new traces (two alphas, two seeds) with this replay's scatter, their outcomes filled on demand
+    out = tmp_path / "sim"
+    table = simulate.run(
+        built.engine.folder, tmp_path, [0.0, 0.25], ["elastilm", "smallest"], 12, 20.0, [0, 1], 3, 0, grid, out, False
+    )
+    sim = trace.read_rows(out / "trace-requests.csv")
+    assert len(sim) == 2 * 2 * 2 * 12 and {r["seed"] for r in sim} == {"0", "1"}
+    assert {r["app"] for r in table} >= {"all"} and (out / "trace-gaps.png").is_file()
+    have = outcomes.read(grid, rows[1].split(",")[-1])
+    assert all((r["app"], r["id"], r["ratio"], r["level"], r["layers_dropped"], "") in have for r in sim)
