@@ -81,7 +81,7 @@ def fill(
     build = build_file.build_id(orch.engine.folder)
     have = read(out, build)
     questions = {(r.app.name, r.item.id): r for r in requests}
-    wanted = keys if keys is not None else [(*q, *p, "") for q in questions for p in plans(orch)]
+    wanted = keys if keys is not None else [(*q, *p, "") for p in plans(orch) for q in questions]
     work: dict[tuple, list[tuple[float, int]]] = {}  # (app, id, ratio, variant) -> [(level, dropped)] missing
     for app, qid, ratio, level, dropped, variant in sorted(set(wanted) - set(have)):
         work.setdefault((app, qid, ratio, variant), []).append((level, dropped))

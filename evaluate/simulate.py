@@ -49,7 +49,7 @@ class Scatter:
 
     @classmethod
     def from_replay(cls, rows: list[dict]) -> Scatter:
-        ok = [r for r in rows if r["ok"] and isinstance(r.get("scale_ttft"), float)]
+        ok = _timed(rows)
         if not ok:
             raise ElastiLMError(
                 "the replay holds no answered request with its predictions and plan scale (trace-requests.csv "
@@ -57,10 +57,7 @@ class Scatter:
             )
         groups: dict[tuple, list] = {}
         for r in ok:
-            pair = (
-                r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"],
-                r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"],
-            )
+            pair = _ratios(r)
             model = (r["level"], r["layers_dropped"])
             how = (r["ratio"] < 1, planner.STRATEGIES[r["strategy"]].decides)
             for k in ((), model, (*model, *how), (r["app"], *model, *how)):
@@ -71,17 +68,7 @@ class Scatter:
     def replayed(cls, rows: list[dict]) -> Scatter:
         """A diagnostic: each replayed request, planned as in the replay, takes the very latency it had there (a
         plan the replay did not run draws as in `from_replay`), so plans can differ only by the planning code."""
-        exact = {
-            _match(r): (
-                _plan_of(r),
-                (
-                    r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"],
-                    r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"],
-                ),
-            )
-            for r in rows
-            if r["ok"] and isinstance(r.get("scale_ttft"), float)
-        }
+        exact = {_match(r): (_plan_of(r), _ratios(r)) for r in _timed(rows)}
         return replace(cls.from_replay(rows), exact=exact)
 
     @classmethod
@@ -102,6 +89,19 @@ class Scatter:
             k = ()
         pairs = self.pairs[k]
         return tuple(float(x) for x in pairs[int(rng.integers(len(pairs)))])
+
+
+def _timed(rows: list[dict]) -> list[dict]:
+    """The answered rows that carry their predictions and plan scale (a current `bench trace`'s)."""
+    return [r for r in rows if r["ok"] and isinstance(r.get("scale_ttft"), float)]
+
+
+def _ratios(r: dict) -> tuple[float, float]:
+    """A replayed request's measured / predicted TTFT and TPOT, the prediction without the plan scale."""
+    return (
+        r["ttft_ms"] * r["scale_ttft"] / r["predicted_ttft_ms"],
+        r["tpot_ms"] * r["scale_tpot"] / r["predicted_tpot_ms"],
+    )
 
 
 @dataclass(frozen=True)
@@ -214,9 +214,9 @@ def simulate(
     """The rows of `runs` ((alpha, strategy) in the order a replay sends them, over `traces` by alpha) through one
     fresh simulated service that first answers `warm`; outcomes the grid lacks are computed
     (evaluate/outcomes.fill) and the simulation run again. `body`: trace.request_body unless given."""
-    body = body or trace.request_body
     from tqdm import tqdm
 
+    body = body or trace.request_body
     grid = outcomes.read(grid_path, build_file.build_id(orch.engine.folder))
     while True:
         orch.calibration = planner.Calibration()

@@ -222,7 +222,7 @@ def run(
         before = json.loads((out / "trace.json").read_text())
         if {k: before[k] for k in params} != params:
             raise ElastiLMError(f"{out} holds a trace replayed with {before}, not {params}: give another --out")
-    args = (requests, alphas, strategies, rate, seed, questions, out, api_key, progress, warmup)
+    args = (params, alphas, strategies, out, api_key, progress, warmup)
     if url is not None:
         return _run(url, *args)
     if build is None:
@@ -235,9 +235,10 @@ def run(
         server.wait(30)
 
 
-def _run(url, requests, alphas, strategies, rate, seed, questions, out: Path, api_key, progress, warmup) -> list[dict]:
+def _run(url, params: dict, alphas, strategies, out: Path, api_key, progress, warmup) -> list[dict]:
     import httpx
 
+    requests, rate, seed, questions = params["requests"], params["rate"], params["seed"], params["questions"]
     path = out / "trace-requests.csv"
     fields = (
         "alpha",
@@ -272,7 +273,6 @@ def _run(url, requests, alphas, strategies, rate, seed, questions, out: Path, ap
     if answered < warmup:
         warm_up(url, warmup - answered, seed, api_key)
     if not (out / "trace.json").is_file():  # the trace, and the warm-ups its first strategy came after
-        params = {"requests": requests, "rate": rate, "seed": seed, "questions": questions}
         write_json(out / "trace.json", {**params, "warmup": max(0, warmup - answered)})
     for alpha in alphas:
         trace = make_trace(requests, alpha, rate, seed, questions)

@@ -296,10 +296,6 @@ def choose(name: str, request: PlanRequest, latency: LatencyModel) -> Plan:
 def _elastilm(request: PlanRequest, latency: LatencyModel) -> Plan:
     """The TLM decision head's choice when that meets the SLO; otherwise the feasible plan the head scores best;
     if nothing meets the SLO, the fastest plan, marked infeasible. The TLM's decision always counts in TTFT."""
-    return _tlm_planned(request, latency)
-
-
-def _tlm_planned(request: PlanRequest, latency: LatencyModel) -> Plan:
     pref = request.preference
     if pref is None:
         raise ElastiLMError("the elastilm strategy plans with the TLM's decision (PlanRequest.preference)")
@@ -357,14 +353,12 @@ def _no_decision_head(request: PlanRequest, latency: LatencyModel) -> Plan:
     return _best(plans, lambda p: (p.level, p.ratio), "no-decision-head")
 
 
-@strategy("no-adapters", "ElastiLM without recovery adapters", decides=True, adapters=False)
-def _no_adapters(request: PlanRequest, latency: LatencyModel) -> Plan:
-    """The ablation of the recovery adapters: ElastiLM's plan, run by the levels without them."""
-    return _tlm_planned(request, latency)
+# the ablation of the recovery adapters: ElastiLM's plan, run by the levels without them
+strategy("no-adapters", "ElastiLM without recovery adapters", decides=True, adapters=False)(_elastilm)
 
 
 @strategy("no-score-head", "ElastiLM without its score head (keeps the end of the context)", decides=True, scores=False)
 def _no_score_head(request: PlanRequest, latency: LatencyModel) -> Plan:
     """The ablation of the TLM's score head: ElastiLM's plan, the context compressed by position
     (compress.Recency), which costs no TLM scoring."""
-    return _tlm_planned(replace(request, tlm=replace(request.tlm, window_ms=0.0)), latency)
+    return _elastilm(replace(request, tlm=replace(request.tlm, window_ms=0.0)), latency)
