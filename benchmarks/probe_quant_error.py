@@ -6,7 +6,8 @@ reference) with the linear layers and the embedding table quantized several ways
 Variants: fp32; each scheme of formats/quant.py (q4f32_1, q8f32_1, q4f32_mix); the symmetric 4-bit with the
 embedding / tied LM head left fp32; asymmetric 4-bit groups (scale and minimum, like llama.cpp's Q4_1) on every
 quantized weight, and with down_proj left fp32. It also prints, per kind of weight, the largest error of the
-asymmetric 4-bit round trip: zero where the weights are still the packaged GGUF's own 4-bit blocks.
+asymmetric 4-bit round trip (fp32, and fp16 scales and minima as q4f32_mix stores them): zero where the weights
+are still the packaged GGUF's own 4-bit blocks.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def main() -> None:
     print(f"full-width perplexity, {args.windows} x {args.seq_len} held-out tokens")
     for label, p in variants.items():
         print(f"  {label:36s} {perplexity(p, cfg, heldout, None):8.2f}")
-    print("largest |error| of the asymmetric 4-bit round trip:")
+    print("largest |error| of the round trip: asymmetric 4-bit with fp32 / fp16 scales and minima:")
+    half = Format(4, asymmetric=True, half=True)
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"):
         err = max(float((asym[n] - params[n]).abs().max()) for n in names if kind in n)
-        print(f"  {kind:12s} {err:.4f}")
+        err16 = max(float((round_trip(params[n], half) - params[n]).abs().max()) for n in names if kind in n)
+        print(f"  {kind:12s} {err:.4f} / {err16:.4f}")
 
 
 if __name__ == "__main__":

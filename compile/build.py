@@ -66,8 +66,10 @@ def export_shape(
 def library_tensors(names: list[str], params: dict, scheme: Scheme):
     """(name, array) of every parameter the library takes, in the layout its kernels read: fp32 strips
     (`kernel_layout`), or a linear weight quantized once, in its format, into its `q_weight`, `q_scale` (and
-    `q_min`) (compile/quantize.py)."""
+    `q_min`) (compile/quantize.py); adapter entries in the scheme's `adapter_dtype`."""
     import numpy as np
+
+    from elastilm.compile.quantize import stored_adapter
 
     packed: dict[str, tuple] = {}
     for name in names:
@@ -76,6 +78,8 @@ def library_tensors(names: list[str], params: dict, scheme: Scheme):
             if base not in packed:
                 packed[base] = quantize(params[base + ".weight"].numpy(), scheme.format(base))
             yield name, packed[base][PARTS.index(part)]
+        elif name.endswith((".lora_A", ".lora_B")):
+            yield name, stored_adapter(np.ascontiguousarray(kernel_layout(name, params[name]).numpy()), scheme, name)
         else:
             yield name, np.ascontiguousarray(kernel_layout(name, params[name]).numpy())
 
@@ -206,6 +210,7 @@ def build(
             "adapter_levels": sorted(adapters),
             "adapter_names": adapter_names(model.config),  # in call order; each level's are "adapter/<fraction>/<name>"
             "adapter_shapes": adapter_shapes(model.config, rank),
+            "adapter_dtype": scheme.adapter_dtype,  # uint16: fp16 bits (elastic_ops.prefix.as_f32)
             # the rank of the all-zero set that levels without an adapter pass (the rank is a runtime extent):
             # none on CPUs; one row on GPUs, as OpenCL cannot allocate an empty buffer
             "no_adapter_rank": 0 if cpu else 1,

@@ -9,10 +9,11 @@ A quantized build (`ExportShape.quant`, formats/quant.py) stores every linear we
 packed words and group scales (and minima, asymmetric formats) (compile/quantize.py); its kernels unpack them
 inside the reduction.
 
-Every projection of every layer also takes a LoRA adapter (A (r, in), B^T (r, out)) as an input beside the shared
-weights, read on the same prefix: a level's adapter set is passed per call, so switching levels swaps adapter
-buffers only. The rank r is symbolic: a set of rank 0 (tensors with no rows) runs the model without adapters, and
-its update loops do no work. On CPUs the update runs inside the projection's kernel (`ExportShape.fuse_lora`).
+Every projection of every layer also takes a LoRA adapter (A (r, in), B^T in strips (out/strip, r, strip); fp32, or
+fp16 bits where the scheme says so) as an input beside the shared weights, read on the same prefix: a level's
+adapter set is passed per call, so switching levels swaps adapter buffers only. The rank r is symbolic: a set of
+rank 0 (tensors with no rows) runs the model without adapters, and its update loops do no work. On CPUs the update
+runs inside the projection's kernel (`ExportShape.fuse_lora`).
 
 Methods (batch 1), declared from formats/signature.py (the names and argument order the engine calls): `embed`
 turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached positions, `decode` one.
@@ -66,8 +67,9 @@ class _Linear(nn.Module):
         self.fmt = fmt
         if fmt is not None:
             self.q_weight = nn.Parameter((rows // strip, cols // fmt.per_word, strip), "uint32")
-            self.q_scale = nn.Parameter((rows // strip, cols // fmt.group, strip), "float32")
-            self.q_min = nn.Parameter((rows // strip, cols // fmt.group, strip), "float32") if fmt.asymmetric else None
+            groups = (rows // strip, cols // fmt.group, strip)
+            self.q_scale = nn.Parameter(groups, fmt.scale_dtype)
+            self.q_min = nn.Parameter(groups, fmt.scale_dtype) if fmt.asymmetric else None
         else:
             self.weight = nn.Parameter((rows // strip, cols, strip), "float32")
         self.bias = nn.Parameter((rows,), "float32") if bias else None
@@ -110,11 +112,10 @@ class _Embedding(_Linear):
 def kernel_layout(name: str, tensor):
     """A checkpoint tensor (Hugging Face layout) in the layout the compiled kernels read: a linear weight
     (out, in) becomes strips (out/strip, in, strip), so that input and output prefixes are both contiguous and
-    each strip streams from memory in one piece; a LoRA B (out, r) is transposed to (r, out) for the same reason;
-    everything else is unchanged."""
-    if name.endswith(".lora_B"):
-        return tensor.T
-    if not name.endswith("_proj.weight"):
+    each strip streams from memory in one piece; a LoRA B (out, r) becomes strips (out/strip, r, strip) of B^T,
+    so that a kernel's strip of outputs reads its r x strip share of the adapter in one piece too; everything
+    else is unchanged."""
+    if not name.endswith(("_proj.weight", ".lora_B")):
         return tensor
     return strips(tensor, prefix.strip_width(tensor.shape[0]))
 
@@ -292,7 +293,10 @@ class ElasticRelaxModel(nn.Module):
         args = {  # signature.ARGUMENTS, "embeddings" aside (a prompt or one token)
             "caches": [k_cache, v_cache] * cfg.num_layers,
             # the rank is the call's: 0 (tensors of no rows) runs a level without an adapter at no cost
-            "adapters": [spec.Tensor([RANK, n], "float32") for _, n in adapter_shapes(cfg, self.shape.lora_rank)],
+            "adapters": [
+                spec.Tensor(signature.with_rank(shape, RANK), quant.scheme(self.shape.quant).adapter_dtype)
+                for shape in adapter_shapes(cfg, self.shape.lora_rank)
+            ],
             "past": int,
             "heads": int,
             "neuron_blocks": int,
@@ -316,12 +320,13 @@ class ElasticRelaxModel(nn.Module):
 
 
 def adapter_names(cfg: ModelConfig) -> list[str]:
-    """The adapter inputs in call order: per layer and projection, A then B (stored transposed)."""
+    """The adapter inputs in call order: per layer and projection, A then B (stored as B^T strips)."""
     return [f"{n}.lora_{part}" for n in projection_names(cfg) for part in ("A", "B")]
 
 
-def adapter_shapes(cfg: ModelConfig, rank: int) -> list[tuple[int, int]]:
-    """Shapes of the adapter inputs in call order: A (r, in), B^T (r, out)."""
+def adapter_shapes(cfg: ModelConfig, rank: int) -> list[tuple[int, ...]]:
+    """Shapes of the adapter inputs in call order (`kernel_layout`): A (r, in), B^T (out/strip, r, strip); the rank
+    is the second-to-last axis of both (signature.with_rank)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     io = {
         "self_attn.q_proj": (d, cfg.num_heads * hd),
@@ -332,7 +337,12 @@ def adapter_shapes(cfg: ModelConfig, rank: int) -> list[tuple[int, int]]:
         "mlp.up_proj": (d, f),
         "mlp.down_proj": (f, d),
     }
-    return [s for _ in range(cfg.num_layers) for p in PROJECTIONS for s in ((rank, io[p][0]), (rank, io[p][1]))]
+
+    def bt(out: int) -> tuple[int, int, int]:
+        strip = prefix.strip_width(out)
+        return (out // strip, rank, strip)
+
+    return [s for _ in range(cfg.num_layers) for p in PROJECTIONS for s in ((rank, io[p][0]), bt(io[p][1]))]
 
 
 def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str]]:

@@ -41,9 +41,9 @@ def _matmul_over(x: te.Tensor, weight, rows, bias: te.Tensor | None, name: str, 
 
 
 def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora):
-    """The block "<name>_out" (T, rows): y (+ bias) (+ the update x @ A^T @ Bt of the adapter `lora` = (A (r, K),
-    Bt (r, M)), read on the active prefix: LORA_A x @ A^T (T, r), LORA_B its product with Bt), the padded token
-    rows dropped."""
+    """The block "<name>_out" (T, rows): y (+ bias) (+ the update x @ A^T @ B^T of the adapter `lora` = (A (r, K),
+    Bt), Bt = B^T in strips (M / strip, r, strip), read on the active prefix: LORA_A x @ A^T (T, r), LORA_B its
+    product with Bt; float32, or uint16 holding fp16 bits: `as_f32`), the padded token rows dropped."""
     T, rows = x.shape[0], y.shape[1]
     terms = [lambda t, i: y[t, i]]
     if bias is not None:
@@ -63,23 +63,30 @@ def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora)
 
 
 def _lora_up(down: te.Tensor, bt: te.Tensor, T, shape):
-    """down @ Bt: (T_blocks, rows), rows t >= T (prefill padding) repeating the last token. At rank 0 the
+    """down @ B^T: (T_blocks, rows), rows t >= T (prefill padding) repeating the last token. Bt (M / strip, r,
+    strip) holds each strip's r x strip block in one piece, so that a projection kernel's strip reads its share of
+    the adapter in one stream (B^T as (r, M) would be r short reads M apart, each a cache miss). At rank 0 the
     reduction has no steps, and a schedule that keeps the initialisation inside the reduction loop (TIR's unless
     it is decomposed) leaves the output unwritten: read it through `_lora_term`."""
-    j = te.reduce_axis((0, bt.shape[0]), "j")
-    return te.compute(shape, lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * bt[j, i], axis=j), name=blocks.LORA_B)
+    strip = bt.shape[2]
+    j = te.reduce_axis((0, bt.shape[1]), "j")
+    return te.compute(
+        shape,
+        lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * as_f32(bt[i // strip, j, i % strip]), axis=j),
+        name=blocks.LORA_B,
+    )
 
 
 def _lora_term(up: te.Tensor, bt: te.Tensor, t, i):
     """up[t, i], or 0 at rank 0 (then `up` was never written)."""
-    return tirx.if_then_else(bt.shape[0] > 0, up[t, i], tirx.const(0.0, "float32"))
+    return tirx.if_then_else(bt.shape[1] > 0, up[t, i], tirx.const(0.0, "float32"))
 
 
 def _lora_down(x: te.Tensor, a: te.Tensor):
     """x @ A[:, :K_active]^T: (T, r)."""
     T, K_active = x.shape
     k = te.reduce_axis((0, K_active), "k")
-    return te.compute((T, a.shape[0]), lambda t, j: te.sum(x[t, k] * a[j, k], axis=k), name=blocks.LORA_A)
+    return te.compute((T, a.shape[0]), lambda t, j: te.sum(x[t, k] * as_f32(a[j, k]), axis=k), name=blocks.LORA_A)
 
 
 def prefix_matmul(
@@ -113,7 +120,7 @@ def prefix_matmul_q(
 
     x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
     weights per word (lowest bits first); scale and, for an asymmetric format, minimum: (M / strip, K / group,
-    strip) float32 (compile/quantize.py). W[i, k] = (level(i, k) - qmax) * scale (symmetric) or
+    strip) float32, or uint16 fp16 bits in a `half` format (compile/quantize.py). W[i, k] = (level(i, k) - qmax) * scale (symmetric) or
     level(i, k) * scale + minimum (asymmetric), of the group of k in row i; level = the k-th field of the word.
     Returns (T, rows), rows defaulting to M.
 
@@ -149,8 +156,8 @@ def prefix_matmul_q(
     def per_group(t, i):
         j, c = i // strip, i % strip
         if fmt.asymmetric:
-            return scale[j, g, c] * part[t, g, i] + minimum[j, g, c] * xsum[t, g]
-        return scale[j, g, c] * (part[t, g, i] - float(fmt.qmax) * xsum[t, g])
+            return as_f32(scale[j, g, c]) * part[t, g, i] + as_f32(minimum[j, g, c]) * xsum[t, g]
+        return as_f32(scale[j, g, c]) * (part[t, g, i] - float(fmt.qmax) * xsum[t, g])
 
     y = te.compute((T, rows), lambda t, i: te.sum(per_group(t, i), axis=g), name=name)
     return _output(x, y, bias, name, lora)
@@ -170,10 +177,24 @@ def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, fmt: Format, minimum
 
 def _weight(fmt: Format, q: te.Tensor, scale: te.Tensor, minimum: te.Tensor | None, j, k, i):
     """The dequantized weight of input k in row i of strip j."""
-    level = _level(q, fmt, j, k, i)
+    level, step = _level(q, fmt, j, k, i), as_f32(scale[j, k // fmt.group, i])
     if fmt.asymmetric:
-        return level * scale[j, k // fmt.group, i] + minimum[j, k // fmt.group, i]
-    return (level - float(fmt.qmax)) * scale[j, k // fmt.group, i]
+        return level * step + as_f32(minimum[j, k // fmt.group, i])
+    return (level - float(fmt.qmax)) * step
+
+
+def as_f32(value):
+    """A stored value (a scale, a minimum, an adapter entry) as fp32; uint16 holds fp16 bits, widened with integer
+    operations only, so no target needs fp16 support (OpenCL without cl_khr_fp16). The sign moves to bit 31;
+    exponent and mantissa move up 13 bits, which reads them as an fp32 with an exponent 112 too small (127 - 15),
+    normal or not; multiplying by 2^112 restores it. Exact for every finite fp16."""
+    if value.dtype != "uint16":
+        return value
+    h = value.astype("uint32")
+    bits = ((h & tirx.const(0x8000, "uint32")) << tirx.const(16, "uint32")) | (
+        (h & tirx.const(0x7FFF, "uint32")) << tirx.const(13, "uint32")
+    )
+    return tirx.reinterpret("float32", bits) * tirx.const(2.0**112, "float32")
 
 
 def _level(q: te.Tensor, fmt: Format, j, k, i):
@@ -283,8 +304,8 @@ def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
     """y + x @ A[:, :K_active]^T @ Bt[:, :rows]: a level's low-rank update, added to the prefix matmul y (T, rows)
     of the same projection, as a kernel of its own (GPU targets; CPU kernels fuse it, `prefix_matmul(lora=)`).
 
-    x: (T, K_active); a: (r, K) and bt: (r, M), the adapter at full width with B transposed (outputs contiguous)
-    and the LoRA scale folded in; only the active prefix of each is read. r is the call's rank: 0 for a level
+    x: (T, K_active); a: (r, K) and bt: (M / strip, r, strip), the adapter at full width with B transposed in
+    strips (`_lora_up`) and the LoRA scale folded in; only the active prefix of each is read. r is the call's rank: 0 for a level
     without an adapter, which then costs no work.
     """
     T, _ = x.shape

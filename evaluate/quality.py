@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from elastilm.compile import corpus, ingest, reference
-from elastilm.compile.quantize import simulated
+from elastilm.compile.quantize import simulated, simulated_adapters
 from elastilm.formats import adapters as adapters_file
 from elastilm.formats import elastic, quant
 from elastilm.formats.widths import layer_widths
@@ -61,7 +61,11 @@ def evaluate(
                 else None,
                 # level 1.0 has no adapter (it is the distillation teacher); blank before `elastilm recover`
                 "ppl_adapters": perplexity(
-                    params, model.config, heldout, model.widths(lv.fraction), adapters=adapters.get(lv.fraction)
+                    params,
+                    model.config,
+                    heldout,
+                    model.widths(lv.fraction),
+                    adapters=simulated_adapters(adapters.get(lv.fraction), s),
                 )
                 if adapters
                 else None,

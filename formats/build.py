@@ -17,7 +17,7 @@ from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.files import read_json, sha256, tree, verify_files, write_json
 
 MANIFEST = "manifest.json"
-SCHEMA, VERSION = "elastilm.build", 2  # 2: adapter inputs
+SCHEMA, VERSION = "elastilm.build", 3  # 2: adapter inputs; 3: B^T of the adapters in strips
 
 
 def adapter_tensor(fraction: float, name: str) -> str:

@@ -5,7 +5,9 @@
   q4f32_1    4-bit weights, 8 per uint32; one fp32 scale per group of 32 inputs (symmetric, MLC-LLM's q4f32_1)
   q8f32_1    8-bit weights, 4 per uint32; likewise
   q4f32_mix  4-bit asymmetric groups (a scale and a minimum each, as llama.cpp's Q4_1) on the attention, gate and
-             up projections; 8-bit symmetric groups on down_proj and on the embedding / LM head
+             up projections; 8-bit symmetric groups on down_proj and on the embedding / LM head; scales and
+             minima stored as fp16 bit patterns (as llama.cpp's Q4_1 and Q8_0 blocks store theirs), read as fp32,
+             and so are the recovery adapters (half the bytes a level's adapter adds to each decoded token)
 
 Symmetric groups (`Format`): scale = max|w| / qmax over a group of `group` inputs of one output row, stored
 q = round(w / scale) + qmax clamped to [0, 2 qmax], read back (q - qmax) * scale (qmax = 7 for 4 bits, 127 for 8).
@@ -21,7 +23,8 @@ blocks; 8 bits keep those, and the embedding, close. Full-width held-out perplex
 
 The packed layout (compile/quantize.py) keeps both prefixes of a level contiguous, so every active width must be
 a whole number of groups (`check_width`). A quantized scheme covers every linear layer and the embedding table
-(the tied LM head: one copy serves both); norms, biases and the recovery adapters stay fp32.
+(the tied LM head: one copy serves both); norms and biases stay fp32, the recovery adapters too except in
+q4f32_mix.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from elastilm.formats.errors import ElastiLMError
 
 @dataclass(frozen=True)
 class Format:
-    """How one quantized tensor is stored: `bits` per weight packed in uint32 words, an fp32 scale per `group`
-    inputs of a row and, when `asymmetric`, an fp32 minimum per group too."""
+    """How one quantized tensor is stored: `bits` per weight packed in uint32 words, a scale per `group` inputs of
+    a row and, when `asymmetric`, a minimum per group too; fp32, or with `half` fp16 bit patterns in uint16 words
+    (1 + 1 bits per 4-bit weight instead of 2 + 2; the kernels widen them to fp32 with integer operations, so no
+    target needs fp16 arithmetic, e.g. OpenCL without cl_khr_fp16)."""
 
     bits: int
     group: int = 32
     asymmetric: bool = False
+    half: bool = False
 
     @property
     def per_word(self) -> int:
@@ -55,8 +61,13 @@ class Format:
         """The highest stored level."""
         return 2**self.bits - 1 if self.asymmetric else 2 * self.qmax
 
+    @property
+    def scale_dtype(self) -> str:
+        """The dtype of the stored scales and minima."""
+        return "uint16" if self.half else "float32"
+
     def describe(self) -> dict:
-        return {"bits": self.bits, "group": self.group, "asymmetric": self.asymmetric}
+        return {"bits": self.bits, "group": self.group, "asymmetric": self.asymmetric, "scales": self.scale_dtype}
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,12 @@ class Scheme:
     linear: Format | None
     down_proj: Format | None = None
     embedding: Format | None = None
+    half_adapters: bool = False  # the recovery adapters stored as fp16 bits (uint16), like `Format.half`
+
+    @property
+    def adapter_dtype(self) -> str:
+        """The dtype of the library's adapter inputs."""
+        return "uint16" if self.half_adapters else "float32"
 
     @property
     def quantized(self) -> bool:
@@ -92,7 +109,11 @@ class Scheme:
         if self.linear is None:
             return {"scheme": self.name}
         kinds = {"linear": self.linear, "down_proj": self.format("down_proj"), "embedding": self.format("embed_tokens")}
-        return {"scheme": self.name, **{kind: f.describe() for kind, f in kinds.items()}}
+        return {
+            "scheme": self.name,
+            **{kind: f.describe() for kind, f in kinds.items()},
+            "adapters": self.adapter_dtype,
+        }
 
     def check_width(self, width: int, what: str, fix: str) -> None:
         """Refuse an active width (inputs of a projection) that is not a whole number of groups."""
@@ -106,7 +127,13 @@ SCHEMES = {
         Scheme("q0f32", None),
         Scheme("q4f32_1", Format(4)),
         Scheme("q8f32_1", Format(8)),
-        Scheme("q4f32_mix", Format(4, asymmetric=True), down_proj=Format(8), embedding=Format(8)),
+        Scheme(
+            "q4f32_mix",
+            Format(4, asymmetric=True, half=True),
+            down_proj=Format(8, half=True),
+            embedding=Format(8, half=True),
+            half_adapters=True,
+        ),
     )
 }
 

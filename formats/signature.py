@@ -8,7 +8,8 @@ position.
 ARGUMENTS, in call order:
   embeddings     (T, d) float32; decode: T = 1
   caches         two per layer: K transposed (n_kv*hd, cache_rows) and V (cache_rows, n_kv*hd), written in place
-  adapters       two per projection and layer: LoRA A (r, in) and B^T (r, out) of the level (all zeros: none)
+  adapters       two per projection and layer: LoRA A (r, in) and B^T in strips (out/strip, r, strip) of the
+                 level (rank 0, or all zeros: none); the rank is the second-to-last axis of both
   past           positions already in the cache
   heads          active query heads of non-anchor layers
   neuron_blocks  active FFN neurons of non-anchor layers, in whole blocks (manifest "neuron_block")
@@ -38,6 +39,12 @@ def function_name(method: str, dropped: int = 0) -> str:
 def function_names(drops) -> list[str]:
     """Every function of a library with the layer-drop variants `drops` (layer counts)."""
     return [EMBED, *METHODS] + [function_name(m, n) for n in drops for m in METHODS]
+
+
+def with_rank(shape, rank) -> tuple:
+    """An adapter input's shape (manifest "adapter_shapes") at another rank: its second-to-last axis."""
+    shape = tuple(shape)
+    return (*shape[:-2], rank, shape[-1])
 
 
 def arguments(**values) -> tuple:

@@ -91,7 +91,9 @@ class ElasticEngine:
             self.params = s.arrays(m["param_names"])
             # switching level swaps these buffers only; levels without an adapter pass an all-zero set of the
             # build's `no_adapter_rank`: 0 (no rows, the update loops are empty) where the device allows empty tensors
-            self.no_adapter = s.zeros([(m["no_adapter_rank"], n) for _, n in m["adapter_shapes"]], "lora0")
+            none = m["no_adapter_rank"]
+            shapes = [signature.with_rank(shape, none) for shape in m["adapter_shapes"]]
+            self.no_adapter = s.zeros(shapes, "lora0", m["adapter_dtype"])
             levels = m["adapter_levels"] if self.use_adapters else []
             self.adapters = {f: s.arrays([build_file.adapter_tensor(f, n) for n in m["adapter_names"]]) for f in levels}
         rows, width = m["cache_rows"], cfg["num_kv_heads"] * cfg["head_dim"]

@@ -58,12 +58,12 @@ class LocalSession:
         """The loaded tensors `names`, one argument each."""
         return self.arrays(names)
 
-    def zeros(self, shapes: list[tuple[int, int]], tag: str):
+    def zeros(self, shapes: list[tuple[int, ...]], tag: str, dtype: str = "float32"):
         """Zeroed tensors of `shapes` as one argument; equal shapes share one tensor unless `tag` is "kv"
         (each KV cache is written in place)."""
         if tag == "kv":
-            return [tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for s in shapes]
-        shared = {tuple(s): tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for s in shapes}
+            return [tvm.runtime.tensor(np.zeros(s, dtype), self.device) for s in shapes]
+        shared = {tuple(s): tvm.runtime.tensor(np.zeros(s, dtype), self.device) for s in shapes}
         return [shared[tuple(s)] for s in shapes]
 
     def tensor(self, array: np.ndarray):
@@ -334,7 +334,7 @@ class RemoteSession:
         """Tensors of the device's tensor cache, in order, as one device-side array."""
         return self.call(self.function("vm.builtin.param_array_from_cache_by_name_unpacked"), *names)
 
-    def zeros(self, shapes: list[tuple[int, int]], tag: str):
+    def zeros(self, shapes: list[tuple[int, ...]], tag: str, dtype: str = "float32"):
         """Zeroed tensors allocated on the device, as one device-side array; equal shapes share one tensor
         unless `tag` is "kv" (each KV cache is written in place)."""
         update = self.function("vm.builtin.tensor_cache.update")
@@ -342,7 +342,7 @@ class RemoteSession:
         for i, s in enumerate(shapes):
             name = CACHE_NAME.format(tag, i if tag == "kv" else "x".join(map(str, s)))
             if name not in names:
-                self.call(update, name, self.call(tvm.runtime.tensor, np.zeros(s, "float32"), self.device), True)
+                self.call(update, name, self.call(tvm.runtime.tensor, np.zeros(s, dtype), self.device), True)
             names.append(name)
         return self.arrays(names)
 

@@ -58,7 +58,7 @@ def test_lora_on_prefix_matches_numpy(tokens, rank, active_in, rows):
     y = te.placeholder((T, m), "float32", name="y")
     r = tirx.Var("r", "int64")
     a = te.placeholder((r, I64(576)), "float32", name="a")
-    bt = te.placeholder((r, I64(576)), "float32", name="bt")
+    bt = te.placeholder((I64(9), r, I64(64)), "float32", name="bt")  # B^T strips (kernel_layout)
     out = prefix.lora_prefix(x, y, a, bt)
     fn = compile_te([x, y, a, bt, out], scheduled=False)
     a_full, b_full = np.full((rank, 576), np.nan, "float32"), np.full((576, rank), np.nan, "float32")

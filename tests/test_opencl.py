@@ -11,7 +11,7 @@ from elastilm.compile.export import kernel_layout
 from elastilm.compile.quantize import dequantize, quantize
 from elastilm.elastic_ops import pocl, prefix, schedule_gpu
 from elastilm.formats.errors import ElastiLMError
-from elastilm.formats.quant import Format
+from elastilm.formats.quant import Format, scheme
 from elastilm.targets import preset
 
 I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
@@ -185,7 +185,7 @@ def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows, rank):
     y = te.placeholder((T, m), "float32", name="y")
     r = tirx.Var("r", "int64")
     a = te.placeholder((r, I64(96)), "float32", name="a")
-    bt = te.placeholder((r, I64(64)), "float32", name="bt")
+    bt = te.placeholder((I64(1), r, I64(64)), "float32", name="bt")  # B^T strips (kernel_layout)
     fn = scheduled([x, y, a, bt, prefix.lora_prefix(x, y, a, bt)], target)
     a_full, b_full = np.full((rank, 96), np.nan, "float32"), np.full((64, rank), np.nan, "float32")
     a_full[:, :active_in] = rng.standard_normal((rank, active_in))
@@ -204,7 +204,8 @@ def test_lora_on_prefix_on_pocl(name, tokens, active_in, rows, rank):
     )
 
 
-QUANT_FORMATS = [Format(4), Format(8), Format(4, asymmetric=True)]
+MIX = scheme("q4f32_mix")  # the demo's scheme: its formats store fp16 scales and minima as uint16 bits
+QUANT_FORMATS = [Format(4), Format(8), Format(4, asymmetric=True), MIX.linear, MIX.down_proj]
 
 
 def quantized_poisoned(rng, rows, cols, active_rows, active_in, fmt):
@@ -215,7 +216,7 @@ def quantized_poisoned(rng, rows, cols, active_rows, active_in, fmt):
     strip = packed[0].shape[2]
     cuts = (active_in // fmt.per_word, active_in // fmt.group, active_in // fmt.group)
     for a, cut in zip(packed, cuts):
-        bad = 0xFFFFFFFF if a.dtype == np.uint32 else np.nan
+        bad = {np.dtype(np.uint32): 0xFFFFFFFF, np.dtype(np.uint16): 0x7E00}.get(a.dtype, np.nan)  # fp16 NaN
         a[:, cut:, :] = bad
         a[active_rows // strip :] = bad
     deq = dequantize(tuple(a[: active_rows // strip, :cut] for a, cut in zip(packed, cuts)), fmt)
@@ -231,7 +232,9 @@ def quantized_matmul(x, ps, fmt, rows, name):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-@pytest.mark.parametrize("fmt", QUANT_FORMATS, ids=lambda f: f"{f.bits}bit-{'asym' if f.asymmetric else 'sym'}")
+@pytest.mark.parametrize(
+    "fmt", QUANT_FORMATS, ids=lambda f: f"{f.bits}bit-{'asym' if f.asymmetric else 'sym'}{'-f16' if f.half else ''}"
+)
 @pytest.mark.parametrize("tokens,blocks,active_in", [(1, 3, 96), (5, 2, 32), (1, 1, 160), (6, 1, 64)])
 def test_quantized_prefix_matmul_on_pocl(name, fmt, tokens, blocks, active_in):
     """The dequantizing prefix matmul as the GPU presets schedule it: decode (per-group partial sums) and prefill
@@ -259,7 +262,7 @@ def test_quantized_prefix_matmul_on_pocl(name, fmt, tokens, blocks, active_in):
 def test_quantized_lm_head_and_embedding_on_pocl(name, vocab):
     """The 8-bit tied table of q4f32_mix: the LM head over all rows (one strip of an odd vocabulary too) and the
     gather of a few rows."""
-    fmt = Format(8)
+    fmt = MIX.embedding
     target = preset(name).tvm_target()
     rng = np.random.default_rng(vocab)
     arrays, table = quantized_poisoned(rng, vocab, 64, vocab, 64, fmt)
@@ -285,7 +288,7 @@ def test_quantized_ffn_chain_on_pocl(name, tokens, blocks):
     target = preset(name).tvm_target()
     rng = np.random.default_rng(20 + tokens)
     d, f = 64, 192
-    asym, eight = Format(4, asymmetric=True), Format(8)
+    asym, eight = MIX.linear, MIX.down_proj
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
     nb = tirx.Var("nb", "int64")
     g_arrays, g_deq = quantized_poisoned(rng, f, d, blocks * 64, d, asym)

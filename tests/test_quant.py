@@ -9,17 +9,27 @@ from test_elastic_ops import I64, compile_te, poisoned
 from tvm import te, tirx
 
 from elastilm.compile.export import kernel_layout
-from elastilm.compile.quantize import dequantize, quantize
+from elastilm.compile.quantize import dequantize, quantize, simulated_adapters
 from elastilm.elastic_ops import prefix
 from elastilm.formats.errors import ElastiLMError
 from elastilm.formats.quant import SCHEMES, Format, scheme
 
 QUANTIZED = [s for s in SCHEMES.values() if s.quantized]
-FORMATS = [Format(4), Format(8), Format(4, asymmetric=True)]
+FORMATS = [
+    Format(4),
+    Format(8),
+    Format(4, asymmetric=True),
+    Format(4, asymmetric=True, half=True),
+    Format(8, half=True),
+]
+
+
+# what fills a packed array outside the active prefix: garbage words, NaN scales (0x7E00: an fp16 NaN)
+POISON = {np.dtype(np.uint32): 0xFFFFFFFF, np.dtype(np.uint16): 0x7E00}
 
 
 def fmt_id(f: Format) -> str:
-    return f"{f.bits}bit-{'asym' if f.asymmetric else 'sym'}"
+    return f"{f.bits}bit-{'asym' if f.asymmetric else 'sym'}{'-f16' if f.half else ''}"
 
 
 def test_four_bit_packing_by_hand():
@@ -34,22 +44,27 @@ def test_four_bit_packing_by_hand():
     np.testing.assert_array_equal(dequantize((q, scale), fmt), w)
 
 
-def test_asymmetric_four_bit_packing_by_hand():
-    """One row, 32 inputs from -2 to 13: step (13 - -2) / 15 = 1, minimum -2; stored w + 2 in 0..15."""
-    fmt = scheme("q4f32_mix").linear
+@pytest.mark.parametrize("half", [False, True])
+def test_asymmetric_four_bit_packing_by_hand(half):
+    """One row, 32 inputs from -2 to 13: step (13 - -2) / 15 = 1, minimum -2; stored w + 2 in 0..15; the scale
+    and minimum as fp32, or as fp16 bits (0x3C00 = 1.0, 0xC000 = -2.0)."""
+    fmt = Format(4, asymmetric=True, half=half)
     values = np.array([-2, 13, 0, 5, -1, 7, 3, 12] * 4, np.float32)
     q, scale, minimum = quantize(values[None, :], fmt)
-    assert scale[0, 0, 0] == 1.0 and minimum[0, 0, 0] == -2.0
+    if half:
+        assert scale.dtype == np.uint16 and int(scale[0, 0, 0]) == 0x3C00 and int(minimum[0, 0, 0]) == 0xC000
+    else:
+        assert scale[0, 0, 0] == 1.0 and minimum[0, 0, 0] == -2.0
     assert int(q[0, 0, 0]) == sum(int(v + 2) << (4 * n) for n, v in enumerate(values[:8]))
     np.testing.assert_array_equal(dequantize((q, scale, minimum), fmt)[0], values)
 
 
 def test_the_mixed_scheme_keeps_down_proj_and_the_embedding_at_eight_bits():
     s = scheme("q4f32_mix")
-    assert s.format("model.layers.2.self_attn.o_proj") == Format(4, asymmetric=True)
-    assert s.format("model.layers.2.mlp.up_proj.weight") == Format(4, asymmetric=True)
-    assert s.format("model.layers.2.mlp.down_proj.weight") == Format(8)
-    assert s.format("model.embed_tokens.weight") == s.format("lm_head") == Format(8)
+    assert s.format("model.layers.2.self_attn.o_proj") == Format(4, asymmetric=True, half=True)
+    assert s.format("model.layers.2.mlp.up_proj.weight") == Format(4, asymmetric=True, half=True)
+    assert s.format("model.layers.2.mlp.down_proj.weight") == Format(8, half=True)
+    assert s.format("model.embed_tokens.weight") == s.format("lm_head") == Format(8, half=True)
     assert scheme("q0f32").format("model.embed_tokens") is None
     assert scheme("q4f32_1").format("model.layers.0.mlp.down_proj") == Format(4)
 
@@ -64,16 +79,55 @@ def test_round_trip_is_within_half_a_step(fmt, rows, cols):
     w[1, : fmt.group] = 0.25  # so does a constant one
     packed = quantize(w, fmt)
     deq = dequantize(packed, fmt)
-    step = np.repeat(packed[1].swapaxes(1, 2).reshape(rows, -1), fmt.group, axis=1)
-    assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-5) + 1e-6)
+    scales = packed[1].view(np.float16).astype(np.float32) if fmt.half else packed[1]
+    step = np.repeat(scales.swapaxes(1, 2).reshape(rows, -1), fmt.group, axis=1)
+    assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-3) + 1e-6)
     assert np.all(deq[0, : fmt.group] == 0)
     grouped, back = w.reshape(rows, -1, fmt.group), deq.reshape(rows, -1, fmt.group)
-    if fmt.asymmetric:  # the smallest and the largest weight of each group are exact
+    if fmt.half:  # fp16 scales and minima: the half step is the bound (above), the extremes are not exact
+        assert not fmt.asymmetric or np.all(deq[1, : fmt.group] == np.float32(0.25))  # its minimum, exact in fp16
+    elif fmt.asymmetric:  # the smallest and the largest weight of each group are exact
         np.testing.assert_allclose(back.min(-1), grouped.min(-1), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(back.max(-1), grouped.max(-1), rtol=1e-6, atol=1e-6)
         assert np.all(deq[1, : fmt.group] == np.float32(0.25))
     else:  # the largest magnitude of each group is exact
         np.testing.assert_allclose(np.abs(back).max(-1), np.abs(grouped).max(-1), rtol=1e-6)
+
+
+def test_fp16_scales_are_widened_exactly_by_the_kernels():
+    """Every finite fp16 bit pattern (normal, subnormal, both zeros) read by `prefix.as_f32` equals numpy's
+    float16 -> float32; the kernels use no fp16 arithmetic."""
+    n = I64(1 << 16)
+    bits = te.placeholder((n,), "uint16", name="bits")
+    out = te.compute((n,), lambda i: prefix.as_f32(bits[i]), name="widened")
+    fn = compile_te([bits, out], scheduled=False)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = poisoned((1 << 16,))
+    fn(tvm.runtime.tensor(every), got)
+    want = every.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    assert finite.sum() == 63488
+    np.testing.assert_array_equal(got.numpy()[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+def test_fp16_scales_are_rounded_before_the_levels_are_chosen():
+    """A `half` format stores fp16 scales and minima and picks each level with the rounded ones: the round trip
+    stays within half a (rounded) step, and weights that are exact in fp16 blocks (llama.cpp's Q4_1: fp16 scale
+    d and minimum m, w = q d + m) come back exactly."""
+    rng = np.random.default_rng(5)
+    fmt = Format(4, asymmetric=True, half=True)
+    d = rng.uniform(0.001, 0.05, (64, 4, 1)).astype(np.float16).astype(np.float64)
+    m = rng.uniform(-0.5, 0.0, (64, 4, 1)).astype(np.float16).astype(np.float64)
+    levels = rng.integers(0, 16, (64, 4, 32))
+    levels[..., 0], levels[..., 1] = 0, 15  # each block spans its whole range, as llama.cpp's quantizer makes it
+    w = (levels * d + m).reshape(64, 128).astype(np.float32)
+    q, scale, minimum = quantize(w, fmt)
+    assert scale.dtype == minimum.dtype == np.uint16
+    np.testing.assert_array_equal(dequantize((q, scale, minimum), fmt), w)
+    noisy = w + rng.normal(0, 0.01, w.shape).astype(np.float32)
+    packed = quantize(noisy, fmt)
+    step = np.repeat(packed[1].view(np.float16).astype(np.float32).swapaxes(1, 2).reshape(64, -1), 32, axis=1)
+    assert np.all(np.abs(dequantize(packed, fmt) - noisy) <= step / 2 * (1 + 1e-3) + 1e-6)
 
 
 def test_asymmetric_groups_are_closer_on_groups_off_centre():
@@ -102,7 +156,7 @@ def poisoned_prefix(packed: tuple, fmt: Format, blocks: int, active_in: int) -> 
     active prefix dequantized (blocks*64, active_in)."""
     words, groups = active_in // fmt.per_word, active_in // fmt.group
     for a, cut in zip(packed, (words, groups, groups)):
-        bad = 0xFFFFFFFF if a.dtype == np.uint32 else np.nan
+        bad = POISON.get(a.dtype, np.nan)
         a[:, cut:, :] = bad  # past the active inputs
         a[blocks:] = bad  # past the active outputs
     deq = dequantize(tuple(a[:blocks, :cut] for a, cut in zip(packed, (words, groups, groups))), fmt)
@@ -135,21 +189,27 @@ def test_quantized_prefix_matmul_reads_only_the_prefix(fmt, tokens, blocks, acti
     np.testing.assert_allclose(out.numpy(), xs @ deq.T, rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("fmt", [None, Format(4, asymmetric=True)], ids=["fp32", "4bit-asym"])
+@pytest.mark.parametrize(
+    "fmt,half",
+    [(None, False), (Format(4, asymmetric=True), False), (Format(4, asymmetric=True, half=True), True)],
+    ids=["fp32", "4bit-asym", "4bit-asym-f16-adapters"],
+)
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("rank", [0, 3, 8])
 @pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, tokens, rank, blocks, active_in, scheduled):
-    """y = x W^T + b + x A^T Bt in one kernel, the rank a runtime extent (0: no adapter, no work). Weights, scales,
-    adapter entries and the bias outside the active prefix are NaN or garbage: reading any of them would show."""
+def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, half, tokens, rank, blocks, active_in, scheduled):
+    """y = x W^T + b + x A^T Bt in one kernel, the rank a runtime extent (0: no adapter, no work); the adapter in
+    fp32 or as fp16 bits (q4f32_mix). Weights, scales, adapter entries and the bias outside the active prefix are
+    NaN or garbage: reading any of them would show."""
     rng = np.random.default_rng(blocks + tokens + rank)
     w = rng.standard_normal((1536, 576)).astype(np.float32)
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
     nb, k_in, r = tirx.Var("nb", "int64"), tirx.Var("k", "int64"), tirx.Var("r", "int64")
     x = te.placeholder((T, k_in), "float32", name="x")
-    a = te.placeholder((r, I64(576)), "float32", name="a")
-    bt = te.placeholder((r, I64(1536)), "float32", name="bt")
+    stored = "uint16" if half else "float32"
+    a = te.placeholder((r, I64(576)), stored, name="a")
+    bt = te.placeholder((I64(24), r, I64(64)), stored, name="bt")  # B^T strips (kernel_layout)
     bias = te.placeholder((I64(1536),), "float32", name="bias")
     if fmt is not None:
         packed, deq = poisoned_prefix(quantize(w, fmt), fmt, blocks, active_in)
@@ -171,8 +231,13 @@ def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, tokens, rank, b
     b_vec[: blocks * 64] = rng.standard_normal(blocks * 64)
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
     out = poisoned((tokens, blocks * 64))
-    bt_full = np.ascontiguousarray(b_full.T)
-    fn(*(tvm.runtime.tensor(v) for v in (xs, *tensors, a_full, bt_full, b_vec)), out, blocks)
+    bt_full = np.ascontiguousarray(kernel_layout("mlp.gate_proj.lora_B", b_full))
+    if half:  # what the kernel computes with: the adapter rounded to fp16 (NaN stays NaN)
+        a_full, b_full = a_full.astype(np.float16).astype(np.float32), b_full.astype(np.float16).astype(np.float32)
+        a_in, bt_in = (v.astype(np.float16).view(np.uint16) for v in (a_full, bt_full))
+    else:
+        a_in, bt_in = a_full, bt_full
+    fn(*(tvm.runtime.tensor(v) for v in (xs, *tensors, a_in, bt_in, b_vec)), out, blocks)
     expected = xs @ deq.T + b_vec[: blocks * 64] + xs @ a_full[:, :active_in].T @ b_full[: blocks * 64].T
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=2e-4)
 
@@ -190,7 +255,7 @@ def test_quantized_embedding_unpacks_only_the_looked_up_rows(fmt, vocab, schedul
     poison[ids] = False
     rows = np.arange(poison.size)[poison]  # every row that is not looked up: NaN scales, garbage words
     for a in packed:
-        a[rows // strip, :, rows % strip] = 0xFFFFFFFF if a.dtype == np.uint32 else np.nan
+        a[rows // strip, :, rows % strip] = POISON.get(a.dtype, np.nan)
     n = tirx.Var("n", "int64")
     ip = te.placeholder((n,), "int32", name="ids")
     ps = placeholders(packed)
@@ -257,7 +322,7 @@ def test_quantized_build_matches_the_dequantized_reference_at_every_level(quanti
         engine = ElasticEngine(out, adapters=use)
         for lv in model.levels.values():
             widths = model.widths(lv.fraction)
-            level_adapters = adapters.get(lv.fraction) if use else None
+            level_adapters = simulated_adapters(adapters.get(lv.fraction), s) if use else None
             expected = reference.logits(params, model.config, torch.tensor([ids]), widths, level_adapters)[0].numpy()
             got = engine.prefill(ids[:-1], lv.fraction)
             np.testing.assert_allclose(got, expected[-2], atol=1e-3, rtol=0)
