@@ -78,10 +78,9 @@ def library_tensors(names: list[str], params: dict, scheme: Scheme):
             if base not in packed:
                 packed[base] = quantize(params[base + ".weight"].numpy(), scheme.format(base))
             yield name, packed[base][PARTS.index(part)]
-        elif name.endswith((".lora_A", ".lora_B")):
-            yield name, stored_adapter(np.ascontiguousarray(kernel_layout(name, params[name]).numpy()), scheme, name)
         else:
-            yield name, np.ascontiguousarray(kernel_layout(name, params[name]).numpy())
+            array = np.ascontiguousarray(kernel_layout(name, params[name]).numpy())
+            yield name, stored_adapter(array, scheme, name) if name.endswith((".lora_A", ".lora_B")) else array
 
 
 def _adapters_base(folder: Path, scheme: Scheme) -> str:

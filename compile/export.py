@@ -290,11 +290,12 @@ class ElasticRelaxModel(nn.Module):
         v_cache = spec.Tensor([self.shape.max_len, width], "float32")
         d = cfg.hidden_size
         prompt, token = spec.Tensor(["seq_len", d], "float32"), spec.Tensor([1, d], "float32")
+        adapter_dtype = quant.scheme(self.shape.quant).adapter_dtype
         args = {  # signature.ARGUMENTS, "embeddings" aside (a prompt or one token)
             "caches": [k_cache, v_cache] * cfg.num_layers,
             # the rank is the call's: 0 (tensors of no rows) runs a level without an adapter at no cost
             "adapters": [
-                spec.Tensor(signature.with_rank(shape, RANK), quant.scheme(self.shape.quant).adapter_dtype)
+                spec.Tensor(signature.with_rank(shape, RANK), adapter_dtype)
                 for shape in adapter_shapes(cfg, self.shape.lora_rank)
             ],
             "past": int,

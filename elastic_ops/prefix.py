@@ -120,8 +120,9 @@ def prefix_matmul_q(
 
     x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
     weights per word (lowest bits first); scale and, for an asymmetric format, minimum: (M / strip, K / group,
-    strip) float32, or uint16 fp16 bits in a `half` format (compile/quantize.py). W[i, k] = (level(i, k) - qmax) * scale (symmetric) or
-    level(i, k) * scale + minimum (asymmetric), of the group of k in row i; level = the k-th field of the word.
+    strip) float32, or uint16 fp16 bits in a `half` format (compile/quantize.py). W[i, k] = (level(i, k) - qmax)
+    * scale (symmetric) or level(i, k) * scale + minimum (asymmetric), of the group of k in row i; level = the
+    k-th field of the word.
     Returns (T, rows), rows defaulting to M.
 
     One token (decode) reads each weight once, so the kernel works on the levels as they unpack: per group,
@@ -305,8 +306,8 @@ def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
     of the same projection, as a kernel of its own (GPU targets; CPU kernels fuse it, `prefix_matmul(lora=)`).
 
     x: (T, K_active); a: (r, K) and bt: (M / strip, r, strip), the adapter at full width with B transposed in
-    strips (`_lora_up`) and the LoRA scale folded in; only the active prefix of each is read. r is the call's rank: 0 for a level
-    without an adapter, which then costs no work.
+    strips (`_lora_up`) and the LoRA scale folded in; only the active prefix of each is read. r is the call's
+    rank: 0 for a level without an adapter, which then costs no work.
     """
     T, _ = x.shape
     rows = y.shape[1]

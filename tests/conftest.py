@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -43,6 +44,10 @@ GROUPED = {
         )
     ),
 }
+
+
+# what fills a packed array outside the active prefix: garbage words, NaN scales (0x7E00: an fp16 NaN)
+POISON = {np.dtype(np.uint32): 0xFFFFFFFF, np.dtype(np.uint16): 0x7E00}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

@@ -5,6 +5,7 @@ the active prefix (words outside it are garbage, scales NaN)."""
 import numpy as np
 import pytest
 import tvm
+from conftest import POISON
 from test_elastic_ops import I64, compile_te, poisoned
 from tvm import te, tirx
 
@@ -22,10 +23,6 @@ FORMATS = [
     Format(4, asymmetric=True, half=True),
     Format(8, half=True),
 ]
-
-
-# what fills a packed array outside the active prefix: garbage words, NaN scales (0x7E00: an fp16 NaN)
-POISON = {np.dtype(np.uint32): 0xFFFFFFFF, np.dtype(np.uint16): 0x7E00}
 
 
 def fmt_id(f: Format) -> str:
