@@ -38,7 +38,7 @@ def export_shape(
     lora_rank: int,
     drops: dict[int, tuple[int, ...]] | None = None,
     scheme: Scheme = quant.SCHEMES["q0f32"],
-    fuse_lora: bool = True,
+    fuse_epilogues: bool = True,
 ) -> ExportShape:
     cfg = model.config
     block = math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size)
@@ -59,7 +59,7 @@ def export_shape(
         lora_rank=lora_rank,
         layer_drops=tuple(sorted((drops or {}).items())),
         quant=scheme.name,
-        fuse_lora=fuse_lora,
+        fuse_epilogues=fuse_epilogues,
     )
 
 
@@ -147,7 +147,7 @@ def build(
     rank = adapters_file.rank(adapters)
     adapters_base = _adapters_base(folder, scheme) if adapters else None
     drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
-    # CPU schedules fuse the adapter into the projection kernels; dlight schedules (GPUs) want one reduction each
+    # CPU schedules fuse the adapter and the rotation into the projection kernels; dlight (GPUs) wants one reduction each
     cpu = spec.device == "cpu"
     shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops, scheme, cpu)
 

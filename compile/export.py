@@ -12,8 +12,9 @@ inside the reduction.
 Every projection of every layer also takes a LoRA adapter (A (r, in), B^T in strips (out/strip, r, strip); fp32, or
 fp16 bits where the scheme says so) as an input beside the shared weights, read on the same prefix: a level's
 adapter set is passed per call, so switching levels swaps adapter buffers only. The rank r is symbolic: a set of
-rank 0 (tensors with no rows) runs the model without adapters, and its update loops do no work. On CPUs the update
-runs inside the projection's kernel (`ExportShape.fuse_lora`).
+rank 0 (tensors with no rows) runs the model without adapters, and its update loops do no work. On CPUs the update,
+the residual add and the rotary embedding of q and k run inside the projection's kernel (`ExportShape.fuse_epilogues`;
+the cos and sin of the rotation are computed once per forward).
 
 Methods (batch 1), declared from formats/signature.py (the names and argument order the engine calls): `embed`
 turns token ids into embeddings; `prefill` runs T new embeddings after `past` cached positions, `decode` one.
@@ -51,7 +52,9 @@ class ExportShape:
     lora_rank: int = 8
     layer_drops: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (n, dropped layers): the layer-dropping baseline
     quant: str = "q0f32"  # the linear layers' weights (formats/quant.py)
-    fuse_lora: bool = True  # the adapter's update inside the projection's kernel (CPU schedules); else its own
+    # the adapter's update and q's and k's rotation inside the projection's kernel (CPU schedules); else kernels of
+    # their own (dlight's GPU rules want one reduction per kernel)
+    fuse_epilogues: bool = True
 
 
 RANK = "lora_rank"  # the symbolic rank of a call's adapter set (formats/signature.py)
@@ -182,45 +185,61 @@ class ElasticRelaxModel(nn.Module):
         untied = not cfg.tie_word_embeddings
         self.lm_head = _Embedding(cfg.vocab_size, cfg.hidden_size, scheme.format("lm_head")) if untied else None
 
-    def _linear(self, x, lin: _Linear, projection: str, lora, rows=None):
+    def _linear(self, x, lin: _Linear, projection: str, lora, rows=None, residual=None, rope=None):
         """x (T, active inputs) -> (T, rows): a prefix of the inputs (from x's shape) and of the outputs (`rows`),
-        plus the adapter `lora[projection]` = (A, B^T) on the same prefix."""
+        plus the adapter `lora[projection]` = (A, B^T) on the same prefix, plus `residual` (T, rows) if given (the
+        skip connection, added in the projection's kernel), rotated if `rope` (the forward's `rope_table`, or
+        the past positions where the rotation is a kernel of its own) is given."""
         name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
         assert name in blocks.LINEAR, name
         fmt = lin.fmt
-        a, bt = lora[projection] if self.shape.fuse_lora else (None, None)  # else its own kernel, below
+        fused = self.shape.fuse_epilogues
+        a, bt = lora[projection] if fused else (None, None)  # else kernels of their own, below
+        table = rope if fused else None
+        hd = self.cfg.head_dim
+
+        def adapter(a, bt):
+            return None if a is None else (a, bt)
+
+        def rotation(table):
+            return None if table is None else (table, hd)
+
         if fmt is not None:
             y = _te(
-                lambda x, q, scale, mn, b, a, bt: prefix.prefix_matmul_q(
-                    x, q, scale, fmt, rows, b, name, None if a is None else (a, bt), mn
+                lambda x, q, scale, mn, b, a, bt, res, tab: prefix.prefix_matmul_q(
+                    x, q, scale, fmt, rows, b, name, adapter(a, bt), mn, res, rotation(tab)
                 ),
                 name,
-                *(x, *lin.quantized(), lin.bias, a, bt),
+                *(x, *lin.quantized(), lin.bias, a, bt, residual, table),
             )
         else:
             y = _te(
-                lambda x, w, b, a, bt: prefix.prefix_matmul(x, w, rows, b, name, None if a is None else (a, bt)),
+                lambda x, w, b, a, bt, res, tab: prefix.prefix_matmul(
+                    x, w, rows, b, name, adapter(a, bt), res, rotation(tab)
+                ),
                 name,
-                *(x, lin.weight, lin.bias, a, bt),
+                *(x, lin.weight, lin.bias, a, bt, residual, table),
             )
-        if self.shape.fuse_lora:
+        if fused:
             return y
-        return _te(prefix.lora_prefix, "lora", x, y, *lora[projection])
+        y = _te(prefix.lora_prefix, "lora", x, y, *lora[projection])
+        if rope is None:
+            return y
+        return _te(lambda t, p: prefix.rope(t, p, self.cfg.rope_theta, hd), "rope", y, rope)
 
     def _norm(self, x, norm: _Norm):
         return _te(lambda x, w: prefix.rms_norm(x, w, self.cfg.rms_norm_eps), "rms_norm", x, norm.weight)
 
-    def _layer(self, layer: _Layer, x, k_cache, v_cache, lora, past, heads, neurons):
-        """One decoder layer; `lora` maps a projection (e.g. "mlp.up_proj") to its adapter (A, B^T)."""
+    def _layer(self, layer: _Layer, x, k_cache, v_cache, lora, past, rope, heads, neurons):
+        """One decoder layer; `lora` maps a projection (e.g. "mlp.up_proj") to its adapter (A, B^T); `rope` is
+        the forward's `rope_table` (fused epilogues), else `past`."""
         cfg, hd = self.cfg, self.cfg.head_dim
         a, m = layer.self_attn, layer.mlp
         group = None if cfg.kv_head_map == "interleaved" else cfg.group_size
         h = self._norm(x, layer.input_layernorm)  # (T, d)
-        q = self._linear(h, a.q_proj, "self_attn.q_proj", lora, heads * hd)  # (T, heads*hd)
-        k = self._linear(h, a.k_proj, "self_attn.k_proj", lora)  # (T, n_kv*hd)
+        q = self._linear(h, a.q_proj, "self_attn.q_proj", lora, heads * hd, rope=rope)  # (T, heads*hd), rotated
+        k = self._linear(h, a.k_proj, "self_attn.k_proj", lora, rope=rope)  # (T, n_kv*hd), rotated
         v = self._linear(h, a.v_proj, "self_attn.v_proj", lora)
-        q = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", q, past)
-        k = _te(lambda t, p: prefix.rope(t, p, cfg.rope_theta, hd), "rope", k, past)
         k_cache = op.tensor_ir_inplace_op(kv_append_transposed, "kv_append_t", [k_cache, k, past], [0], k_cache)
         v_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [v_cache, v, past], [0], v_cache)
         y = _te(
@@ -231,12 +250,12 @@ class ElasticRelaxModel(nn.Module):
             v_cache,
             past,
         )  # (T, heads*hd)
-        x = x + self._linear(y, a.o_proj, "self_attn.o_proj", lora)  # (T, d)
+        x = self._linear(y, a.o_proj, "self_attn.o_proj", lora, residual=x)  # (T, d)
         h = self._norm(x, layer.post_attention_layernorm)
         gate = self._linear(h, m.gate_proj, "mlp.gate_proj", lora, neurons)  # (T, neurons)
         up = self._linear(h, m.up_proj, "mlp.up_proj", lora, neurons)
         act = _te(prefix.silu_mul, "silu_mul", gate, up)
-        x = x + self._linear(act, m.down_proj, "mlp.down_proj", lora)  # (T, d)
+        x = self._linear(act, m.down_proj, "mlp.down_proj", lora, residual=x)  # (T, d)
         return x, k_cache, v_cache
 
     def embed(self, input_ids):
@@ -247,6 +266,9 @@ class ElasticRelaxModel(nn.Module):
         cfg = self.cfg
         new_caches = []
         per_layer = 2 * len(PROJECTIONS)
+        rope = past
+        if self.shape.fuse_epilogues:
+            rope = _te(lambda x, p: prefix.rope_table(x, p, cfg.rope_theta, cfg.head_dim), "rope_table", x, past)
         for i, layer in enumerate(self.model.layers):
             if i in skip:
                 new_caches += [caches[2 * i], caches[2 * i + 1]]
@@ -257,7 +279,7 @@ class ElasticRelaxModel(nn.Module):
             )
             mine = adapters[i * per_layer : (i + 1) * per_layer]
             lora = {p: (mine[2 * j], mine[2 * j + 1]) for j, p in enumerate(PROJECTIONS)}
-            x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], lora, past, *widths)
+            x, kc, vc = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], lora, past, rope, *widths)
             new_caches += [kc, vc]
         if not all_positions:  # only the last position goes through the LM head
             x = _te(lambda x: te.compute((1, x.shape[1]), lambda _, i: x[x.shape[0] - 1, i], name="last"), "last", x)

@@ -11,6 +11,8 @@ QPART, QXSUM, DEQUANT = "qpart", "qxsum", "dequant"
 EMBED = "embed"
 RMS_SUMSQ, RMS_NORM = "sumsq", "rms_norm"
 ROPE = "rope"
+ROPE_TABLE = "rope_table"  # cos and sin once per forward, for projections that rotate their own output
+ROTATED = "_rotated"  # suffix of such a projection's last block, after "<name>_out"
 SILU_MUL = "silu_mul"
 LAST = "last"  # the last position of a prefill, the only one that goes through the LM head
 # attention: q.k, the masked and shifted scores (inlined), their max and sum, exp, p.v, the normalised output

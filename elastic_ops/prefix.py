@@ -29,21 +29,25 @@ def strip_width(out_features: int) -> int:
     return STRIP if out_features % STRIP == 0 else out_features
 
 
-def _matmul_over(x: te.Tensor, weight, rows, bias: te.Tensor | None, name: str, lora=None):
-    """y[t, i] = sum_{k < K_active} x[t, k] * weight(i, k) (+ bias[i]) (+ the adapter's update) for i < rows."""
+def _matmul_over(x: te.Tensor, weight, rows, bias: te.Tensor | None, name: str, lora=None, residual=None, rope=None):
+    """y[t, i] = sum_{k < K_active} x[t, k] * weight(i, k) (+ bias[i]) (+ the adapter's update) (+ residual[t, i])
+    for i < rows, rotated by `rope` if given (`_output`)."""
     T, K_active = x.shape
     T_blocks = _token_blocks(T)
     k = te.reduce_axis((0, K_active), "k")
     y = te.compute(  # rows t >= T (prefill padding) repeat the last token and are dropped below
         (T_blocks, rows), lambda t, i: te.sum(x[tirx.min(t, T - 1), k] * weight(i, k), axis=k), name=name
     )
-    return _output(x, y, bias, name, lora)
+    return _output(x, y, bias, name, lora, residual, rope)
 
 
-def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora):
+def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora, residual=None, rope=None):
     """The block "<name>_out" (T, rows): y (+ bias) (+ the update x @ A^T @ B^T of the adapter `lora` = (A (r, K),
     Bt), Bt = B^T in strips (M / strip, r, strip), read on the active prefix: LORA_A x @ A^T (T, r), LORA_B its
-    product with Bt; float32, or uint16 holding fp16 bits: `as_f32`), the padded token rows dropped."""
+    product with Bt; float32, or uint16 holding fp16 bits: `as_f32`) (+ `residual` (T, rows), the decoder's
+    skip connection, so that it costs no kernel of its own), the padded token rows dropped. With `rope` = (the
+    forward's `rope_table` (T, hd), hd) that sum is rotated as `rope` rotates it, by the block "<name>_rotated"
+    in the same kernel (it pairs outputs half a head apart, so it follows the tiles rather than joining them)."""
     T, rows = x.shape[0], y.shape[1]
     terms = [lambda t, i: y[t, i]]
     if bias is not None:
@@ -52,6 +56,8 @@ def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora)
         a, bt = lora
         up = _lora_up(_lora_down(x, a), bt, T, y.shape)
         terms.append(lambda t, i: _lora_term(up, bt, t, i))
+    if residual is not None:
+        terms.append(lambda t, i: residual[t, i])
 
     def total(t, i):
         value = terms[0](t, i)
@@ -59,7 +65,19 @@ def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora)
             value = value + term(t, i)
         return value
 
-    return te.compute((T, rows), total, name=name + "_out")
+    out = te.compute((T, rows), total, name=name + "_out")
+    if rope is None:
+        return out
+    table, head_dim = rope
+    half = head_dim // 2
+
+    def rotated(t, i):
+        j = i % head_dim
+        pair = i // head_dim * head_dim + (j + half) % head_dim  # the other half of the head
+        sign = tirx.if_then_else(j < half, tirx.const(-1.0, "float32"), tirx.const(1.0, "float32"))
+        return out[t, i] * table[t, j % half] + sign * out[t, pair] * table[t, half + j % half]
+
+    return te.compute((T, rows), rotated, name=name + blocks.ROTATED)
 
 
 def _lora_up(down: te.Tensor, bt: te.Tensor, T, shape):
@@ -90,10 +108,18 @@ def _lora_down(x: te.Tensor, a: te.Tensor):
 
 
 def prefix_matmul(
-    x: te.Tensor, wp: te.Tensor, rows=None, bias: te.Tensor | None = None, name: str = "matmul", lora=None
+    x: te.Tensor,
+    wp: te.Tensor,
+    rows=None,
+    bias: te.Tensor | None = None,
+    name: str = "matmul",
+    lora=None,
+    residual: te.Tensor | None = None,
+    rope=None,
 ):
     """y[t, i] = sum_{k < K_active} x[t, k] * W[i, k] (+ bias[i]) (+ the update of the adapter `lora` = (A, Bt),
-    as in `lora_prefix`, in the same kernel) for i < rows.
+    as in `lora_prefix`, in the same kernel) (+ residual[t, i]) for i < rows, rotated by `rope` = (`rope_table`,
+    head_dim) if given (`_output`).
 
     x: (T, K_active) with K_active <= K. wp: (M / strip, K, strip), the weight W (M, K) packed in strips of
     `strip` output columns, each stored input-major. Both prefixes stay contiguous: the active outputs are the
@@ -102,7 +128,7 @@ def prefix_matmul(
     """
     n_strips, _, strip = wp.shape
     rows = n_strips * strip if rows is None else rows
-    return _matmul_over(x, lambda i, k: wp[i // strip, k, i % strip], rows, bias, name, lora)
+    return _matmul_over(x, lambda i, k: wp[i // strip, k, i % strip], rows, bias, name, lora, residual, rope)
 
 
 def prefix_matmul_q(
@@ -115,8 +141,11 @@ def prefix_matmul_q(
     name: str = "matmul",
     lora=None,
     minimum: te.Tensor | None = None,
+    residual: te.Tensor | None = None,
+    rope=None,
 ):
-    """`prefix_matmul` (its bias and adapter too) over group-quantized weights: no unpacked weight ever reaches memory.
+    """`prefix_matmul` (its bias, adapter, residual and rotation too) over group-quantized weights: no unpacked weight
+    ever reaches memory.
 
     x: (T, K_active), K_active a whole number of groups. q: (M / strip, K / per, strip) uint32, `per` = 32 / bits
     weights per word (lowest bits first); scale and, for an asymmetric format, minimum: (M / strip, K / group,
@@ -142,7 +171,7 @@ def prefix_matmul_q(
             lambda j, k, i: _weight(fmt, q, scale, minimum, j, k, i),
             name=blocks.DEQUANT,
         )
-        return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora)
+        return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora, residual, rope)
     groups = K_active // group
     kk = te.reduce_axis((0, group), "kk")
     part = te.compute(
@@ -161,7 +190,7 @@ def prefix_matmul_q(
         return as_f32(scale[j, g, c]) * (part[t, g, i] - float(fmt.qmax) * xsum[t, g])
 
     y = te.compute((T, rows), lambda t, i: te.sum(per_group(t, i), axis=g), name=name)
-    return _output(x, y, bias, name, lora)
+    return _output(x, y, bias, name, lora, residual, rope)
 
 
 def embed_q(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, fmt: Format, minimum: te.Tensor | None = None):
@@ -223,21 +252,37 @@ def rms_norm(x: te.Tensor, w: te.Tensor, eps: float):
     )
 
 
+def _angle(t, j, past, theta: float, head_dim: int):
+    """The rotary angle of position past + t in frequency j (< head_dim / 2), fp32."""
+    inv_freq = 1.0 / tirx.power(tirx.const(theta, "float32"), (j * 2).astype("float32") / head_dim)
+    return (t + past).astype("float32") * inv_freq
+
+
 def rope(x: te.Tensor, past, theta: float, head_dim: int):
     """Rotary embedding of (T, H*hd) at positions past .. past+T-1, rotate-half convention, fp32 angles."""
     T, width = x.shape
     half = head_dim // 2
 
-    def angle(t, j):
-        inv_freq = 1.0 / tirx.power(tirx.const(theta, "float32"), ((j % half) * 2).astype("float32") / head_dim)
-        return (t + past).astype("float32") * inv_freq
-
     def f(t, c):
         j = c % head_dim
         pair = tirx.if_then_else(j < half, -x[t, c + half], x[t, c - half])
-        return x[t, c] * tirx.cos(angle(t, j)) + pair * tirx.sin(angle(t, j))
+        a = _angle(t, j % half, past, theta, head_dim)
+        return x[t, c] * tirx.cos(a) + pair * tirx.sin(a)
 
     return te.compute((T, width), f, name=blocks.ROPE)
+
+
+def rope_table(x: te.Tensor, past, theta: float, head_dim: int):
+    """cos (first half) and sin (second half) of the rotary angles at positions past .. past+T-1 of x (T, ...):
+    (T, head_dim), computed once per forward and read by every projection that rotates its output in its own
+    kernel (`prefix_matmul(rope=)`), instead of a rope kernel per projection."""
+    half = head_dim // 2
+
+    def f(t, c):
+        a = _angle(t, c % half, past, theta, head_dim)
+        return tirx.if_then_else(c < half, tirx.cos(a), tirx.sin(a))
+
+    return te.compute((x.shape[0], head_dim), f, name=blocks.ROPE_TABLE)
 
 
 def silu_mul(gate: te.Tensor, up: te.Tensor):

@@ -16,6 +16,12 @@ from elastilm.elastic_ops import blocks, prefix
 
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
 STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip
+# The scope of the accumulator tiles (register tiles, a group's partial sums, the adapter's update). TVM lowers a
+# CPU buffer of constant size under 1 KB in "global" scope to a stack array, which LLVM keeps in registers; in
+# "local" scope it becomes a heap workspace per parallel task (TVMBackendAllocWorkspace) that LLVM cannot keep in
+# registers, at an address that depends on what ran before: decode was 8-14% slower, and the same kernel code ran
+# up to 35% slower in one library than in another (docs/tvm-notes.md).
+TILE_SCOPE = "global"
 
 
 def _is_one(extent) -> bool:
@@ -42,7 +48,7 @@ def _register_tile(sch: s_tir.Schedule, block, t, v, k, tokens: int, vectors: in
     or, with `lead` loops (e.g. heads), those first and the output blocks serial inside."""
     outer, acc_at, k = _tile(sch, t, v, k, tokens, vectors, lead)
     sch.parallel(outer)
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, TILE_SCOPE)
     sch.reverse_compute_at(acc, acc_at)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.decompose_reduction(block, k)
@@ -107,7 +113,7 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         up_outer, up_tile, j = _tile(sch, *sch.get_loops(up), tokens, STRIP_VECTORS, dequant=dequant)
         outer = sch.merge(outer, up_outer)
         tile = sch.merge(tile, up_tile) if dequant else outer
-        sch.set_scope(up, 0, "local")
+        sch.set_scope(up, 0, TILE_SCOPE)
     if dequant:
         dq = sch.get_sblock(blocks.DEQUANT)
         sch.compute_at(dq, outer)
@@ -115,11 +121,11 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
     sch.parallel(outer)
     sch.reverse_compute_at(out, tile)
     sch.vectorize(sch.get_loops(out)[-1])
-    sch.set_scope(block, 0, "local")
+    sch.set_scope(block, 0, TILE_SCOPE)
     if blocks.QPART in names:
         part = sch.get_sblock(blocks.QPART)
         sch.compute_at(part, k)  # k is the group loop
-        sch.set_scope(part, 0, "local")
+        sch.set_scope(part, 0, TILE_SCOPE)
         *_, pi, pk = sch.get_loops(part)
         pv, pl = sch.split(pi, [STRIP_VECTORS, LANES])
         sch.reorder(pk, pv, pl)
@@ -130,6 +136,8 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
     if blocks.LORA_A in names:
         sch.decompose_reduction(up, j)
     sch.decompose_reduction(block, k)
+    if name + blocks.ROTATED in names and tokens > 1:  # q's and k's rotation (serial for one token: 64-576 values)
+        sch.parallel(sch.get_loops(sch.get_sblock(name + blocks.ROTATED))[0])
 
 
 def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:

@@ -93,3 +93,44 @@ def test_attention_matches_numpy(tokens, past, heads, group):
     fn(tvm.runtime.tensor(qs), tvm.runtime.tensor(np.ascontiguousarray(k_all.T)), tvm.runtime.tensor(v_all), res, past)
     expected = numpy_attention(qs, k_all, v_all, past, heads, hd, n_kv, group)
     np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def numpy_rope(x: np.ndarray, past: int, theta: float, hd: int) -> np.ndarray:
+    """Rotate-half rotary embedding of (T, H*hd) at positions past .. past+T-1 (transformers' convention)."""
+    T = x.shape[0]
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.outer(np.arange(past, past + T), inv_freq)  # (T, hd/2)
+    cos, sin = np.tile(np.cos(angles), 2), np.tile(np.sin(angles), 2)  # (T, hd)
+    h = x.reshape(T, -1, hd)
+    rotated = np.concatenate([-h[..., hd // 2 :], h[..., : hd // 2]], axis=-1)
+    return (h * cos[:, None] + rotated * sin[:, None]).reshape(x.shape)
+
+
+@pytest.mark.parametrize("tokens,past", [(1, 0), (1, 300), (7, 5)])
+@pytest.mark.parametrize("hd,blocks,active_in", [(64, 3, 160), (64, 9, 576), (16, 2, 48)])
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_rotation_fused_into_the_projection_matches_numpy(tokens, past, hd, blocks, active_in, scheduled):
+    """q = rope(x W^T + b) in the projection's kernel, from the forward's cos/sin table: pairs of one head lie in
+    one strip (also with several heads per strip, hd 16); weights and bias past the active prefix are NaN."""
+    rng = np.random.default_rng(tokens + blocks)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in, p = tirx.Var("nb", "int64"), tirx.Var("k", "int64"), tirx.Var("past", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    w = te.placeholder((I64(9), I64(576), I64(64)), "float32", name="w")  # q_proj (576, 576) in strips
+    bias = te.placeholder((I64(576),), "float32", name="bias")
+    cos_sin = prefix.rope_table(x, p, 10000.0, hd)  # a kernel of its own, as in the model: once per forward
+    table = te.placeholder((T, I64(hd)), "float32", name="table")
+    y = prefix.prefix_matmul(x, w, nb * 64, bias, "q_proj", rope=(table, hd))
+    fn, angles = compile_te([x, w, bias, table, y, nb], scheduled), compile_te([x, cos_sin, p], False)
+    full = np.full((576, 576), np.nan, "float32")
+    full[: blocks * 64, :active_in] = rng.standard_normal((blocks * 64, active_in))
+    b = np.full(576, np.nan, "float32")
+    b[: blocks * 64] = rng.standard_normal(blocks * 64)
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    out = poisoned((tokens, blocks * 64))
+    packed = np.ascontiguousarray(kernel_layout("self_attn.q_proj.weight", full))
+    cs = poisoned((tokens, hd))
+    angles(tvm.runtime.tensor(xs), cs, past)
+    fn(*(tvm.runtime.tensor(v) for v in (xs, packed, b)), cs, out, blocks)
+    expected = numpy_rope(xs @ full[: blocks * 64, :active_in].T + b[: blocks * 64], past, 10000.0, hd)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=3e-4)

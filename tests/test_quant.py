@@ -196,9 +196,9 @@ def test_quantized_prefix_matmul_reads_only_the_prefix(fmt, tokens, blocks, acti
 @pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, half, tokens, rank, blocks, active_in, scheduled):
-    """y = x W^T + b + x A^T Bt in one kernel, the rank a runtime extent (0: no adapter, no work); the adapter in
-    fp32 or as fp16 bits (q4f32_mix). Weights, scales, adapter entries and the bias outside the active prefix are
-    NaN or garbage: reading any of them would show."""
+    """y = x W^T + b + x A^T Bt + residual in one kernel, the rank a runtime extent (0: no adapter, no work); the
+    adapter in fp32 or as fp16 bits (q4f32_mix). Weights, scales, adapter entries and the bias outside the active
+    prefix are NaN or garbage: reading any of them would show."""
     rng = np.random.default_rng(blocks + tokens + rank)
     w = rng.standard_normal((1536, 576)).astype(np.float32)
     T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
@@ -208,25 +208,27 @@ def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, half, tokens, r
     a = te.placeholder((r, I64(576)), stored, name="a")
     bt = te.placeholder((I64(24), r, I64(64)), stored, name="bt")  # B^T strips (kernel_layout)
     bias = te.placeholder((I64(1536),), "float32", name="bias")
+    res = te.placeholder((T, nb * 64), "float32", name="residual")
     if fmt is not None:
         packed, deq = poisoned_prefix(quantize(w, fmt), fmt, blocks, active_in)
         weights = placeholders(packed)
-        y = prefix.prefix_matmul_q(x, *weights[:2], fmt, nb * 64, bias, "gate_proj", (a, bt), weights[2])
+        y = prefix.prefix_matmul_q(x, *weights[:2], fmt, nb * 64, bias, "gate_proj", (a, bt), weights[2], res)
         tensors = list(packed)
     else:
         packed = np.ascontiguousarray(kernel_layout("mlp.gate_proj.weight", w))  # (24, 576, 64)
         packed[:, active_in:, :], packed[blocks:] = np.nan, np.nan
         deq = w[: blocks * 64, :active_in]
         wp = te.placeholder(tuple(I64(d) for d in packed.shape), "float32", name="w")
-        y = prefix.prefix_matmul(x, wp, nb * 64, bias, "gate_proj", (a, bt))
+        y = prefix.prefix_matmul(x, wp, nb * 64, bias, "gate_proj", (a, bt), res)
         weights, tensors = [wp], [packed]
-    fn = compile_te([x, *weights, a, bt, bias, y, nb], scheduled)
+    fn = compile_te([x, *weights, a, bt, bias, res, y, nb], scheduled)
     a_full, b_full = np.full((rank, 576), np.nan, "float32"), np.full((1536, rank), np.nan, "float32")
     a_full[:, :active_in] = rng.standard_normal((rank, active_in))
     b_full[: blocks * 64] = rng.standard_normal((blocks * 64, rank))
     b_vec = np.full(1536, np.nan, "float32")
     b_vec[: blocks * 64] = rng.standard_normal(blocks * 64)
     xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    skip = rng.standard_normal((tokens, blocks * 64)).astype("float32")
     out = poisoned((tokens, blocks * 64))
     bt_full = np.ascontiguousarray(kernel_layout("mlp.gate_proj.lora_B", b_full))
     if half:  # what the kernel computes with: the adapter rounded to fp16 (NaN stays NaN)
@@ -234,8 +236,8 @@ def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, half, tokens, r
         a_in, bt_in = (v.astype(np.float16).view(np.uint16) for v in (a_full, bt_full))
     else:
         a_in, bt_in = a_full, bt_full
-    fn(*(tvm.runtime.tensor(v) for v in (xs, *tensors, a_in, bt_in, b_vec)), out, blocks)
-    expected = xs @ deq.T + b_vec[: blocks * 64] + xs @ a_full[:, :active_in].T @ b_full[: blocks * 64].T
+    fn(*(tvm.runtime.tensor(v) for v in (xs, *tensors, a_in, bt_in, b_vec, skip)), out, blocks)
+    expected = xs @ deq.T + b_vec[: blocks * 64] + xs @ a_full[:, :active_in].T @ b_full[: blocks * 64].T + skip
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=2e-4)
 
 
