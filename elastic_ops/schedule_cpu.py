@@ -16,11 +16,9 @@ from elastilm.elastic_ops import blocks, prefix
 
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
 STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip
-# The scope of the accumulator tiles (register tiles, a group's partial sums, the adapter's update). TVM lowers a
-# CPU buffer of constant size under 1 KB in "global" scope to a stack array, which LLVM keeps in registers; in
-# "local" scope it becomes a heap workspace per parallel task (TVMBackendAllocWorkspace) that LLVM cannot keep in
-# registers, at an address that depends on what ran before: decode was 8-14% slower, and the same kernel code ran
-# up to 35% slower in one library than in another (docs/tvm-notes.md).
+# The scope of the accumulator tiles (register tiles, a group's partial sums, the adapter's update). A CPU buffer
+# of constant size under 1 KB becomes a stack array in "global" scope, which LLVM keeps in registers, and a heap
+# workspace per parallel task in "local" scope, which it cannot (decode 8-14% slower; docs/tvm-notes.md section 17).
 TILE_SCOPE = "global"
 
 

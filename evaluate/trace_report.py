@@ -67,14 +67,20 @@ def summary_lines(table: list[dict]) -> list[str]:
     lines = []
     overall = [r for r in table if r["app"] == "all"]
     for r in overall:
+        if not r["n"]:
+            lines.append(
+                f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']].description}: all {r['errors']} requests failed"
+            )
+            continue
         lines.append(
             f"alpha {r['alpha']:+g} {STRATEGIES[r['strategy']].description}: accuracy {100 * r['accuracy']:.1f}%, SLO met "
             f"{100 * r['slo_met']:.1f}%, accuracy within SLO {100 * r['accuracy_within_slo']:.1f}%, TTFT p50/p99 "
             f"{r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} ms, end-to-end p50/p99 {r['e2e_ms_p50']:.0f}/{r['e2e_ms_p99']:.0f} ms"
         )
+    answered = [r for r in overall if r["n"]]
     mean = {
-        s: statistics.fmean(r["accuracy_within_slo"] for r in overall if r["strategy"] == s)
-        for s in {r["strategy"] for r in overall}
+        s: statistics.fmean(r["accuracy_within_slo"] for r in answered if r["strategy"] == s)
+        for s in {r["strategy"] for r in answered}
     }
     if "elastilm" in mean and len(mean) > 1:
         lines.append(
@@ -107,11 +113,17 @@ def markdown(table: list[dict], apps: list[str]) -> str:
             if a is None:
                 continue
             per = [
-                f"{100 * cell[(alpha, s, x)]['accuracy_within_slo']:.0f} (n={cell[(alpha, s, x)]['n']})"
+                f"{100 * cell[(alpha, s, x)].get('accuracy_within_slo', 0):.0f} (n={cell[(alpha, s, x)]['n']})"
                 if (alpha, s, x) in cell
                 else ""
                 for x in apps
             ]
+            if not a["n"]:
+                lines.append(
+                    f"| {alpha:+g} | {STRATEGIES[s].description} | " + " | ".join(per) + f" | all {a['errors']} "
+                    "requests failed | | | | |"
+                )
+                continue
             lines.append(
                 f"| {alpha:+g} | {STRATEGIES[s].description} | "
                 + " | ".join(per)
@@ -136,9 +148,9 @@ def _plot(table: list[dict], path: Path) -> None:
         rows = {r["alpha"]: r for r in table if r["strategy"] == s and r["app"] == "all"}
         x = np.arange(len(alphas) + 1) + (k - (len(strategies) - 1) / 2) * width
         for ax, key in zip(axes, ("accuracy_within_slo", "slo_met")):
-            values = [100 * rows[a][key] if a in rows else 0 for a in alphas]
+            values = [100 * rows[a].get(key, 0) if a in rows else 0 for a in alphas]  # no key: every request failed
             ax.bar(x, values + [float(np.mean(values))], width, label=STRATEGIES[s].description)
-    for ax, title in zip(axes, ("accuracy within SLO (%)", "SLO met (%), measured")):
+    for ax, title in zip(axes, ("accuracy within SLO (%)", "SLO met (%)")):
         ax.set_xticks(np.arange(len(alphas) + 1), [f"alpha {a:+g}" for a in alphas] + ["mean"])
         ax.set(title=title)
     handles, labels = axes[0].get_legend_handles_labels()

@@ -73,12 +73,19 @@ def test_lora_on_prefix_matches_numpy(tokens, rank, active_in, rows):
     np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens,past,heads,group", [(7, 0, 5, None), (1, 9, 6, None), (4, 3, 6, 3), (70, 0, 2, None)])
-def test_attention_matches_numpy(tokens, past, heads, group):
-    """GQA attention over a cache; cache entries beyond past+T are garbage (large but finite) and must not matter."""
+@pytest.mark.parametrize(
+    "tokens,past,heads,group,hd",
+    [(7, 0, 5, None, 8), (1, 9, 6, None, 8), (4, 3, 6, 3, 8), (70, 0, 2, None, 8), (1, 70, 5, None, 64), (1, 0, 3, 3, 8)],
+)
+@pytest.mark.parametrize("static_token", [False, True])
+def test_attention_matches_numpy(tokens, past, heads, group, hd, static_token):
+    """GQA attention over a cache; cache entries beyond past+T are garbage (large but finite) and must not matter.
+    One token with a static extent is decode's kernel (its own schedule: parallel over heads)."""
+    if static_token and tokens != 1:
+        pytest.skip("a static extent is decode's, one token")
     rng = np.random.default_rng(tokens + past)
-    hd, n_kv, rows = 8, 2, 128
-    T, p = tirx.Var("T", "int64"), tirx.Var("past", "int64")
+    n_kv, rows = 2, 128
+    T, p = I64(1) if static_token else tirx.Var("T", "int64"), tirx.Var("past", "int64")
     q = te.placeholder((T, I64(heads * hd)), "float32", name="q")
     kt = te.placeholder((I64(n_kv * hd), I64(rows)), "float32", name="kt")
     v = te.placeholder((I64(rows), I64(n_kv * hd)), "float32", name="v")

@@ -101,3 +101,39 @@ def test_baseline_compressor_keeps_the_instruction_and_the_latest_examples(ratio
     assert got[: len(head)] == head
     assert len(got) == max(len(head), math.ceil(ratio * len(full)))
     assert got[len(head) :] == full[len(full) - (len(got) - len(head)) :]
+
+
+def test_trace_report_says_when_every_request_of_a_strategy_failed(tmp_path):
+    """A strategy whose requests all failed (e.g. a device lost for the whole run) is reported as such, beside the
+    others' figures, instead of breaking the report."""
+    from elastilm.evaluate import trace_report
+
+    def row(strategy, app, ok, correct=True):
+        return {
+            "alpha": 0.0,
+            "strategy": strategy,
+            "app": app,
+            "ok": ok,
+            "correct": correct,
+            "slo_met": True,
+            "ttft_met": True,
+            "tpot_met": True,
+            "ttft_ms": 50.0,
+            "e2e_ms": 200.0,
+            "tpot_ms": 10.0,
+        }
+
+    rows = [row("elastilm", "GMail", True), row("elastilm", "Rewind", True, correct=False)]
+    rows += [row("smallest", app, False) for app in ("GMail", "Rewind", "Rewind")]
+    table = trace_report.summarize(rows, tmp_path, ["GMail", "Rewind"])
+    overall = {r["strategy"]: r for r in table if r["app"] == "all"}
+    assert overall["elastilm"]["accuracy_within_slo"] == 0.5 and overall["smallest"] == {
+        "alpha": 0.0,
+        "strategy": "smallest",
+        "app": "all",
+        "n": 0,
+        "errors": 3,
+    }
+    text = (tmp_path / "trace.md").read_text()
+    assert "all 3 requests failed" in text and "**50.0**" in text
+    assert (tmp_path / "trace.png").is_file()
