@@ -75,7 +75,14 @@ def test_lora_on_prefix_matches_numpy(tokens, rank, active_in, rows):
 
 @pytest.mark.parametrize(
     "tokens,past,heads,group,hd",
-    [(7, 0, 5, None, 8), (1, 9, 6, None, 8), (4, 3, 6, 3, 8), (70, 0, 2, None, 8), (1, 70, 5, None, 64), (1, 0, 3, 3, 8)],
+    [
+        (7, 0, 5, None, 8),
+        (1, 9, 6, None, 8),
+        (4, 3, 6, 3, 8),
+        (70, 0, 2, None, 8),
+        (1, 70, 5, None, 64),
+        (1, 0, 3, 3, 8),
+    ],
 )
 @pytest.mark.parametrize("static_token", [False, True])
 def test_attention_matches_numpy(tokens, past, heads, group, hd, static_token):
