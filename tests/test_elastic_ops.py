@@ -148,3 +148,20 @@ def test_rotation_fused_into_the_projection_matches_numpy(tokens, past, hd, bloc
     fn(*(tvm.runtime.tensor(v) for v in (xs, packed, b)), cs, out, blocks)
     expected = numpy_rope(xs @ full[: blocks * 64, :active_in].T + b[: blocks * 64], past, 10000.0, hd)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=3e-4)
+
+
+@pytest.mark.parametrize("tokens,static_token", [(1, True), (1, False), (7, False)])
+@pytest.mark.parametrize("d", [576, 40])
+def test_rms_norm_matches_numpy(tokens, static_token, d):
+    """RMSNorm over the last axis, scheduled, with decode's static one-token extent and with a prompt's; d 40 is not
+    a whole number of vector lanes."""
+    rng = np.random.default_rng(tokens + d)
+    T = I64(1) if static_token else tirx.Var("T", "int64")
+    x = te.placeholder((T, I64(d)), "float32", name="x")
+    w = te.placeholder((I64(d),), "float32", name="w")
+    fn = compile_te([x, w, prefix.rms_norm(x, w, 1e-5)], scheduled=True)
+    xs, ws = 3 * rng.standard_normal((tokens, d)).astype("float32"), rng.standard_normal(d).astype("float32")
+    out = poisoned((tokens, d))
+    fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(ws), out)
+    expected = xs / np.sqrt((xs.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * ws
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
