@@ -47,6 +47,13 @@ def main() -> None:
             **schemes["q4f32_1"],
             "model.embed_tokens.weight": params["model.embed_tokens.weight"],
         },
+        # what a 4-bit LM head would cost (half its bytes per decoded token; the packaged embedding is Q8_0)
+        "q4f32_mix, embedding 4-bit asymmetric": {
+            **schemes["q4f32_mix"],
+            "model.embed_tokens.weight": round_trip(
+                params["model.embed_tokens.weight"], Format(4, asymmetric=True, half=True)
+            ),
+        },
         "asymmetric 4-bit everywhere": asym,
         "asymmetric 4-bit, down_proj fp32": {**asym, **{n: params[n] for n in names if "down_proj" in n}},
     }
