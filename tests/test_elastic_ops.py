@@ -73,23 +73,24 @@ def test_lora_on_prefix_matches_numpy(tokens, rank, active_in, rows):
     np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+# tokens, past, heads, group, head dim
+ATTENTION_CASES = [
+    (7, 0, 5, None, 8),
+    (1, 9, 6, None, 8),
+    (4, 3, 6, 3, 8),
+    (70, 0, 2, None, 8),
+    (1, 70, 5, None, 64),
+    (1, 0, 3, 3, 8),
+]
+
+
 @pytest.mark.parametrize(
-    "tokens,past,heads,group,hd",
-    [
-        (7, 0, 5, None, 8),
-        (1, 9, 6, None, 8),
-        (4, 3, 6, 3, 8),
-        (70, 0, 2, None, 8),
-        (1, 70, 5, None, 64),
-        (1, 0, 3, 3, 8),
-    ],
+    "tokens,past,heads,group,hd,static_token",
+    [(*case, False) for case in ATTENTION_CASES] + [(*case, True) for case in ATTENTION_CASES if case[0] == 1],
 )
-@pytest.mark.parametrize("static_token", [False, True])
 def test_attention_matches_numpy(tokens, past, heads, group, hd, static_token):
     """GQA attention over a cache; cache entries beyond past+T are garbage (large but finite) and must not matter.
-    One token with a static extent is decode's kernel (its own schedule: parallel over heads)."""
-    if static_token and tokens != 1:
-        pytest.skip("a static extent is decode's, one token")
+    One token with a static extent is decode's kernel."""
     rng = np.random.default_rng(tokens + past)
     n_kv, rows = 2, 128
     T, p = I64(1) if static_token else tirx.Var("T", "int64"), tirx.Var("past", "int64")
