@@ -1,7 +1,9 @@
 """A latency profile on disk (`elastilm profile`): `latency.json` in the build folder (or where --out says).
 
 prompt_lengths  the profiled prompt lengths (tokens)
-levels          per level: {"fraction", "ttft_ms": one per prompt length, "tpot_ms"}
+levels          per level: {"fraction", "ttft_ms": one per prompt length, "tpot_ms": one per prompt length (the
+                median time of a decoded token right after a prompt of that length: decode attention reads the
+                whole KV cache, so a token costs more the longer the context)}
 layer_drop      per layer-drop variant: {"fraction": share of layers kept, "dropped", "layers", "ttft_ms", "tpot_ms"}
 model, target, device, measured_at, decode_tokens, repeat
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 from elastilm.formats.files import check_schema, read_json, write_json
 
 FILE = "latency.json"
-SCHEMA, VERSION = "elastilm.latency", 1
+SCHEMA, VERSION = "elastilm.latency", 2  # 2: TPOT per prompt length
 
 
 def write(folder: Path, doc: dict) -> Path:

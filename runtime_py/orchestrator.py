@@ -155,7 +155,7 @@ class Orchestrator:
                     f"{self.engine.max_len}"
                 )
         fixed = sum(n for p, n in zip(parts, counts) if not p.compress)
-        budgets = planner.budgets(request.slo, self.latency, prompt, self.calibration.served)
+        budgets = planner.budgets(request.slo, self.latency, prompt, self.calibration.served, request.max_new_tokens)
         ratios = self.tlm.ratios if any(p.compress and p.text.strip() for p in parts) else (1.0,)
         preference = None
         if planner.STRATEGIES[request.strategy].decides:
@@ -171,6 +171,7 @@ class Orchestrator:
             self.cost,
             preference,
             self.calibration.plan_scale,
+            request.max_new_tokens,
         )
         return planner.choose(request.strategy, plan_request, self.latency), budgets
 

@@ -5,8 +5,12 @@ else a plan policy needs, and `choose` runs one named policy of the registry `ST
 baselines it is compared with).
 
 Predictions come from the build's `latency.json` (`elastilm profile`): TTFT per level at several prompt lengths
-(linear in between and beyond), TPOT per level. Measurements are noisy, and a bigger level is never really
-faster, so each column is made monotone over levels (pool-adjacent-violators) before use. The TLM's own time
+(linear in between and beyond), and TPOT per level after prompts of those lengths. A decoded token reads the
+whole KV cache, so TPOT grows with the context: a plan's TPOT is predicted halfway through its answer (the
+compressed prompt plus half of max_tokens), from a straight line per level fitted to the profile (the attention
+term is linear in the context; the fit smooths the noise of 16-token medians). Measurements are noisy, and a
+bigger level is never really faster, so each column is made monotone over levels (pool-adjacent-violators)
+before use. The TLM's own time
 counts inside TTFT: its decision over the query always when it plans, and scoring the compressible part when
 the ratio is below 1.
 
@@ -72,8 +76,18 @@ def _monotone(values: np.ndarray) -> np.ndarray:
     return np.concatenate([[v] * int(n) for v, n in blocks])
 
 
+def _lines(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Each row of `y` (over the lengths `x`) replaced by its least-squares line, never decreasing."""
+    if len(x) < 2:
+        return y.copy()
+    slope, intercept = np.polyfit(x, y.T, 1)
+    slope = np.maximum(slope, 0.0)
+    intercept = np.where(slope > 0, intercept, y.mean(1))
+    return intercept[:, None] + slope[:, None] * x[None, :]
+
+
 class LatencyModel:
-    """Predicted TTFT(level, prompt tokens) and TPOT(level) in ms, from a latency profile."""
+    """Predicted TTFT(level, prompt tokens) and TPOT(level, context tokens) in ms, from a latency profile."""
 
     def __init__(self, doc: dict):
         latency_file.check(doc)
@@ -81,9 +95,17 @@ class LatencyModel:
         self.levels = [r["fraction"] for r in rows]
         self._rows = {f: i for i, f in enumerate(self.levels)}
         self.lengths = np.array(doc["prompt_lengths"], float)
+        for r in rows + (doc.get("layer_drop") or []):
+            if not all(len(r[k]) == len(self.lengths) for k in ("ttft_ms", "tpot_ms")):
+                raise ElastiLMError(
+                    f"latency profile: level {r['fraction']:g} has {len(r['ttft_ms'])} TTFT and {len(r['tpot_ms'])} "
+                    f"TPOT times for {len(self.lengths)} prompt lengths; measure it again with `elastilm profile`"
+                )
         ttft = np.array([r["ttft_ms"] for r in rows], float)
         self._ttft = np.stack([_monotone(ttft[:, j]) for j in range(ttft.shape[1])], 1)
-        self._tpot = _monotone(np.array([r["tpot_ms"] for r in rows], float))
+        tpot = _lines(np.array([r["tpot_ms"] for r in rows], float), self.lengths)
+        tpot = np.stack([_monotone(tpot[:, j]) for j in range(tpot.shape[1])], 1)
+        self._tpot = np.maximum.accumulate(tpot, axis=1)
         self.device = doc.get("device", "")
         # the layer-dropping variants as a model of their own, over the share of layers kept (1.0: the full model)
         self.layer_drop: LatencyModel | None = None
@@ -116,8 +138,13 @@ class LatencyModel:
             return float(y[-1] + (tokens - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]))
         return float(np.interp(tokens, x, y))
 
-    def tpot(self, level: float) -> float:
-        return float(self._tpot[self._row(level)])
+    def tpot(self, level: float, context: float) -> float:
+        """A token decoded after `context` tokens: linear between profiled lengths and along the last segment
+        beyond them; below the shortest length the time there (the weights' share does not shrink)."""
+        x, y = self.lengths, self._tpot[self._row(level)]
+        if len(x) > 1 and context > x[-1]:
+            return float(y[-1] + (context - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]))
+        return float(np.interp(context, x, y))
 
 
 @dataclass(frozen=True)
@@ -152,11 +179,15 @@ class Budgets:
     tpot: float
 
 
-def budgets(slo: SLO, latency: LatencyModel, prompt_tokens: int, served: tuple[float, float] = (1.0, 1.0)) -> Budgets:
-    """The SLO's budgets for a prompt of `prompt_tokens`. Relative SLOs are fractions of the full model's latency
-    as served here: the profile's times `served` (Calibration.served)."""
+def budgets(
+    slo: SLO, latency: LatencyModel, prompt_tokens: int, served: tuple[float, float] = (1.0, 1.0), new_tokens: int = 0
+) -> Budgets:
+    """The SLO's budgets for a prompt of `prompt_tokens` and an answer of up to `new_tokens`. Relative SLOs are
+    fractions of the full model's latency on that uncompressed prompt as served here: the profile's times `served`
+    (Calibration.served)."""
     full = max(latency.levels)
-    full_ttft, full_tpot = served[0] * latency.ttft(full, prompt_tokens), served[1] * latency.tpot(full)
+    full_ttft = served[0] * latency.ttft(full, prompt_tokens)
+    full_tpot = served[1] * latency.tpot(full, prompt_tokens + new_tokens / 2)
     ttft, tpot = (slo.ttft * full_ttft, slo.tpot * full_tpot) if slo.relative else (slo.ttft, slo.tpot)
     return Budgets(ttft, tpot, ttft / full_ttft, tpot / full_tpot)
 
@@ -188,6 +219,7 @@ class PlanRequest:
     tlm: TLMCost = NO_TLM  # the TLM's measured cost here
     preference: Preference | None = None  # the TLM's decision (the "elastilm" policy only)
     scale: tuple[float, float] = (1.0, 1.0)  # measured / predicted TTFT and TPOT (Calibration.plan_scale)
+    new_tokens: int = 0  # the answer's max_tokens: TPOT is predicted halfway through it
 
 
 class Calibration:
@@ -240,7 +272,7 @@ def candidates(
         tlm_ms = cost(request.prompt_tokens - request.query_tokens if r < 1 else 0, decides)
         for lv in levels:
             ttft = request.scale[0] * (latency.ttft(lv, tokens) + tlm_ms)
-            tpot = request.scale[1] * latency.tpot(lv)
+            tpot = request.scale[1] * latency.tpot(lv, tokens + request.new_tokens / 2)
             ok = ttft <= b.ttft_ms * (1 + 1e-9) and tpot <= b.tpot_ms * (1 + 1e-9)
             out.append(Plan(r, lv, tokens, ttft, tpot, tlm_ms, ok, ""))
     return out

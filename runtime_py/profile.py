@@ -1,4 +1,4 @@
-"""Latency profile of a build on its device: TTFT over a grid of prompt lengths and TPOT, for every level.
+"""Latency profile of a build on its device: TTFT and TPOT over a grid of prompt lengths, for every level.
 
 The result, `latency.json` in the build folder (formats/latency.py; with the layer-dropping variants, when the build
 has them), is what the planner reads to pick a level that meets a request's TTFT/TPOT objective on this device.
@@ -43,19 +43,17 @@ def profile(
     engine.prefill(ids[:8], 1.0)  # first call: lazy initialisation on the device
     levels = sorted(engine.levels)
     drops = engine.layer_drops
-    bar = tqdm(
-        total=(len(levels) + len(drops)) * (len(lengths) + 1), desc="profile", unit="point", disable=not progress
-    )
+    bar = tqdm(total=(len(levels) + len(drops)) * len(lengths), desc="profile", unit="point", disable=not progress)
 
     def measure(eng: ElasticEngine, fraction: float) -> dict:
-        ttft = []
+        ttft, tpot = [], []
         for n in lengths:
             ttft.append(_median_ms(lambda: eng.prefill(ids[:n], fraction), repeat))  # noqa: B023 (called at once)
+            # the cache now holds the n prompt positions: the tokens decoded right after such a prompt
+            steps = [_median_ms(lambda i=i: eng.decode(ids[i], n + i, fraction), 1) for i in range(decode_tokens)]  # noqa: B023
+            tpot.append(float(np.median(steps)))
             bar.update()
-        eng.prefill(ids[: lengths[0]], fraction)
-        steps = [_median_ms(lambda i=i: eng.decode(ids[i], lengths[0] + i, fraction), 1) for i in range(decode_tokens)]
-        bar.update()
-        return {"ttft_ms": [round(t, 3) for t in ttft], "tpot_ms": round(float(np.median(steps)), 3)}
+        return {"ttft_ms": [round(t, 3) for t in ttft], "tpot_ms": [round(t, 3) for t in tpot]}
 
     rows = [{"fraction": fraction, **measure(engine, fraction)} for fraction in levels]
     # the layer-dropping baseline's variants (full width, layers skipped); "fraction": the share of layers kept
@@ -83,7 +81,7 @@ def profile(
 
 
 def write(doc: dict, folder: Path) -> Path:
-    """latency.json plus latency.png (TTFT over prompt length, TPOT per level) in `folder`."""
+    """latency.json plus latency.png (TTFT over prompt length, TPOT over context length, per level) in `folder`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,19 +94,14 @@ def write(doc: dict, folder: Path) -> Path:
         left.plot(doc["prompt_lengths"], row["ttft_ms"], marker="o", label=f"{row['fraction']:.0%}")
     left.set(xlabel="prompt tokens", ylabel="TTFT (ms)", title="time to first token")
     left.legend(title="level", fontsize=7)
-    fractions = [row["fraction"] for row in doc["levels"]]
-    right.bar([f"{f:.0%}" for f in fractions], [row["tpot_ms"] for row in doc["levels"]], label="elastic level")
-    drops = doc.get("layer_drop", [])
-    if drops:  # the layer-dropping baseline beside the elastic levels, at its share of layers kept
-        right.bar(
-            [f"-{row['dropped']}L" for row in drops],
-            [row["tpot_ms"] for row in drops],
-            color="tab:gray",
-            label="layers dropped",
-        )
-        right.legend(fontsize=7)
-        right.tick_params(axis="x", labelrotation=60, labelsize=7)
-    right.set(xlabel="level", ylabel="TPOT (ms)", title="time per output token")
+    for row in doc["levels"]:
+        right.plot(doc["prompt_lengths"], row["tpot_ms"], marker="o", label=f"{row['fraction']:.0%}")
+    for row in doc.get("layer_drop", []):  # the layer-dropping baseline beside the elastic levels
+        right.plot(doc["prompt_lengths"], row["tpot_ms"], color="tab:gray", linestyle="--", linewidth=0.8)
+    if doc.get("layer_drop"):
+        right.plot([], [], color="tab:gray", linestyle="--", linewidth=0.8, label="layers dropped")
+    right.legend(title="level", fontsize=7)
+    right.set(xlabel="tokens in the context", ylabel="TPOT (ms)", title="time per output token, after a prompt")
     fig.suptitle(f"{doc['model']} on {doc['target']} ({doc['device']})")
     fig.tight_layout()
     fig.savefig(folder / "latency.png", dpi=110)
@@ -117,18 +110,23 @@ def write(doc: dict, folder: Path) -> Path:
 
 
 def markdown(doc: dict) -> str:
-    head = "| level | " + " | ".join(f"TTFT {n} tok (ms)" for n in doc["prompt_lengths"]) + " | TPOT (ms) |"
-    lines = [head, "|" + "---|" * (len(doc["prompt_lengths"]) + 2)]
-    for row in doc["levels"]:
+    lengths = doc["prompt_lengths"]
+    head = (
+        "| level | "
+        + " | ".join(f"TTFT {n} tok (ms)" for n in lengths)
+        + " | "
+        + " | ".join(f"TPOT after {n} (ms)" for n in lengths)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (2 * len(lengths) + 1)]
+    rows = [(f"{r['fraction']:.0%}", r) for r in doc["levels"]]
+    rows += [(f"drop {r['dropped']} layers", r) for r in doc.get("layer_drop", [])]
+    for name, r in rows:
         lines.append(
-            f"| {row['fraction']:.0%} | "
-            + " | ".join(f"{t:.1f}" for t in row["ttft_ms"])
-            + f" | {row['tpot_ms']:.2f} |"
-        )
-    for row in doc.get("layer_drop", []):
-        lines.append(
-            f"| drop {row['dropped']} layers | "
-            + " | ".join(f"{t:.1f}" for t in row["ttft_ms"])
-            + f" | {row['tpot_ms']:.2f} |"
+            f"| {name} | "
+            + " | ".join(f"{t:.1f}" for t in r["ttft_ms"])
+            + " | "
+            + " | ".join(f"{t:.2f}" for t in r["tpot_ms"])
+            + " |"
         )
     return "\n".join(lines)

@@ -146,16 +146,16 @@ def tiny_build_with_tlm(tmp_path_factory):
         json.dumps(
             {
                 "schema": "elastilm.latency",
-                "schema_version": 1,
+                "schema_version": 2,
                 "prompt_lengths": [4, 32],
-                "levels": [{"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": 1 + f} for f in levels],
+                "levels": [{"fraction": f, "ttft_ms": [f * 4, f * 32], "tpot_ms": [1 + f] * 2} for f in levels],
                 "layer_drop": [
                     {
                         "fraction": k,
                         "dropped": n,
                         "layers": layers[str(n)],
                         "ttft_ms": [k * 4, k * 32],
-                        "tpot_ms": 1 + k,
+                        "tpot_ms": [1 + k] * 2,
                     }
                     for n, k in kept.items()
                 ],

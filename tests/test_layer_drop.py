@@ -156,7 +156,7 @@ def drop_table() -> dict:
     """Elastic levels with a TPOT floor of 0.6, and layer-drop variants of 30 layers whose time is proportional to
     the layers kept."""
     rows = [
-        {"fraction": f, "ttft_ms": [10 * (0.6 + 0.4 * f), 100 * (0.6 + 0.4 * f)], "tpot_ms": 10 * (0.6 + 0.4 * f)}
+        {"fraction": f, "ttft_ms": [10 * (0.6 + 0.4 * f), 100 * (0.6 + 0.4 * f)], "tpot_ms": [10 * (0.6 + 0.4 * f)] * 2}
         for f in (0.2, 0.5, 1.0)
     ]
     drops = [
@@ -165,13 +165,13 @@ def drop_table() -> dict:
             "dropped": n,
             "layers": list(range(n)),
             "ttft_ms": [10 * (1 - n / 30), 100 * (1 - n / 30)],
-            "tpot_ms": 10 * (1 - n / 30),
+            "tpot_ms": [10 * (1 - n / 30)] * 2,
         }
         for n in (3, 9, 15, 23)
     ]
     return {
         "schema": "elastilm.latency",
-        "schema_version": 1,
+        "schema_version": 2,
         "prompt_lengths": [10, 100],
         "levels": rows,
         "layer_drop": drops,

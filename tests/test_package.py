@@ -29,7 +29,8 @@ def test_profile_measures_every_level_within_the_context_window(builds):
     doc = json.loads((host / LATENCY).read_text())
     assert doc["prompt_lengths"] == [4, 16]  # 64 + 3 decode tokens do not fit the 40-token window
     assert [row["fraction"] for row in doc["levels"]] == sorted(engine.levels)
-    assert all(t > 0 for row in doc["levels"] for t in row["ttft_ms"] + [row["tpot_ms"]])
+    assert all(len(row["tpot_ms"]) == 2 for row in doc["levels"])  # one TPOT after each prompt length
+    assert all(t > 0 for row in doc["levels"] for t in row["ttft_ms"] + row["tpot_ms"])
     assert (host / "latency.png").stat().st_size > 0
 
 

@@ -211,9 +211,11 @@ def test_decision_label_is_the_most_capable_correct_feasible_plan():
     lat = planner.LatencyModel(
         {
             "schema": "elastilm.latency",
-            "schema_version": 1,
+            "schema_version": 2,
             "prompt_lengths": [32, 512],
-            "levels": [{"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS],
+            "levels": [
+                {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": [10 * (0.5 + f / 2)] * 2} for f in LEVELS
+            ],
         }
     )
     ratios = [1.0, 0.5]
@@ -243,9 +245,11 @@ def test_sampled_slos_reach_budgets_the_full_model_meets():
     lat = planner.LatencyModel(
         {
             "schema": "elastilm.latency",
-            "schema_version": 1,
+            "schema_version": 2,
             "prompt_lengths": [32, 512],
-            "levels": [{"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": 10 * (0.5 + f / 2)} for f in LEVELS],
+            "levels": [
+                {"fraction": f, "ttft_ms": [f * 32, f * 512], "tpot_ms": [10 * (0.5 + f / 2)] * 2} for f in LEVELS
+            ],
         }
     )
     all_right = {(1.0, lv): 1 for lv in LEVELS}
@@ -289,7 +293,7 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     from elastilm.formats.bundle import read as read_bundle
 
     build(out.parent, "host-cpu", out, max_len=64)
-    (out / "latency.json").write_text((out / "latency.json").read_text().replace('"tpot_ms": 1', '"tpot_ms": 2'))
+    (out / "latency.json").write_text((out / "latency.json").read_text().replace('"tpot_ms": [1', '"tpot_ms": [2'))
     ElasticEngine(out).close()
 
     bundle = package([out], tmp_path_factory.mktemp("bundle") / "app")
