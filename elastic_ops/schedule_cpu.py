@@ -15,7 +15,11 @@ from tvm.sym.analyzer import Analyzer
 from elastilm.elastic_ops import blocks, prefix
 
 LANES = 16  # fp32 lanes of one AVX-512 register; LLVM splits it for narrower ISAs
-STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip
+STRIP_VECTORS = prefix.STRIP // LANES  # one register tile spans one packed weight strip when it fits
+# fp32 values a register tile may accumulate: half the vector register file, the rest holding the broadcast inputs
+# and the loaded weights. A tile of 4 tokens x one strip (256 values) fits AVX-512's 32 x 16 lanes; on AVX2
+# (16 x 8) and NEON (32 x 4) it would spill every accumulator, so tiles there span a quarter strip.
+AVX512_ACCUMULATORS = 32 * 16 // 2
 # The scope of the accumulator tiles (register tiles, a group's partial sums, the adapter's update). A CPU buffer
 # of constant size under 1 KB becomes a stack array in "global" scope, which LLVM keeps in registers, and a heap
 # workspace per parallel task in "local" scope, which it cannot (decode 8-14% slower; docs/tvm-notes.md section 17).
@@ -80,12 +84,36 @@ def _tokens(sch: s_tir.Schedule, t) -> int:
     return 1 if _is_one(sch.get(t).extent) else prefix.TOKEN_BLOCK
 
 
+def accumulators(target: tvm.target.Target) -> int:
+    """The register tile budget (fp32 values) for `target`'s vector registers: AVX-512, NEON (aarch64), AVX2, or
+    SSE."""
+    from tvm.target.codegen import target_has_features
+
+    if target_has_features("avx512f", target):
+        return AVX512_ACCUMULATORS
+    if target_has_features("neon", target):
+        return 32 * 4 // 2
+    if target_has_features("avx2", target) or target_has_features("avx", target):
+        return 16 * 8 // 2
+    return 16 * 4 // 2
+
+
+def _vectors(tokens: int, budget: int, most: int = STRIP_VECTORS) -> int:
+    """LANES-wide vectors per register tile row: the most (up to `most`, halving) whose tokens x vectors x LANES
+    accumulators fit `budget`; at least one."""
+    v = most
+    while v > 1 and tokens * v * LANES > budget:
+        v //= 2
+    return v
+
+
 DEQUANT_TILES = 16  # token tiles that reuse one dequantized strip (a quantized prefill), 64 tokens
 
 
-def _matmul(sch: s_tir.Schedule, name: str) -> None:
-    """y[t, i] = sum_k x[t, k] * W[i, k], W packed in strips of 64 outputs: one register tile spans one strip; the
-    output block (bias, crop of padded tokens) is computed per tile from the registers.
+def _matmul(sch: s_tir.Schedule, name: str, budget: int) -> None:
+    """y[t, i] = sum_k x[t, k] * W[i, k], W packed in strips of 64 outputs: one register tile spans one strip, or
+    the part of one that fits `budget` accumulators; the output block (bias, crop of padded tokens) is computed
+    per tile from the registers.
 
     Quantized weights (prefix.prefix_matmul_q): one token reduces over groups, each group's partial sums
     (QPART) computed in registers as the words unpack, the input sums (QXSUM) once, serially; several tokens
@@ -103,12 +131,14 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         _parallel_vectorized(sch, out)
         return
     tokens = _tokens(sch, t)
+    # (a quantized decode keeps a group's partial sums beside these: halving its tile for AVX2 was 10-35% slower)
+    vectors = _vectors(tokens, budget)
     dequant = blocks.DEQUANT in names
-    outer, tile, k = _tile(sch, t, i, k, tokens, STRIP_VECTORS, dequant=dequant)
+    outer, tile, k = _tile(sch, t, i, k, tokens, vectors, dequant=dequant)
     if blocks.LORA_A in names:
         _dot_rows(sch, blocks.LORA_A, parallel_loops=1 if tokens > 1 else 0)
         up = sch.get_sblock(blocks.LORA_B)
-        up_outer, up_tile, j = _tile(sch, *sch.get_loops(up), tokens, STRIP_VECTORS, dequant=dequant)
+        up_outer, up_tile, j = _tile(sch, *sch.get_loops(up), tokens, vectors, dequant=dequant)
         outer = sch.merge(outer, up_outer)
         tile = sch.merge(tile, up_tile) if dequant else outer
         sch.set_scope(up, 0, TILE_SCOPE)
@@ -125,7 +155,7 @@ def _matmul(sch: s_tir.Schedule, name: str) -> None:
         sch.compute_at(part, k)  # k is the group loop
         sch.set_scope(part, 0, TILE_SCOPE)
         *_, pi, pk = sch.get_loops(part)
-        pv, pl = sch.split(pi, [STRIP_VECTORS, LANES])
+        pv, pl = sch.split(pi, [vectors, LANES])
         sch.reorder(pk, pv, pl)
         sch.unroll(pk)
         sch.unroll(pv)
@@ -158,36 +188,39 @@ def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
         sch.parallel(sch.fuse(*sch.get_loops(block)[:parallel_loops]))
 
 
-def _weighted_sum(sch: s_tir.Schedule, name: str) -> None:
+def _weighted_sum(sch: s_tir.Schedule, name: str, budget: int) -> None:
     """pv[t, c] = sum_s prob[head(c), t, s] * v[s, kv(c)*hd + c%hd]: c is contiguous in the V cache."""
     block = sch.get_sblock(name)
     t, c, s = sch.get_loops(block)
     if not _divisible(sch.get(c).extent, 4 * LANES):
         sch.parallel(sch.fuse(t, c))
         return
-    _register_tile(sch, block, t, c, s, _tokens(sch, t), 4)
+    tokens = _tokens(sch, t)
+    _register_tile(sch, block, t, c, s, tokens, _vectors(tokens, budget, 4))
 
 
-def _scores(sch: s_tir.Schedule) -> None:
+def _scores(sch: s_tir.Schedule, budget: int) -> None:
     """qk[j, t, s] = sum_d q[t, j*hd+d] * kt[kv(j)*hd+d, s]: keys are stored transposed, so positions s are
     contiguous. The key extent is whole blocks of 64."""
     block = sch.get_sblock(blocks.QK)
     j, t, s, d = sch.get_loops(block)
-    _register_tile(sch, block, t, s, d, _tokens(sch, t), 4, lead=(j,))
+    tokens = _tokens(sch, t)
+    _register_tile(sch, block, t, s, d, tokens, _vectors(tokens, budget, 4), lead=(j,))
 
 
-def _attention(sch: s_tir.Schedule) -> None:
+def _attention(sch: s_tir.Schedule, budget: int) -> None:
     sch.compute_inline(sch.get_sblock(blocks.SCORE))
     sch.compute_inline(sch.get_sblock(blocks.SHIFTED))
-    _scores(sch)
+    _scores(sch, budget)
     for name in (blocks.PEAK, blocks.TOTAL):
         _dot_rows(sch, name, parallel_loops=2)
     _parallel_vectorized(sch, sch.get_sblock(blocks.FAST_EXP))
-    _weighted_sum(sch, blocks.PV)
+    _weighted_sum(sch, blocks.PV, budget)
     _parallel_vectorized(sch, sch.get_sblock(blocks.ATTENTION))
 
 
-def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule_function(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) -> tirx.PrimFunc:
+    """One kernel of the elastic model, its register tiles sized for `budget` accumulators (`accumulators`)."""
     sch = s_tir.Schedule(func)
     try:
         root = sch.get_sblock("root")
@@ -195,11 +228,11 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     if blocks.QK in names:
-        _attention(sch)
+        _attention(sch, budget)
         return sch.mod["main"]
     for name in names:
         if name in blocks.LINEAR or (name == blocks.LM_HEAD and name + "_out" in names):  # quantized head
-            _matmul(sch, name)
+            _matmul(sch, name, budget)
         elif name == blocks.LM_HEAD:
             _dot_rows(sch, name, parallel_loops=2)
         elif name == blocks.EMBED:
@@ -211,7 +244,7 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def schedule_dense(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule_dense(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) -> tirx.PrimFunc:
     """Kernels of a plain dense model legalized from Relax's generic operators (the TLM's BERT): every matmul
     (block "matmul*", loops [batch...,] i, j, k with j contiguous in the weight) register-tiled; other blocks
     parallel over their spatial loops, vectorised where they are elementwise."""
@@ -227,7 +260,8 @@ def schedule_dense(func: tirx.PrimFunc) -> tirx.PrimFunc:
         spatial = sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 0)
         if sch.get(block).name_hint.startswith("matmul") and spatial >= 2 and spatial == len(loops) - 1:
             *lead, i, j, k = loops
-            vectors = next((v for v in (4, 2, 1) if _divisible(sch.get(j).extent, v * LANES)), 0)
+            most = next((v for v in (4, 2, 1) if _divisible(sch.get(j).extent, v * LANES)), 0)
+            vectors = _vectors(prefix.TOKEN_BLOCK, budget, most) if most else 0
             if vectors and _divisible(sch.get(i).extent, prefix.TOKEN_BLOCK):
                 _register_tile(sch, block, i, j, k, prefix.TOKEN_BLOCK, vectors, lead=tuple(lead))
             else:
@@ -248,7 +282,10 @@ def schedule_module(mod: tvm.IRModule, rule=schedule_function) -> tvm.IRModule:
 
 def pipeline(target: tvm.target.Target, rule=schedule_function) -> tvm.transform.Pass:
     """The Relax pipeline for CPUs: legalize, apply our schedules (`rule` per kernel; `schedule_dense` for the
-    TLM), lower. No operator fusion, so that every kernel keeps the schedule written for it."""
+    TLM), lower, register tiles sized for the target's vector registers. No operator fusion, so that every kernel
+    keeps the schedule written for it."""
+    from functools import partial
+
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -263,7 +300,7 @@ def pipeline(target: tvm.target.Target, rule=schedule_function) -> tvm.transform
                     relax.transform.FoldConstant(),
                 ]
             )(mod)
-            mod = schedule_module(mod, rule)
+            mod = schedule_module(mod, partial(rule, budget=accumulators(target)))
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 

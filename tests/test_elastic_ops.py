@@ -1,5 +1,7 @@
 """Single elastic operators, compiled alone for the host CPU, against numpy at several (odd) widths."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import tvm
@@ -13,10 +15,16 @@ I64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731  (Relax hands kernels int6
 TARGET = tvm.target.Target.from_device(tvm.cpu())
 
 
-def compile_te(tensors, scheduled: bool):
+# register tile budgets (schedule_cpu.accumulators): AVX-512's, and AVX2's / NEON's, whatever this host has
+BUDGETS = [schedule_cpu.AVX512_ACCUMULATORS, 64]
+
+
+def compile_te(tensors, scheduled: bool | int):
+    """The kernel of `tensors`, with our CPU schedule (its tiles for `scheduled` accumulators when a number)."""
     mod = tvm.IRModule({"main": te.create_prim_func(tensors)})
     if scheduled:
-        mod = schedule_cpu.schedule_module(mod)
+        budget = schedule_cpu.AVX512_ACCUMULATORS if scheduled is True else scheduled
+        mod = schedule_cpu.schedule_module(mod, partial(schedule_cpu.schedule_function, budget=budget))
     return tvm.compile(mod, target=TARGET)["main"]
 
 
@@ -26,7 +34,7 @@ def poisoned(shape):
 
 @pytest.mark.parametrize("tokens", [1, 7, 8])
 @pytest.mark.parametrize("blocks,active_in", [(1, 5), (3, 64), (24, 576)])
-@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("scheduled", [False, *BUDGETS])
 def test_prefix_matmul_reads_only_the_prefix(tokens, blocks, active_in, scheduled):
     """Rows past the active inputs and columns past the active outputs hold NaN: any read of them would show."""
     rng = np.random.default_rng(blocks)
@@ -88,7 +96,8 @@ ATTENTION_CASES = [
     "tokens,past,heads,group,hd,static_token",
     [(*case, False) for case in ATTENTION_CASES] + [(*case, True) for case in ATTENTION_CASES if case[0] == 1],
 )
-def test_attention_matches_numpy(tokens, past, heads, group, hd, static_token):
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_attention_matches_numpy(tokens, past, heads, group, hd, static_token, budget):
     """GQA attention over a cache; cache entries beyond past+T are garbage (large but finite) and must not matter.
     One token with a static extent is decode's kernel."""
     rng = np.random.default_rng(tokens + past)
@@ -98,7 +107,7 @@ def test_attention_matches_numpy(tokens, past, heads, group, hd, static_token):
     kt = te.placeholder((I64(n_kv * hd), I64(rows)), "float32", name="kt")
     v = te.placeholder((I64(rows), I64(n_kv * hd)), "float32", name="v")
     out = prefix.attention(q, kt, v, p, hd, n_kv, group)
-    fn = compile_te([q, kt, v, out, p], scheduled=True)
+    fn = compile_te([q, kt, v, out, p], scheduled=budget)
     S = past + tokens
     qs = rng.standard_normal((tokens, heads * hd)).astype("float32")
     k_all = np.full((rows, n_kv * hd), 1e30, "float32")
@@ -123,7 +132,7 @@ def numpy_rope(x: np.ndarray, past: int, theta: float, hd: int) -> np.ndarray:
 
 @pytest.mark.parametrize("tokens,past", [(1, 0), (1, 300), (7, 5)])
 @pytest.mark.parametrize("hd,blocks,active_in", [(64, 3, 160), (64, 9, 576), (16, 2, 48)])
-@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("scheduled", [False, *BUDGETS])
 def test_rotation_fused_into_the_projection_matches_numpy(tokens, past, hd, blocks, active_in, scheduled):
     """q = rope(x W^T + b) in the projection's kernel, from the forward's cos/sin table: pairs of one head lie in
     one strip (also with several heads per strip, hd 16); weights and bias past the active prefix are NaN."""

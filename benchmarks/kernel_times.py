@@ -1,0 +1,73 @@
+"""Where a decoded token's time goes: each library kernel's time per token, summed over the layers, from the VM's
+instrument hook (its own cost, about 1 us per call, included), at one level after a prompt of a given length.
+
+    python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 1.0 --past 256 --tokens 32
+
+Kernels are grouped by name without their numeric suffix (q_proj1, q_proj2 ... -> q_proj); VM built-ins (shape
+checks, allocation) are summed as one row. The total beside the wall-clock TPOT shows what the hook adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from collections import defaultdict
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+
+def main() -> None:
+    import tvm
+
+    from elastilm.runtime_py.engine import ElasticEngine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("build", help="a build folder")
+    parser.add_argument("--level", type=float, default=1.0)
+    parser.add_argument("--past", type=int, default=256, help="positions in the cache before the decoded tokens")
+    parser.add_argument("--tokens", type=int, default=32, help="decoded tokens measured")
+    args = parser.parse_args()
+    engine = ElasticEngine(args.build)
+    prompt = engine.encode("The quick brown fox jumps over the lazy dog. " * 200)[: args.past]
+    engine.prefill(prompt, args.level)
+    for i in range(4):  # warm-up
+        engine.decode(prompt[i], args.past + i, args.level)
+    engine.prefill(prompt, args.level)
+    start = time.perf_counter()
+    for i in range(args.tokens):
+        engine.decode(prompt[i], args.past + i, args.level)
+    wall = (time.perf_counter() - start) / args.tokens * 1e3
+
+    totals, calls, started = defaultdict(float), defaultdict(int), {}
+
+    def instrument(func, symbol, before, ret, *_):
+        name = re.sub(r"\d+$", "", symbol)
+        name = name if not name.startswith("vm.builtin") else "VM built-ins"
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            totals[name] += time.perf_counter() - started.pop(symbol)
+            calls[name] += 1
+        return tvm.relax.VMInstrumentReturnKind.NO_OP
+
+    engine.vm.set_instrument(instrument)
+    engine.prefill(prompt, args.level)
+    totals.clear(), calls.clear()
+    for i in range(args.tokens):
+        engine.decode(prompt[i], args.past + i, args.level)
+    engine.vm.set_instrument(None)
+    print(f"{args.build}: level {args.level:g}, after {args.past} positions, {args.tokens} tokens")
+    print("| kernel | ms per token | calls per token |\n|---|---:|---:|")
+    for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {t / args.tokens * 1e3:.3f} | {calls[name] / args.tokens:.0f} |")
+    print(
+        f"| all (hooked) | {sum(totals.values()) / args.tokens * 1e3:.3f} | {sum(calls.values()) / args.tokens:.0f} |"
+    )
+    print(f"wall-clock TPOT without the hook: {wall:.3f} ms")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
