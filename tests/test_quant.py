@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from conftest import POISON
-from test_elastic_ops import I64, compile_te, poisoned
+from test_elastic_ops import BUDGETS, I64, compile_te, poisoned
 from tvm import te, tirx
 
 from elastilm.compile.export import kernel_layout
@@ -169,7 +169,7 @@ def placeholders(packed: tuple) -> list:
 @pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
-@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("scheduled", [False, *BUDGETS])
 def test_quantized_prefix_matmul_reads_only_the_prefix(fmt, tokens, blocks, active_in, scheduled):
     rng = np.random.default_rng(blocks + tokens)
     w = (rng.standard_normal((1536, 576)) + rng.uniform(-1, 1, (1536, 1))).astype(np.float32)
@@ -194,7 +194,7 @@ def test_quantized_prefix_matmul_reads_only_the_prefix(fmt, tokens, blocks, acti
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("rank", [0, 3, 8])
 @pytest.mark.parametrize("blocks,active_in", [(1, 32), (3, 160), (24, 576)])
-@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("scheduled", [False, *BUDGETS])
 def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, half, tokens, rank, blocks, active_in, scheduled):
     """y = x W^T + b + x A^T Bt + residual in one kernel, the rank a runtime extent (0: no adapter, no work); the
     adapter in fp32 or as fp16 bits (q4f32_mix). Weights, scales, adapter entries and the bias outside the active
