@@ -3,8 +3,10 @@ instrument hook (its own cost, about 1 us per call, included), at one level afte
 
     python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 1.0 --past 256 --tokens 32
 
-Kernels are grouped by name without their numeric suffix (q_proj1, q_proj2 ... -> q_proj); VM built-ins (shape
-checks, allocation) are summed as one row. The total beside the wall-clock TPOT shows what the hook adds.
+Kernels are grouped by name without their numeric suffix (q_proj1, q_proj2 ... -> q_proj; kernels the compiler
+found identical share one name, e.g. gate_proj serves up_proj too); VM built-ins (shape checks, allocation) are
+summed as one row, which is mostly the hook's own Python cost (about 3.5 us per call here, against a wall-clock
+TPOT that includes them unhooked). Compare kernel rows, not the total.
 """
 
 from __future__ import annotations
