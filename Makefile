@@ -60,10 +60,15 @@ test-device: setup
 	scripts/qemu-phone/setup.sh
 	ELASTILM_REQUIRE_QEMU=1 $(BIN)/python -m pytest -q -m device
 
-# llama.cpp as the reference, built from source with AVX-512 (VNNI, BF16) but without AMX: this VM's CPU reports
-# AMX and traps its first tile instruction (SIGILL in `tilezero` with a native build)
+# llama.cpp as the reference, built from source for the extensions this CPU reports (AVX2 always; AVX-512, VNNI,
+# BF16 where /proc/cpuinfo lists them) but never AMX: an Intel VM here reported AMX and trapped its first tile
+# instruction (SIGILL in `tilezero` with a native build); AVX-512 forced on a Zen 3 VM would trap the same way
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+cpu_has = $(if $(filter $(1),$(CPU_FLAGS)),-D$(2)=ON)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-  -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+  $(call cpu_has,avx_vnni,GGML_AVX_VNNI) $(call cpu_has,avx512f,GGML_AVX512) \
+  $(call cpu_has,avx512vbmi,GGML_AVX512_VBMI) $(call cpu_has,avx512_vnni,GGML_AVX512_VNNI) \
+  $(call cpu_has,avx512_bf16,GGML_AVX512_BF16)
 
 bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[bench]'
