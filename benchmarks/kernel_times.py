@@ -54,9 +54,8 @@ def main() -> None:
             calls[name] += 1
         return tvm.relax.VMInstrumentReturnKind.NO_OP
 
-    engine.vm.set_instrument(instrument)
     engine.prefill(prompt, args.level)
-    totals.clear(), calls.clear()
+    engine.vm.set_instrument(instrument)
     for i in range(args.tokens):
         engine.decode(prompt[i], args.past + i, args.level)
     engine.vm.set_instrument(None)

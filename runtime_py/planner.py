@@ -134,17 +134,19 @@ class LatencyModel:
             return float(y[0] * tokens / x[0])
         if tokens <= x[0]:
             return float(max(y[0] + (tokens - x[0]) * (y[1] - y[0]) / (x[1] - x[0]), y[0] * tokens / x[0]))
-        if tokens >= x[-1]:
-            return float(y[-1] + (tokens - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]))
-        return float(np.interp(tokens, x, y))
+        return _onward(x, y, tokens)
 
     def tpot(self, level: float, context: float) -> float:
         """A token decoded after `context` tokens: linear between profiled lengths and along the last segment
         beyond them; below the shortest length the time there (the weights' share does not shrink)."""
-        x, y = self.lengths, self._tpot[self._row(level)]
-        if len(x) > 1 and context > x[-1]:
-            return float(y[-1] + (context - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]))
-        return float(np.interp(context, x, y))
+        return _onward(self.lengths, self._tpot[self._row(level)], context)
+
+
+def _onward(x: np.ndarray, y: np.ndarray, v: float) -> float:
+    """y at v: linear between the points x, along the last segment beyond them, flat below the first."""
+    if len(x) > 1 and v > x[-1]:
+        return float(y[-1] + (v - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]))
+    return float(np.interp(v, x, y))
 
 
 @dataclass(frozen=True)
