@@ -14,6 +14,7 @@ ROPE = "rope"
 ROPE_TABLE = "rope_table"  # cos and sin once per forward, for projections that rotate their own output
 ROTATED = "_rotated"  # suffix of such a projection's last block, after "<name>_out"
 SILU_MUL = "silu_mul"
+NEG_GATE = "neg_gate"  # -gate, the input of silu_mul's exp (inlined into it)
 LAST = "last"  # the last position of a prefill, the only one that goes through the LM head
 # attention: q.k, the masked and shifted scores (inlined), their max and sum, exp, p.v, the normalised output
 QK, SCORE, PEAK, SHIFTED, TOTAL, PV, ATTENTION = "qk", "score", "peak", "shifted", "total", "pv", "attention"

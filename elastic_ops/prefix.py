@@ -286,9 +286,11 @@ def rope_table(x: te.Tensor, past, theta: float, head_dim: int):
 
 
 def silu_mul(gate: te.Tensor, up: te.Tensor):
-    return te.compute(
-        gate.shape, lambda t, i: gate[t, i] / (1 + tirx.exp(-gate[t, i])) * up[t, i], name=blocks.SILU_MUL
-    )
+    """silu(gate) * up, exp(-gate) from topi's polynomial exp, which vectorises (libm's expf is a call per
+    element: 12M calls in a 256-token prefill); the CPU schedule inlines its blocks into this one."""
+    neg = te.compute(gate.shape, lambda t, i: -gate[t, i], name=blocks.NEG_GATE)
+    e = topi.fast_exp(neg)
+    return te.compute(gate.shape, lambda t, i: gate[t, i] / (1 + e[t, i]) * up[t, i], name=blocks.SILU_MUL)
 
 
 ATTENTION_BLOCK = 64  # the key axis is computed in whole blocks of 64 positions (vectorisable, no remainder)
@@ -323,9 +325,11 @@ def attention(
     )
     # the softmax chain keeps the padded query rows too, so every stage tiles the same way; only `attention`
     # (the output) stops at T
+    # a select, not an if_then_else: both sides are safe to compute (dot spans whole blocks), and a branch per
+    # lane kept LLVM from vectorising the max and exp that inline it (decode attention 2-3x slower)
     score = te.compute(
         (h, T_blocks, S_blocks),
-        lambda j, t, s: tirx.if_then_else(s <= past + t, dot[j, t, s] * scale, tirx.const(-1e30, "float32")),
+        lambda j, t, s: tirx.Select(s <= past + t, dot[j, t, s] * scale, tirx.const(-1e30, "float32")),
         name=blocks.SCORE,
     )
     s1 = te.reduce_axis((0, S_blocks), "s1")

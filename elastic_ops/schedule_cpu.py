@@ -227,6 +227,10 @@ def schedule_function(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) ->
     except Exception:  # hand-written kernels without a root block (the KV append) stay as written
         return func
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    if blocks.SILU_MUL in names:  # its exp's blocks, elementwise, join it
+        for name in (blocks.NEG_GATE, blocks.FAST_EXP):
+            sch.compute_inline(sch.get_sblock(name))
+        names = [n for n in names if n not in (blocks.NEG_GATE, blocks.FAST_EXP)]
     if blocks.QK in names:
         _attention(sch, budget)
         return sch.mod["main"]

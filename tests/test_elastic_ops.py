@@ -175,3 +175,22 @@ def test_rms_norm_matches_numpy(tokens, static_token, d):
     fn(tvm.runtime.tensor(xs), tvm.runtime.tensor(ws), out)
     expected = xs / np.sqrt((xs.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * ws
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,static_token", [(1, True), (7, False)])
+@pytest.mark.parametrize("width", [1536, 64 * 3, 40])
+def test_silu_mul_matches_numpy(tokens, static_token, width):
+    """silu(gate) * up with the polynomial exp, scheduled, against float64 numpy, over gates far into both tails
+    (|gate| up to 100, where exp(-gate) under- or overflows fp32); width 40 is not a whole number of lanes."""
+    rng = np.random.default_rng(tokens + width)
+    T = I64(1) if static_token else tirx.Var("T", "int64")
+    gate = te.placeholder((T, I64(width)), "float32", name="gate")
+    up = te.placeholder((T, I64(width)), "float32", name="up")
+    fn = compile_te([gate, up, prefix.silu_mul(gate, up)], scheduled=True)
+    gs = (rng.standard_normal((tokens, width)) * 4).astype("float32")
+    gs.flat[: 2 * 4] = [-100, -88.5, -60, -20, 20, 60, 88.5, 100]
+    us = rng.standard_normal((tokens, width)).astype("float32")
+    out = poisoned((tokens, width))
+    fn(tvm.runtime.tensor(gs), tvm.runtime.tensor(us), out)
+    g = gs.astype(np.float64)
+    np.testing.assert_allclose(out.numpy(), g / (1 + np.exp(-g)) * us, rtol=2e-6, atol=1e-6)
