@@ -35,7 +35,10 @@ def register(sub) -> None:
     p.add_argument("--slo-tpot", type=float, default=None, help="TPOT budget, likewise")
     p.add_argument("--slo-ms", action="store_true", help="the SLO budgets are milliseconds")
     p.add_argument(
-        "--context", type=Path, default=None, help="system / few-shot text (or a file of it) that may be compressed"
+        "--context",
+        type=Path,
+        default=None,
+        help="system / few-shot text (or a file of it) before the prompt; under an SLO it may be compressed",
     )
     p.add_argument(
         "--latency",
@@ -57,6 +60,13 @@ def register(sub) -> None:
     p.set_defaults(run=profile, bundle=None)
 
 
+def context(args) -> str:
+    """--context: a file's text, or the text itself ("" when not given)."""
+    if args.context is None:
+        return ""
+    return args.context.read_text() if args.context.is_file() else str(args.context)
+
+
 def run(args) -> None:
     if args.slo_ttft is not None or args.slo_tpot is not None:
         return run_slo(args)
@@ -67,6 +77,7 @@ def run(args) -> None:
         chat=not args.no_chat,
         stream=True,
         sampling=sampling(args),
+        system=context(args) or None,
     )
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -94,16 +105,11 @@ def run_slo(args) -> None:
 
     if args.slo_ttft is None or args.slo_tpot is None:
         raise ElastiLMError("give both --slo-ttft and --slo-tpot")
-    context = (
-        args.context.read_text()
-        if args.context is not None and args.context.is_file()
-        else (str(args.context) if args.context else "")
-    )
     eng = engine(args)
     orch = Orchestrator(eng.folder, eng, latency=args.latency)
     request = Request(
         args.prompt,
-        context,
+        context(args),
         not args.no_chat,
         SLO(args.slo_ttft, args.slo_tpot, relative=not args.slo_ms),
         args.max_new_tokens,

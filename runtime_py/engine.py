@@ -296,9 +296,15 @@ class ElasticEngine:
         chat: bool = True,
         stream: bool = False,
         sampling: Sampling = GREEDY,
+        system: str | None = None,
     ):
-        """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come."""
-        ids = self.encode(self.chat_prompt(prompt) if chat else prompt)
+        """The completion of `prompt` as text, or with stream=True an iterator of text pieces as they come.
+        `system`: text before the prompt (its system turn in the chat template; plain text: first)."""
+        if chat:
+            text = self.chat_prompt(prompt, system)
+        else:
+            text = f"{system}\n\n{prompt}" if system else prompt
+        ids = self.encode(text)
         pieces = self.stream_text(self.generate_ids(ids, level, max_new_tokens, sampling), sampling.stop)
         return pieces if stream else "".join(pieces)
 

@@ -222,6 +222,22 @@ def test_cli_run_streams_without_torch(compiled):
     assert run.stdout.strip() == expected.strip() and expected.strip()
 
 
+def test_cli_run_puts_the_context_before_the_prompt(compiled, capsys):
+    """`elastilm run --context` without an SLO answers after the context (it was dropped: only an SLO run read it)."""
+    from elastilm.cli.main import main
+
+    _, engine = compiled
+    if not engine.encode("w3 w4 w5"):
+        pytest.skip("transformers re-types the tiny Qwen2 tokenizer as byte-level BPE, which cannot spell 'w3'")
+    argv = ["run", "--build", str(engine.folder), "--max-new-tokens", "5", "--no-chat", "w3 w4 w5"]
+    assert main([*argv[:-1], "--context", "w9 w1 w7 w2", argv[-1]]) == 0
+    shown = capsys.readouterr().out.strip()
+    with_context = engine.tokenizer.decode(list(engine.generate_ids(engine.encode("w9 w1 w7 w2\n\nw3 w4 w5"), 1.0, 5)))
+    without = engine.tokenizer.decode(list(engine.generate_ids(engine.encode("w3 w4 w5"), 1.0, 5)))
+    assert with_context != without  # else this model could not tell the two apart
+    assert shown == with_context.strip()
+
+
 def test_export_declares_upper_bounds_for_every_symbolic_extent():
     from conftest import tiny_model
 
