@@ -34,21 +34,35 @@ def _divisible(extent, factor: int) -> bool:
     return Analyzer().can_prove_equal(tirx.floormod(extent, factor), 0)
 
 
-def _parallel_vectorized(sch: s_tir.Schedule, block) -> None:
-    """An elementwise block: outer loops fused and parallel, the innermost vectorised when it divides."""
+def _parallel_vectorized(sch: s_tir.Schedule, block, parallel: bool = True) -> None:
+    """An elementwise block: outer loops fused and parallel (unless not `parallel`), the innermost vectorised when
+    it divides."""
     loops = sch.get_loops(block)
     if len(loops) > 1 and _divisible(sch.get(loops[-1]).extent, LANES):
         _, inner = sch.split(loops[-1], [None, LANES])
         sch.vectorize(inner)
         loops = sch.get_loops(block)[:-1]
-    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    if parallel:
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
-def _register_tile(sch: s_tir.Schedule, block, t, v, k, tokens: int, vectors: int, lead=()) -> None:
+def _one_token(sch: s_tir.Schedule, name: str) -> bool:
+    """Whether block `name` computes one token (decode's static extent): then its elementwise work (a norm, an
+    activation, a softmax's max, sum and exp over a few hundred positions) runs serially, since waking the other
+    threads for a parallel loop costs about 1.2 us here, more than the work."""
+    return _is_one(sch.get(sch.get_loops(sch.get_sblock(name))[0]).extent)
+
+
+def _register_tile(
+    sch: s_tir.Schedule, block, t, v, k, tokens: int, vectors: int, lead=(), spread: bool = False
+) -> None:
     """Accumulate (tokens x vectors*LANES) outputs in registers along the reduction loop k, vectorised over v.
     Parallel over the tiles; output blocks outermost (so a weight strip stays in cache across token tiles),
-    or, with `lead` loops (e.g. heads), those first and the output blocks serial inside."""
+    or, with `lead` loops (e.g. heads), those first and the output blocks serial inside, unless `spread` makes
+    them parallel too (one head has work for every core)."""
     outer, acc_at, k = _tile(sch, t, v, k, tokens, vectors, lead)
+    if spread and lead:
+        outer = acc_at = sch.fuse(outer, acc_at)
     sch.parallel(outer)
     acc = sch.cache_write(block, 0, TILE_SCOPE)
     sch.reverse_compute_at(acc, acc_at)
@@ -196,27 +210,31 @@ def _weighted_sum(sch: s_tir.Schedule, name: str, budget: int) -> None:
         sch.parallel(sch.fuse(t, c))
         return
     tokens = _tokens(sch, t)
-    _register_tile(sch, block, t, c, s, tokens, _vectors(tokens, budget, 4))
+    # decode: half a head per tile, so that a level with one or three heads still gives every core work
+    _register_tile(sch, block, t, c, s, tokens, _vectors(tokens, budget, 4 if tokens > 1 else 2))
 
 
 def _scores(sch: s_tir.Schedule, budget: int) -> None:
     """qk[j, t, s] = sum_d q[t, j*hd+d] * kt[kv(j)*hd+d, s]: keys are stored transposed, so positions s are
-    contiguous. The key extent is whole blocks of 64."""
+    contiguous. The key extent is whole blocks of 64; parallel over (head, token tile, block of keys)."""
     block = sch.get_sblock(blocks.QK)
     j, t, s, d = sch.get_loops(block)
     tokens = _tokens(sch, t)
-    _register_tile(sch, block, t, s, d, tokens, _vectors(tokens, budget, 4), lead=(j,))
+    _register_tile(sch, block, t, s, d, tokens, _vectors(tokens, budget, 4), lead=(j,), spread=True)
 
 
 def _attention(sch: s_tir.Schedule, budget: int) -> None:
+    """q.k and p.v tiled and parallel; the softmax between them and the final division parallel too, except for
+    one token (`_one_token`)."""
+    several = not _one_token(sch, blocks.ATTENTION)
     sch.compute_inline(sch.get_sblock(blocks.SCORE))
     sch.compute_inline(sch.get_sblock(blocks.SHIFTED))
     _scores(sch, budget)
     for name in (blocks.PEAK, blocks.TOTAL):
-        _dot_rows(sch, name, parallel_loops=2)
-    _parallel_vectorized(sch, sch.get_sblock(blocks.FAST_EXP))
+        _dot_rows(sch, name, parallel_loops=2 if several else 0)
+    _parallel_vectorized(sch, sch.get_sblock(blocks.FAST_EXP), several)
     _weighted_sum(sch, blocks.PV, budget)
-    _parallel_vectorized(sch, sch.get_sblock(blocks.ATTENTION))
+    _parallel_vectorized(sch, sch.get_sblock(blocks.ATTENTION), several)
 
 
 def schedule_function(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) -> tirx.PrimFunc:
@@ -239,12 +257,10 @@ def schedule_function(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) ->
             _matmul(sch, name, budget)
         elif name == blocks.LM_HEAD:
             _dot_rows(sch, name, parallel_loops=2)
-        elif name == blocks.EMBED:
-            _parallel_vectorized(sch, sch.get_sblock(name))
-        elif name == blocks.RMS_SUMSQ:
+        elif name in (blocks.EMBED, *blocks.ELEMENTWISE):
+            _parallel_vectorized(sch, sch.get_sblock(name), not _one_token(sch, name))
+        elif name == blocks.RMS_SUMSQ and not _one_token(sch, name):
             sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
-        elif name in blocks.ELEMENTWISE:
-            _parallel_vectorized(sch, sch.get_sblock(name))
     return sch.mod["main"]
 
 
