@@ -174,11 +174,13 @@ def prefix_matmul_q(
         return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora, residual, rope)
     groups = K_active // group
     kk = te.reduce_axis((0, group), "kk")
-    part = te.compute(
-        (T, groups, rows),
-        lambda t, g, i: te.sum(x[t, g * group + kk] * _level(q, fmt, i // strip, g * group + kk, i % strip), axis=kk),
-        name=blocks.QPART,
-    )
+
+    def product(t, g, i):
+        k = g * group + kk
+        field, factor = _field_in_place(q, fmt, i // strip, k, i % strip)
+        return x[t, k] * factor * field
+
+    part = te.compute((T, groups, rows), lambda t, g, i: te.sum(product(t, g, i), axis=kk), name=blocks.QPART)
     kx = te.reduce_axis((0, group), "kx")
     xsum = te.compute((T, groups), lambda t, g: te.sum(x[t, g * group + kx], axis=kx), name=blocks.QXSUM)
     g = te.reduce_axis((0, groups), "g")
@@ -225,6 +227,25 @@ def as_f32(value):
         (h & tirx.const(0x7FFF, "uint32")) << tirx.const(13, "uint32")
     )
     return tirx.reinterpret("float32", bits) * tirx.const(2.0**112, "float32")
+
+
+def _field_in_place(q: te.Tensor, fmt: Format, j, k, i):
+    """The stored level of input k in row i of strip j as (a float, its factor): the level times 2^(bits * f)
+    for field f = k % per masked where it lies in its word, and the factor 2^-(bits * f) that undoes it (the
+    top field is shifted down instead, factor 1). Both are exact (a few significant bits scaled by a power of
+    two), so x * factor * field equals x * level bit for bit; one vector AND per weight instead of a shift and
+    an AND. Decode's unrolled group loop makes f and the factor constants; x * factor is a scalar per input."""
+    per, bits, mask = fmt.per_word, fmt.bits, (1 << fmt.bits) - 1
+    f = k % per
+    word = q[j, k // per, i]
+    top = tirx.const((per - 1) * bits, "uint32")
+    masked = word & (tirx.const(mask, "uint32") << (f * bits).astype("uint32"))
+    field = tirx.Select(f == per - 1, word >> top, masked)
+    factor = tirx.const(1.0, "float32")
+    for v in range(per - 1):
+        factor = tirx.Select(f == v, tirx.const(2.0 ** -(bits * v), "float32"), factor)
+    # int32 first: the fields fit in 31 bits, and a signed conversion is one instruction where unsigned is not
+    return field.astype("int32").astype("float32"), factor
 
 
 def _level(q: te.Tensor, fmt: Format, j, k, i):
