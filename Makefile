@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/elastilm train-tlm $(OUT) --passages $(TLM_PASSAGES) --essays $(TLM_PASSAGES) --grid-questions $(TLM_QUESTIONS) --epochs 1
 	$(BIN)/elastilm compile $(OUT) --target host-cpu --quant $(QUANT)
 	$(BIN)/elastilm run --build $(OUT)/host-cpu --slo-ttft 0.8 --slo-tpot 1.0 --max-new-tokens 32 \
-	  --context data/demo/trip-notes.txt "When does the train to Lakeside leave on Friday?"
+	  --context data/demo/trip-notes.txt "Which bag should I take?"
 	$(BIN)/elastilm eval-slo --build $(OUT)/host-cpu --limit $(TLM_QUESTIONS) --out $(OUT)/eval-slo-demo
 	$(BIN)/elastilm package $(OUT)/host-cpu --out dist/bundle-host
 
