@@ -12,6 +12,7 @@ from conftest import elastified_tiny
 
 from elastilm.compile.build import build
 from elastilm.runtime_py.engine import ElasticEngine
+from elastilm.runtime_py.session import DeviceLost, RemoteSession
 
 pytestmark = pytest.mark.device
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,12 @@ def phone(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the stand-in phone did not start:\n{log.read_text()}")
             time.sleep(0.5)
-        yield "127.0.0.1:9600"
+        endpoint = "127.0.0.1:9600"
+        try:  # one whole session before the tests, so a phone that accepts but never serves fails here, by name
+            RemoteSession(endpoint, reconnect_for=0).close()
+        except DeviceLost as err:
+            pytest.fail(f"the stand-in phone does not serve sessions ({err}); its log:\n{log.read_text()}")
+        yield endpoint, log
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -61,8 +67,12 @@ def builds(request, tmp_path_factory):
 
 
 def test_arm64_build_on_the_phone_matches_the_host(phone, builds):
-    host_build, arm_build, scheme = builds
-    local, remote = ElasticEngine(host_build, quant=scheme), ElasticEngine(arm_build, rpc=phone, quant=scheme)
+    (endpoint, log), (host_build, arm_build, scheme) = phone, builds
+    local = ElasticEngine(host_build, quant=scheme)
+    try:
+        remote = ElasticEngine(arm_build, rpc=endpoint, quant=scheme)
+    except DeviceLost as err:
+        pytest.fail(f"{err}; the stand-in phone's log:\n{log.read_text()}")
     ids = np.random.default_rng(2).integers(0, local.elastic["config"]["vocab_size"], 9).tolist()
     try:
         for level in (1.0, 0.5, 0.2):  # NEON vs AVX-512 sum in different orders: close, not bit-equal

@@ -106,7 +106,7 @@ if [[ ! -f $DIR/.smoke-done ]]; then
 import platform, tvm, tvm.rpc, tvm.relax, numpy
 from tvm.rpc import server
 assert platform.machine() == "aarch64", platform.machine()
-assert server.PopenRPCServerState, "tvm.rpc.server.PopenRPCServerState missing"
+assert server._listen_loop, "tvm.rpc.server._listen_loop missing"
 print("  tvm", tvm.__version__, "numpy", numpy.__version__, "on", platform.machine())'
   touch "$DIR/.smoke-done"
 fi
