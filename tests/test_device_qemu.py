@@ -42,7 +42,7 @@ def phone(tmp_path_factory):
             time.sleep(0.5)
         endpoint = "127.0.0.1:9600"
         try:  # one whole session before the tests, so a phone that accepts but never serves fails here, by name
-            RemoteSession(endpoint, reconnect_for=0).close()
+            RemoteSession(endpoint).close()
         except DeviceLost as err:
             pytest.fail(f"the stand-in phone does not serve sessions ({err}); its log:\n{log.read_text()}")
         yield endpoint, log
