@@ -41,8 +41,8 @@ demo: setup
 	$(BIN)/elastilm eval --build $(OUT)/host-cpu --levels 0.5,1.0 --limit 20 --out $(OUT)/eval-demo
 	$(BIN)/elastilm train-tlm $(OUT) --passages $(TLM_PASSAGES) --essays $(TLM_PASSAGES) --grid-questions $(TLM_QUESTIONS) --epochs 1
 	$(BIN)/elastilm compile $(OUT) --target host-cpu --quant $(QUANT)
-	$(BIN)/elastilm run --build $(OUT)/host-cpu --slo-ttft 0.8 --slo-tpot 1.0 --max-new-tokens 32 \
-	  --context data/demo/trip-notes.txt "Which bag should I take?"
+	$(BIN)/elastilm run --build $(OUT)/host-cpu --slo-ttft 0.6 --slo-tpot 1.2 --max-new-tokens 32 \
+	  --context data/demo/trip-notes.txt "What time does the train to Lakeside leave on Friday?"
 	$(BIN)/elastilm eval-slo --build $(OUT)/host-cpu --limit $(TLM_QUESTIONS) --out $(OUT)/eval-slo-demo
 	$(BIN)/elastilm package $(OUT)/host-cpu --out dist/bundle-host
 

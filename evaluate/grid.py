@@ -7,8 +7,9 @@ whole), compressed by the TLM's score head to the ratio of the whole prompt (run
 the harness (per-character option log-likelihood, calibrated for DroidTask) with the level's recovery adapter.
 
 grid.csv rows: task, part, id, ratio, level, tokens (prompt after compression), original (before), correct, build
-(formats/build.build_id of the build that answered). A rerun skips what that build has already answered, so runs
-resume; a torn last row is dropped (formats/files.resumable_rows).
+(answered_by: formats/build.build_id of the build that answered and the compressor's version). A rerun skips what
+that build has already answered with this compressor, so runs resume; a torn last row is dropped
+(formats/files.resumable_rows).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from elastilm.evaluate import harness, tasks
 from elastilm.formats import build as build_file
 from elastilm.formats.files import resumable_rows
+from elastilm.runtime_py import compress as compressor
 from elastilm.runtime_py.compress import Part, compress
 
 FIELDS = ("task", "part", "id", "ratio", "level", "tokens", "original", "correct", "build")
@@ -35,8 +37,14 @@ def questions(task: str, part: str, limit: int | None) -> list[tasks.Item]:
     return items[:limit]
 
 
+def answered_by(folder: Path) -> str:
+    """The key of the rows a build answers: its build_id and the compressor's version, since both decide the
+    prompt each row was answered from."""
+    return f"{build_file.build_id(folder)}-c{compressor.VERSION}"
+
+
 def read(path: Path, build: str) -> list[dict]:
-    """The rows of `build` (its build_id)."""
+    """The rows of `build` (answered_by)."""
     return [
         {
             **r,
@@ -59,7 +67,7 @@ def run_grid(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    build = build_file.build_id(engine.folder)
+    build = answered_by(engine.folder)
     done = {(r["task"], r["part"], r["id"], r["ratio"], r["level"]) for r in read(out, build)}
     work = [(t, it) for t in task_names for it in questions(t, part, limit)]
     bar = tqdm(total=len(work) * len(ratios) * len(levels), desc=f"grid {part}", unit="run", disable=not progress)
@@ -76,7 +84,13 @@ def run_grid(
                 bar.update(len(levels) - len(todo))
                 if not todo:
                     continue
-                c = compress([Part(prefix), Part(it.question, compress=False)], ratio, tlm, engine.tokenizer)
+                c = compress(
+                    [Part(prefix), Part(it.question, compress=False)],
+                    ratio,
+                    tlm,
+                    engine.tokenizer,
+                    question=it.question,
+                )
                 kept = c.ids[: len(c.ids) - len(question)]
                 for lv in todo:
                     if kept:

@@ -5,9 +5,9 @@ simulated request (evaluate/simulate.py) gets the very answer the service would 
 A plan is (prompt ratio, level, layers dropped): each of the TLM's ratios at each level, and at ratio 1.0 and
 level 1.0 each layer-drop variant of the latency profile. outcomes.csv rows: app, id, ratio, level, dropped,
 tokens (the prompt after compression), original (before), choice (the best option), correct, score_ms (the time
-the options took to score: the service spends it after a request's generated tokens), build (formats/build.build_id
-of the build that answered). A rerun skips what that build has answered, so runs resume; a torn last row is
-dropped (formats/files.resumable_rows).
+the options took to score: the service spends it after a request's generated tokens), build (grid.answered_by:
+the build and the compressor that answered). A rerun skips what they have answered, so runs resume; a torn last
+row is dropped (formats/files.resumable_rows).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elastilm.evaluate import trace
-from elastilm.formats import build as build_file
+from elastilm.evaluate import grid, trace
 from elastilm.formats.files import resumable_rows
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.serve.protocol import CompletionRequest
@@ -78,7 +77,7 @@ def fill(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    build = build_file.build_id(orch.engine.folder)
+    build = grid.answered_by(orch.engine.folder)
     have = read(out, build)
     questions = {(r.app.name, r.item.id): r for r in requests}
     wanted = keys if keys is not None else [(*q, *p, "") for p in plans(orch) for q in questions]
@@ -95,7 +94,7 @@ def fill(
             r = questions[(app, qid)]
             request = request_of(r, variant, body)
             parts = orch.parts(request.query, request.context, request.chat)
-            c = orch.compress(parts, ratio, request.strategy)
+            c = orch.compress(parts, ratio, request.strategy, request.query)
             for level, dropped in todo:
                 plan = planner.Plan(ratio, level, c.achieved, 0.0, 0.0, 0.0, True, "grid", dropped)
                 start = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from elastilm.evaluate import outcomes, trace
-from elastilm.formats import build as build_file
+from elastilm.evaluate.grid import answered_by
 from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
 from elastilm.runtime_py.serve.protocol import CompletionRequest
@@ -217,7 +217,7 @@ def simulate(
     from tqdm import tqdm
 
     body = body or trace.request_body
-    grid = outcomes.read(grid_path, build_file.build_id(orch.engine.folder))
+    grid = outcomes.read(grid_path, answered_by(orch.engine.folder))
     while True:
         orch.calibration = planner.Calibration()
         rng = np.random.default_rng(draw_seed)

@@ -7,7 +7,15 @@ each TLM token's keep probability is spread over the words (whitespace-separated
 score is the mean over its TLM tokens, and each LLM token takes the score of the word it lies in (the best one
 if it spans several; a whitespace token, the score of the word after it). The kept LLM tokens are the top ones by score,
 ties to the earlier token, so the budget is met exactly and whole words go together except at the margin.
-Forced tokens (digits, or any text in `force`) score above everything and go first.
+Forced tokens (any text in `force`, and digits when no question is given) score above everything and go first.
+
+Given the user's question, the compression is question-aware, a lexical form of LongLLMLingua's coarse step: each
+sentence of the context gains one point per question term it holds (a term is a Porter-stemmed question word of
+three or more letters; a term found in more than half of the sentences, like "the", counts for none), so the
+sentences that share the question's words go before every other one and the TLM's scores (keep probabilities,
+below one) order the tokens within each tier. A context sentence saying which bag to take survives a ratio that
+would drop it for "Which bag should I take?". The question's sentences then bring their own numbers: forcing every
+digit of a context that holds seven clock times keeps all seven and drops the words that tell them apart.
 """
 
 from __future__ import annotations
@@ -16,9 +24,16 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from nltk.stem import PorterStemmer  # imported with the module: its 0.2 s is not the first request's
 
+# raised whenever the same prompt and ratio would keep other tokens: grids of answers record it (evaluate/grid.py)
+VERSION = 2  # 2: question-aware, digits forced only without a question
 WORD = re.compile(r"\S+")
 DIGIT = re.compile(r"\d")
+TERM = re.compile(r"[A-Za-z]{3,}")
+# a sentence ends at . ! or ? followed by whitespace, or at a blank line (hard-wrapped lines stay one sentence)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+STEM = PorterStemmer().stem
 
 
 class Recency:
@@ -88,6 +103,31 @@ def forced(text: str, offsets: list[tuple[int, int]], keep_digits: bool, force: 
     return out
 
 
+def sentences(text: str) -> list[tuple[int, int]]:
+    """Character spans of the sentences of `text` (SENTENCE_END), blank ones left out."""
+    out, start = [], 0
+    for m in SENTENCE_END.finditer(text + "\n\n"):
+        if text[start : m.start()].strip():
+            out.append((start, m.start()))
+        start = m.end()
+    return out
+
+
+def terms(text: str) -> set[str]:
+    """The stemmed words of three or more letters in `text`."""
+    return {STEM(w.lower()) for w in TERM.findall(text)}
+
+
+def relevance(text: str, question: str) -> list[tuple[int, int, float]]:
+    """(start, end, points) of each sentence of `text`: how many of the question's terms it holds, leaving out
+    terms that more than half of the sentences hold."""
+    spans = sentences(text)
+    held = [terms(text[a:b]) for a, b in spans]
+    asked = terms(question)
+    common = {t for t in asked if sum(t in h for h in held) > max(1, len(spans) // 2)}
+    return [(a, b, float(len(h & (asked - common)))) for (a, b), h in zip(spans, held)]
+
+
 def select(scores: np.ndarray, must: np.ndarray, keep: int) -> np.ndarray:
     """Indices (ascending) of the `keep` best tokens: forced ones first, then by score, ties to the earlier."""
     key = np.where(must, np.inf, scores)
@@ -96,10 +136,18 @@ def select(scores: np.ndarray, must: np.ndarray, keep: int) -> np.ndarray:
 
 
 def compress(
-    parts: list[Part], ratio: float, tlm, tokenizer, keep_digits: bool = True, force: tuple[str, ...] = ()
+    parts: list[Part],
+    ratio: float,
+    tlm,
+    tokenizer,
+    keep_digits: bool | None = None,
+    force: tuple[str, ...] = (),
+    question: str = "",
 ) -> Compressed:
     """Compress `parts` to `ratio` of their LLM tokens. `tlm`: a runtime.tlm.TLMBase (token_scores);
-    `tokenizer`: the LLM's `tokenizers.Tokenizer`."""
+    `tokenizer`: the LLM's `tokenizers.Tokenizer`; `question`: the user's question, whose words lift the context
+    sentences that hold them (empty: the TLM's scores alone); `keep_digits`: force every token with a digit
+    (None: only without a question)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
     encoded = [tokenizer.encode(p.text, add_special_tokens=False) for p in parts]
@@ -110,11 +158,16 @@ def compress(
     budget = max(0, requested - fixed)
     if budget >= sum(len(e.ids) for _, e in free):
         return Compressed([i for e in encoded for i in e.ids], original, requested, original)
+    if keep_digits is None:
+        keep_digits = not question
     # one selection over all compressible parts, so the budget goes where the scores are highest
     scores, must, owner = [], [], []
     for k, (p, e) in enumerate(free):
         words = word_scores(p.text, tlm.token_scores(p.text)) if p.text.strip() else []
-        scores.append(llm_token_scores(p.text, e.offsets, words))
+        score = llm_token_scores(p.text, e.offsets, words)
+        if question:
+            score += np.maximum(llm_token_scores(p.text, e.offsets, relevance(p.text, question)), 0)
+        scores.append(score)
         must.append(forced(p.text, e.offsets, keep_digits, force))
         owner += [(k, j) for j in range(len(e.ids))]
     kept = select(np.concatenate(scores), np.concatenate(must), budget)

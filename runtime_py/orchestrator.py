@@ -115,6 +115,7 @@ class Orchestrator:
         if missing:
             raise ElastiLMError(f"{build}: the TLM plans levels {missing} that the model does not have; retrain it")
         self.cost = self.tlm.measure_cost()
+        self.parts("warm up", "a context")  # compiles the chat template (18 ms here), which no request should pay
         # what this process measures against the profile (planner.Calibration); calibrate=False keeps the profile
         self.calibration = planner.Calibration()
         self.calibrate = calibrate
@@ -201,11 +202,11 @@ class Orchestrator:
         parts = self.parts(request.query, request.context, request.chat)
         try:
             p, budgets = self.plan(request, parts)
-            c = self.compress(parts, p.ratio, request.strategy)
+            c = self.compress(parts, p.ratio, request.strategy, request.query)
         except DeviceLost:  # the device went away between requests: nothing ran yet, so reconnect and plan again
             self.engine.session.connect()
             p, budgets = self.plan(request, parts)
-            c = self.compress(parts, p.ratio, request.strategy)
+            c = self.compress(parts, p.ratio, request.strategy, request.query)
         answer = Answer("", p, c, budgets, scale=scale)
         times: list[float] = []
 
@@ -232,10 +233,11 @@ class Orchestrator:
             answer.choice = int(np.argmax(answer.option_scores))
         yield answer
 
-    def compress(self, parts: list[Part], ratio: float, strategy: str) -> Compressed:
-        """`parts` compressed to `ratio` by the TLM's scores (by position for the score head's ablation)."""
+    def compress(self, parts: list[Part], ratio: float, strategy: str, question: str = "") -> Compressed:
+        """`parts` compressed to `ratio` by the TLM's scores (by position for the score head's ablation), the
+        context sentences that share words with `question` (the user's query) first."""
         scorer = self.tlm if planner.STRATEGIES[strategy].scores else Recency()
-        return compress(parts, ratio, scorer, self.engine.tokenizer)
+        return compress(parts, ratio, scorer, self.engine.tokenizer, question=question)
 
     def model(self, plan: planner.Plan, strategy: str) -> ElasticEngine:
         """The engine that runs `plan`: a layer-drop variant for the layer-dropping baseline, the levels without

@@ -785,7 +785,7 @@ def test_the_simulator_reproduces_a_hand_computed_trace(built, tmp_path):
     import csv
 
     from elastilm.evaluate import outcomes, simulate, tasks, trace, trace_report
-    from elastilm.formats.build import build_id
+    from elastilm.evaluate.grid import answered_by
 
     apps = {a.name: a for a in trace.APPS}
     item = lambda i: tasks.Item(f"q{i}", "", ("a", "b"), 1)  # noqa: E731
@@ -804,7 +804,7 @@ def test_the_simulator_reproduces_a_hand_computed_trace(built, tmp_path):
             for ratio, lv, dropped in outcomes.plans(built):
                 w.writerow(
                     dict(app=r.app.name, id=r.item.id, ratio=ratio, level=lv, dropped=dropped, tokens=0, original=0,
-                         choice=int(lv >= 0.5), correct=int(lv >= 0.5), score_ms=5.0, build=build_id(built.engine.folder))
+                         choice=int(lv >= 0.5), correct=int(lv >= 0.5), score_ms=5.0, build=answered_by(built.engine.folder))
                 )  # fmt: skip
     scatter = simulate.Scatter.constant(0.99, 0.99)
     runs = [(0.0, s) for s in ("full", "model-only", "smallest")]

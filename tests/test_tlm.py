@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from elastilm.evaluate import tasks
 from elastilm.formats import tlm as tlm_file
 from elastilm.formats.errors import ElastiLMError
 from elastilm.runtime_py import planner
-from elastilm.runtime_py.compress import WORD, Part, compress
+from elastilm.runtime_py.compress import WORD, Part, compress, relevance
 from elastilm.train import train_tlm
 
 LEVELS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -112,6 +113,61 @@ def test_digits_and_forced_text_stay(llm_tokenizer, torch_tlm):
     assert kept.count("Answer:") == 3 and kept.count("4512") == 3
     plain = compress([Part(context), Part("When?", compress=False)], 0.2, torch_tlm, llm_tokenizer, keep_digits=False)
     assert plain.achieved == plain.requested  # forced tokens are never a reason to miss the budget
+
+
+def test_sentence_relevance_counts_the_questions_terms_by_hand():
+    """Terms are stemmed ("dogs" is "dog"); "the" is in 3 of 4 sentences, more than half, so it counts for none;
+    "saw" is in none; a blank line ends a sentence, a single line break does not."""
+    text = "The cat sat. The dogs\nbarked at the cat! A dog ran.\n\nThe end"
+    points = relevance(text, "Which dog saw the cat?")
+    assert [text[a:b] for a, b, _ in points] == [
+        "The cat sat.",
+        "The dogs\nbarked at the cat!",
+        "A dog ran.",
+        "The end",
+    ]
+    assert [p for _, _, p in points] == [1.0, 2.0, 1.0, 0.0]
+
+
+class LowOn:
+    """Scores 0.9 for every word but those of `sentence`, 0.01 there: the TLM alone drops that sentence first."""
+
+    def __init__(self, text, sentence):
+        self.a = text.index(sentence)
+        self.b = self.a + len(sentence)
+
+    def token_scores(self, text):
+        return [(m.start(), m.end(), 0.01 if self.a <= m.start() < self.b else 0.9) for m in WORD.finditer(text)]
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.3])
+def test_the_question_keeps_the_sentence_that_answers_it(ratio, llm_tokenizer):
+    """The demo's trip notes: the sentence on which bag to take scores lowest, so the TLM's scores alone drop it;
+    with the question it is kept word for word, the budget is still met exactly and the query stays whole."""
+    context = (Path(__file__).parents[1] / "data/demo/trip-notes.txt").read_text()
+    answer = "Take the small blue bag, not the big suitcase, because"
+    question = "Which bag should I take?"
+    parts = [Part(context), Part(question, compress=False)]
+    scorer = LowOn(context, answer)
+    q = llm_tokenizer.encode(question, add_special_tokens=False).ids
+    plain = compress(parts, ratio, scorer, llm_tokenizer)
+    aware = compress(parts, ratio, scorer, llm_tokenizer, question=question)
+    assert "small blue" not in llm_tokenizer.decode(plain.ids)
+    assert answer in llm_tokenizer.decode(aware.ids)
+    assert aware.achieved == aware.requested == plain.achieved and aware.ids[-len(q) :] == q
+
+
+def test_a_question_keeps_its_sentences_numbers_not_every_number(llm_tokenizer):
+    """Without a question every clock time of the notes is forced in; with one, the times of the sentences that
+    share no term with it go (the train home at 16:15) and the question's sentence stays whole."""
+    context = (Path(__file__).parents[1] / "data/demo/trip-notes.txt").read_text()
+    question = "When does the boat tour start?"
+    parts = [Part(context), Part(question, compress=False)]
+    scorer = LowOn(context, "The boat tour starts at 11:00 at the north pier")
+    plain = llm_tokenizer.decode(compress(parts, 0.3, scorer, llm_tokenizer).ids)
+    aware = llm_tokenizer.decode(compress(parts, 0.3, scorer, llm_tokenizer, question=question).ids)
+    assert "1615" in plain.replace(":", "") and "1615" not in aware.replace(":", "")
+    assert "The boat tour starts at 11:00 at the north pier" in aware
 
 
 def test_no_compressible_text_or_ratio_one_keeps_everything(llm_tokenizer, torch_tlm):
@@ -275,7 +331,7 @@ def test_orchestrator_plans_compresses_and_generates(tmp_path_factory):
     p = answer.plan
     assert p.tpot_ms <= 0.9 * (1 + max(levels)) + 1e-9 or not p.feasible
     assert answer.compressed.achieved == len(answer.compressed.ids)
-    expected = compress(parts, p.ratio, orch.tlm, orch.engine.tokenizer)
+    expected = compress(parts, p.ratio, orch.tlm, orch.engine.tokenizer, question="w5 w6 w7")
     assert answer.compressed.ids == expected.ids
     engine = ElasticEngine(out)
     want = list(engine.generate_ids(expected.ids, p.level, 4))
