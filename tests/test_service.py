@@ -315,7 +315,7 @@ def test_multiple_choice_and_baseline_strategies(server, built):
     assert r.status_code == 200, r.text
     ext = r.json()["elastilm"]
     parts = built.parts("w5 w6", body["context"], chat=False)
-    c = compress(parts, ext["prompt_ratio"], built.tlm, built.engine.tokenizer)
+    c = compress(parts, ext["prompt_ratio"], built.tlm, built.engine.tokenizer, question="w5 w6")
     enc = built.engine.encode
     opts = [enc(o) for o in body["options"]]
     chars = [len(o) for o in body["options"]]
