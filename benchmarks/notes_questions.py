@@ -21,6 +21,7 @@ QUESTIONS = {  # question -> words the right answer holds
     "What time is dinner booked at the Harbour Kitchen?": "20:00",
     "When does the hotel sauna close?": "22:00",
 }
+HOW = ("TLM scores, digits forced", "question-aware")
 
 
 def main() -> None:
@@ -39,18 +40,13 @@ def main() -> None:
     for question, fact in QUESTIONS.items():
         parts = orch.parts(question, notes)
         for ratio in orch.tlm.ratios:
-            for how, asked in (("TLM scores, digits forced", ""), ("question-aware", question)):
-                c = compress(
-                    parts, ratio, orch.tlm, engine.tokenizer, keep_digits=True if not asked else None, question=asked
-                )
+            for how, asked in zip(HOW, ("", question)):  # no question: digits forced, as compress() does then
+                c = compress(parts, ratio, orch.tlm, engine.tokenizer, question=asked)
                 answer = engine.tokenizer.decode(list(engine.generate_ids(c.ids, args.level, 32)))
                 rows.append((question, ratio, how, fact in answer, answer.split("\n")[0][:90]))
     table = [f"| question | ratio | compression | right | answer at level {args.level:g} |", "|---|---|---|---|---|"]
     table += [f"| {q} | {r:g} | {how} | {'yes' if ok else 'no'} | {a} |" for q, r, how, ok, a in rows]
-    right = {
-        how: [sum(ok for _, rr, h, ok, _ in rows if rr == r and h == how) for r in orch.tlm.ratios]
-        for how in ("TLM scores, digits forced", "question-aware")
-    }
+    right = {how: [sum(ok for _, rr, h, ok, _ in rows if rr == r and h == how) for r in orch.tlm.ratios] for how in HOW}
     table += [""] + [
         f"{how}: right answers out of {len(QUESTIONS)} by ratio: "
         + ", ".join(f"{r:g}: {n}" for r, n in zip(orch.tlm.ratios, counts))
