@@ -2,6 +2,9 @@
 instrument hook (its own cost, about 1 us per call, included), at one level after a prompt of a given length.
 
     python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 1.0 --past 256 --tokens 32
+    python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 1.0 --past 256 --prefill
+
+With `--prefill`, the kernels of one prefill of `--past` tokens instead (rows in ms per prefill).
 
 Kernels are grouped by name without their numeric suffix (q_proj1, q_proj2 ... -> q_proj; kernels the compiler
 found identical share one name, e.g. gate_proj serves up_proj too); VM built-ins (shape checks, allocation) are
@@ -30,7 +33,10 @@ def main() -> None:
     parser.add_argument("--level", type=float, default=1.0)
     parser.add_argument("--past", type=int, default=256, help="positions in the cache before the decoded tokens")
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens measured")
+    parser.add_argument("--prefill", action="store_true", help="time one prefill of --past tokens instead")
     args = parser.parse_args()
+    if args.prefill:
+        args.tokens = 1
     engine = ElasticEngine(args.build)
     prompt = engine.encode("The quick brown fox jumps over the lazy dog. " * 200)[: args.past]
     engine.prefill(prompt, args.level)
@@ -56,17 +62,25 @@ def main() -> None:
 
     engine.prefill(prompt, args.level)
     engine.vm.set_instrument(instrument)
-    for i in range(args.tokens):
-        engine.decode(prompt[i], args.past + i, args.level)
+    if args.prefill:
+        engine.prefill(prompt, args.level)
+    else:
+        for i in range(args.tokens):
+            engine.decode(prompt[i], args.past + i, args.level)
     engine.vm.set_instrument(None)
-    print(f"{args.build}: level {args.level:g}, after {args.past} positions, {args.tokens} tokens")
-    print("| kernel | ms per token | calls per token |\n|---|---:|---:|")
+    what = (
+        f"one prefill of {args.past} tokens" if args.prefill else f"after {args.past} positions, {args.tokens} tokens"
+    )
+    print(f"{args.build}: level {args.level:g}, {what}")
+    per = "prefill" if args.prefill else "token"
+    print(f"| kernel | ms per {per} | calls per {per} |\n|---|---:|---:|")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {t / args.tokens * 1e3:.3f} | {calls[name] / args.tokens:.0f} |")
     print(
         f"| all (hooked) | {sum(totals.values()) / args.tokens * 1e3:.3f} | {sum(calls.values()) / args.tokens:.0f} |"
     )
-    print(f"wall-clock TPOT without the hook: {wall:.3f} ms")
+    if not args.prefill:
+        print(f"wall-clock TPOT without the hook: {wall:.3f} ms")
     engine.close()
 
 

@@ -164,6 +164,11 @@ class _Decoder(nn.Module):
         self.norm = _Norm(cfg.hidden_size)
 
 
+def _one_token(x) -> bool:
+    """Whether the Relax tensor x (T, ...) holds one token: decode's static extent."""
+    return isinstance(x.shape[0], int) and x.shape[0] == 1  # prefill: a symbolic seq_len
+
+
 def _te(fn, name, *args):
     """One TE operator as a Relax call. Symbolic scalars (e.g. `past`) must be arguments, not closure variables,
     so that they become arguments of the generated kernel; None arguments (absent biases) are dropped."""
@@ -191,12 +196,24 @@ class ElasticRelaxModel(nn.Module):
         skip connection, added in the projection's kernel), rotated if `rope` (the forward's `rope_table`, or
         the past positions where the rotation is a kernel of its own) is given."""
         name = projection.split(".")[-1]  # the kernel's block name, e.g. "up_proj" (elastic_ops/blocks.py)
-        assert name in blocks.LINEAR, name
-        fmt = lin.fmt
         fused = self.shape.fuse_epilogues
-        a, bt = lora[projection] if fused else (None, None)  # else kernels of their own, below
-        table = rope if fused else None
+        compute, args = self._projection(lin, projection, lora, rows, residual, rope if fused else None)
+        y = _te(compute, name, x, *args)
+        if fused:
+            return y
+        y = _te(prefix.lora_prefix, "lora", x, y, *lora[projection])  # else kernels of their own
+        if rope is None:
+            return y
         hd = self.cfg.head_dim
+        return _te(lambda t, p: prefix.rope(t, p, self.cfg.rope_theta, hd), "rope", y, rope)
+
+    def _projection(self, lin: _Linear, projection: str, lora, rows, residual=None, table=None):
+        """The TE operator of one projection (`_linear`) and its tensor arguments after x: a function of (x,
+        *arguments), arguments that are None (no bias, no residual, an adapter outside the kernel) included."""
+        name = projection.split(".")[-1]
+        assert name in blocks.LINEAR, name
+        fmt, hd = lin.fmt, self.cfg.head_dim
+        a, bt = lora[projection] if self.shape.fuse_epilogues else (None, None)
 
         def adapter(a, bt):
             return None if a is None else (a, bt)
@@ -205,30 +222,78 @@ class ElasticRelaxModel(nn.Module):
             return None if table is None else (table, hd)
 
         if fmt is not None:
-            y = _te(
+            return (
                 lambda x, q, scale, mn, b, a, bt, res, tab: prefix.prefix_matmul_q(
                     x, q, scale, fmt, rows, b, name, adapter(a, bt), mn, res, rotation(tab)
                 ),
-                name,
-                *(x, *lin.quantized(), lin.bias, a, bt, residual, table),
+                (*lin.quantized(), lin.bias, a, bt, residual, table),
             )
-        else:
-            y = _te(
-                lambda x, w, b, a, bt, res, tab: prefix.prefix_matmul(
-                    x, w, rows, b, name, adapter(a, bt), res, rotation(tab)
-                ),
-                name,
-                *(x, lin.weight, lin.bias, a, bt, residual, table),
-            )
-        if fused:
-            return y
-        y = _te(prefix.lora_prefix, "lora", x, y, *lora[projection])
-        if rope is None:
-            return y
-        return _te(lambda t, p: prefix.rope(t, p, self.cfg.rope_theta, hd), "rope", y, rope)
+        return (
+            lambda x, w, b, a, bt, res, tab: prefix.prefix_matmul(
+                x, w, rows, b, name, adapter(a, bt), res, rotation(tab)
+            ),
+            (lin.weight, lin.bias, a, bt, residual, table),
+        )
+
+    def _gated(self, x, norm: _Norm, mlp: _MLP, lora, neurons):
+        """silu(gate(h)) * up(h), (T, neurons), h = norm(x): with fused epilogues one kernel (the norm in its
+        prologue; one token computes a strip of gate and of up in one parallel task and multiplies them there),
+        else five."""
+        if not self.shape.fuse_epilogues:
+            h = self._norm(x, norm)
+            gate = self._linear(h, mlp.gate_proj, "mlp.gate_proj", lora, neurons)
+            up = self._linear(h, mlp.up_proj, "mlp.up_proj", lora, neurons)
+            return _te(prefix.silu_mul, "silu_mul", gate, up)
+        gate, gate_args = self._projection(mlp.gate_proj, "mlp.gate_proj", lora, neurons)
+        up, up_args = self._projection(mlp.up_proj, "mlp.up_proj", lora, neurons)
+        n = len(gate_args)
+
+        def compute(x, w, *ts):
+            h = self._rms_norm(x, w)
+            return prefix.silu_mul(gate(h, *ts[:n]), up(h, *ts[n:]))
+
+        return _te(compute, "gated_mlp", *self._prologue(x, norm), *gate_args, *up_args)
+
+    def _attention_inputs(self, x, norm: _Norm, attn: _Attention, lora, heads, rope):
+        """q (rotated), k (rotated) and v of h = norm(x): with fused epilogues two kernels, the norm in the
+        prologue of each (q; k and v, whose tiles one token computes in one parallel loop), else seven."""
+        hd = self.cfg.head_dim
+        if not self.shape.fuse_epilogues:
+            h = self._norm(x, norm)
+            q = self._linear(h, attn.q_proj, "self_attn.q_proj", lora, heads * hd, rope=rope)
+            k = self._linear(h, attn.k_proj, "self_attn.k_proj", lora, rope=rope)
+            return q, k, self._linear(h, attn.v_proj, "self_attn.v_proj", lora)
+        to_q, q_args = self._projection(attn.q_proj, "self_attn.q_proj", lora, heads * hd, table=rope)
+        to_k, k_args = self._projection(attn.k_proj, "self_attn.k_proj", lora, None, table=rope)
+        to_v, v_args = self._projection(attn.v_proj, "self_attn.v_proj", lora, None)
+        n = len(k_args)
+
+        def vk(x, w, *ts):  # v first: k's rotation must follow the loop that computes both (schedule_cpu._after)
+            h = self._rms_norm(x, w)
+            return [to_v(h, *ts[n:]), to_k(h, *ts[:n])]
+
+        x, w = self._prologue(x, norm)
+        q = _te(lambda x, w, *ts: to_q(self._rms_norm(x, w), *ts), "norm_q_proj", x, w, *q_args)
+        if w is None:  # several tokens: k and v apart (a kernel with two outputs made every prefill kernel slower)
+            return q, _te(to_k, "k_proj", x, *k_args), _te(to_v, "v_proj", x, *v_args)
+        v, k = _te(vk, "norm_kv_proj", x, w, *k_args, *v_args)
+        return q, k, v
+
+    def _prologue(self, x, norm: _Norm):
+        """(x, the norm's weight) for kernels that normalise their own input, one token (decode: three kernel
+        calls fewer per layer); several tokens get (norm(x), None) from a kernel of its own, which q, k and v read
+        (in a prefill, k and v are kernels of their own: returning both from one kernel made every kernel of a
+        SmolLM2 prefill about 2.7x slower, not only that one; docs/results-quantization.md)."""
+        if _one_token(x):
+            return x, norm.weight
+        return self._norm(x, norm), None
+
+    def _rms_norm(self, x, w):
+        """RMSNorm of x with weight w, or x where w is None (normalised already, `_prologue`)."""
+        return x if w is None else prefix.rms_norm(x, w, self.cfg.rms_norm_eps)
 
     def _norm(self, x, norm: _Norm):
-        return _te(lambda x, w: prefix.rms_norm(x, w, self.cfg.rms_norm_eps), "rms_norm", x, norm.weight)
+        return _te(self._rms_norm, "rms_norm", x, norm.weight)
 
     def _layer(self, layer: _Layer, x, k_cache, v_cache, lora, past, rope, heads, neurons):
         """One decoder layer; `lora` maps a projection (e.g. "mlp.up_proj") to its adapter (A, B^T); `rope` is
@@ -236,10 +301,8 @@ class ElasticRelaxModel(nn.Module):
         cfg, hd = self.cfg, self.cfg.head_dim
         a, m = layer.self_attn, layer.mlp
         group = None if cfg.kv_head_map == "interleaved" else cfg.group_size
-        h = self._norm(x, layer.input_layernorm)  # (T, d)
-        q = self._linear(h, a.q_proj, "self_attn.q_proj", lora, heads * hd, rope=rope)  # (T, heads*hd), rotated
-        k = self._linear(h, a.k_proj, "self_attn.k_proj", lora, rope=rope)  # (T, n_kv*hd), rotated
-        v = self._linear(h, a.v_proj, "self_attn.v_proj", lora)
+        # (T, heads*hd) rotated, (T, n_kv*hd) rotated, (T, n_kv*hd)
+        q, k, v = self._attention_inputs(x, layer.input_layernorm, a, lora, heads, rope)
         k_cache = op.tensor_ir_inplace_op(kv_append_transposed, "kv_append_t", [k_cache, k, past], [0], k_cache)
         v_cache = op.tensor_ir_inplace_op(kv_append, "kv_append", [v_cache, v, past], [0], v_cache)
         y = _te(
@@ -251,10 +314,7 @@ class ElasticRelaxModel(nn.Module):
             past,
         )  # (T, heads*hd)
         x = self._linear(y, a.o_proj, "self_attn.o_proj", lora, residual=x)  # (T, d)
-        h = self._norm(x, layer.post_attention_layernorm)
-        gate = self._linear(h, m.gate_proj, "mlp.gate_proj", lora, neurons)  # (T, neurons)
-        up = self._linear(h, m.up_proj, "mlp.up_proj", lora, neurons)
-        act = _te(prefix.silu_mul, "silu_mul", gate, up)
+        act = self._gated(x, layer.post_attention_layernorm, m, lora, neurons)  # (T, neurons)
         x = self._linear(act, m.down_proj, "mlp.down_proj", lora, residual=x)  # (T, d)
         return x, k_cache, v_cache
 

@@ -22,3 +22,9 @@ FAST_EXP = "T_fast_exp"  # the name topi.fast_exp gives its block
 # a level's LoRA update on a projection: x @ A^T, then @ B^T, added to the projection's output
 LORA_A, LORA_B, LORA_OUT = "lora_a", "lora_b", "lora_out"
 ELEMENTWISE = (RMS_NORM, ROPE, SILU_MUL, LAST)
+
+
+def of(owner: str, block: str) -> str:
+    """The name of a matmul's helper block (QPART, QXSUM, DEQUANT, LORA_A, LORA_B), e.g. "up_proj_qpart": one
+    kernel may hold two matmuls (gate and up, `prefix.gated_mlp`), and each schedule finds its own helpers."""
+    return f"{owner}_{block}"

@@ -54,7 +54,7 @@ def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora,
         terms.append(lambda t, i: bias[i])
     if lora is not None:
         a, bt = lora
-        up = _lora_up(_lora_down(x, a), bt, T, y.shape)
+        up = _lora_up(_lora_down(x, a, name), bt, T, y.shape, name)
         terms.append(lambda t, i: _lora_term(up, bt, t, i))
     if residual is not None:
         terms.append(lambda t, i: residual[t, i])
@@ -80,7 +80,7 @@ def _output(x: te.Tensor, y: te.Tensor, bias: te.Tensor | None, name: str, lora,
     return te.compute((T, rows), rotated, name=name + blocks.ROTATED)
 
 
-def _lora_up(down: te.Tensor, bt: te.Tensor, T, shape):
+def _lora_up(down: te.Tensor, bt: te.Tensor, T, shape, owner: str):
     """down @ B^T: (T_blocks, rows), rows t >= T (prefill padding) repeating the last token. Bt (M / strip, r,
     strip) holds each strip's r x strip block in one piece, so that a projection kernel's strip reads its share of
     the adapter in one stream (B^T as (r, M) would be r short reads M apart, each a cache miss). At rank 0 the
@@ -91,7 +91,7 @@ def _lora_up(down: te.Tensor, bt: te.Tensor, T, shape):
     return te.compute(
         shape,
         lambda t, i: te.sum(down[tirx.min(t, T - 1), j] * as_f32(bt[i // strip, j, i % strip]), axis=j),
-        name=blocks.LORA_B,
+        name=blocks.of(owner, blocks.LORA_B),
     )
 
 
@@ -100,11 +100,13 @@ def _lora_term(up: te.Tensor, bt: te.Tensor, t, i):
     return tirx.if_then_else(bt.shape[1] > 0, up[t, i], tirx.const(0.0, "float32"))
 
 
-def _lora_down(x: te.Tensor, a: te.Tensor):
+def _lora_down(x: te.Tensor, a: te.Tensor, owner: str):
     """x @ A[:, :K_active]^T: (T, r)."""
     T, K_active = x.shape
     k = te.reduce_axis((0, K_active), "k")
-    return te.compute((T, a.shape[0]), lambda t, j: te.sum(x[t, k] * as_f32(a[j, k]), axis=k), name=blocks.LORA_A)
+    return te.compute(
+        (T, a.shape[0]), lambda t, j: te.sum(x[t, k] * as_f32(a[j, k]), axis=k), name=blocks.of(owner, blocks.LORA_A)
+    )
 
 
 def prefix_matmul(
@@ -169,7 +171,7 @@ def prefix_matmul_q(
         dq = te.compute(
             (n_strips, K_active, strip),
             lambda j, k, i: _weight(fmt, q, scale, minimum, j, k, i),
-            name=blocks.DEQUANT,
+            name=blocks.of(name, blocks.DEQUANT),
         )
         return _matmul_over(x, lambda i, k: dq[i // strip, k, i % strip], rows, bias, name, lora, residual, rope)
     groups = K_active // group
@@ -180,9 +182,13 @@ def prefix_matmul_q(
         field, factor = _field_in_place(q, fmt, i // strip, k, i % strip)
         return x[t, k] * factor * field
 
-    part = te.compute((T, groups, rows), lambda t, g, i: te.sum(product(t, g, i), axis=kk), name=blocks.QPART)
+    part = te.compute(
+        (T, groups, rows), lambda t, g, i: te.sum(product(t, g, i), axis=kk), name=blocks.of(name, blocks.QPART)
+    )
     kx = te.reduce_axis((0, group), "kx")
-    xsum = te.compute((T, groups), lambda t, g: te.sum(x[t, g * group + kx], axis=kx), name=blocks.QXSUM)
+    xsum = te.compute(
+        (T, groups), lambda t, g: te.sum(x[t, g * group + kx], axis=kx), name=blocks.of(name, blocks.QXSUM)
+    )
     g = te.reduce_axis((0, groups), "g")
 
     def per_group(t, i):
@@ -382,5 +388,5 @@ def lora_prefix(x: te.Tensor, y: te.Tensor, a: te.Tensor, bt: te.Tensor):
     T, _ = x.shape
     rows = y.shape[1]
     T_blocks = _token_blocks(T)
-    up = _lora_up(_lora_down(x, a), bt, T, (T_blocks, rows))
+    up = _lora_up(_lora_down(x, a, "lora"), bt, T, (T_blocks, rows), "lora")
     return te.compute((T, rows), lambda t, i: y[t, i] + _lora_term(up, bt, t, i), name=blocks.LORA_OUT)

@@ -8,6 +8,8 @@ tile leaves no remainder and the inner loop vectorises; the token axis of prefil
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.sym.analyzer import Analyzer
@@ -137,49 +139,162 @@ def _matmul(sch: s_tir.Schedule, name: str, budget: int) -> None:
     The adapter's update (prefix._output) is part of the same kernel: x @ A^T (LORA_A) once per call, then the
     rank-r product with Bt (LORA_B) tiled like y, its tile loops merged with y's so that the output block adds
     both from registers. At rank 0 (no adapter) both reductions are empty."""
-    block, out = sch.get_sblock(name), sch.get_sblock(name + "_out")
-    t, i, k = sch.get_loops(block)
-    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    if not _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):  # widths that are not whole strips (tiny models)
-        sch.parallel(sch.fuse(t, i))
+    out = sch.get_sblock(name + "_out")
+    tiles = _strip_tiles(sch, name, budget)
+    if tiles is None:  # widths that are not whole strips (tiny models)
         _parallel_vectorized(sch, out)
         return
+    _spread(sch, [name], tiles.outer)
+    sch.reverse_compute_at(out, tiles.tile)
+    sch.vectorize(sch.get_loops(out)[-1])
+    _reduce_in_registers(sch, name, tiles)
+    if name + blocks.ROTATED in _names(sch) and tiles.tokens > 1:  # q's and k's rotation (serial for one token)
+        sch.parallel(sch.get_loops(sch.get_sblock(name + blocks.ROTATED))[0])
+
+
+def _pair(sch: s_tir.Schedule, names: tuple[str, str], budget: int) -> None:
+    """Two prefix matmuls of one input in one kernel, of the same width: k and v (their outputs `<name>_out`,
+    k's rotation after them), or gate and up with silu_mul multiplying them. One token: both tiled as in
+    `_matmul`, their tile loops merged, so that one parallel loop computes a strip of each in registers (and, for
+    gate and up, multiplies them there: their output blocks are inlined into silu_mul). Several tokens: each
+    matmul as `_matmul` schedules it, then silu_mul, parallel loops one after the other in one kernel (merged,
+    two dequantized strips per task made prefill 5-7% slower)."""
+    gated = blocks.SILU_MUL in _names(sch)
+    first = sch.get_sblock(names[0])
+    if not _is_one(sch.get(sch.get_loops(first)[0]).extent):
+        for name in names:
+            _matmul(sch, name, budget)
+        if gated:
+            _parallel_vectorized(sch, sch.get_sblock(blocks.SILU_MUL))
+        return
+    tiles = [_strip_tiles(sch, name, budget) for name in names]
+    if gated:
+        for name in names:
+            sch.compute_inline(sch.get_sblock(name + "_out"))
+    outputs = [sch.get_sblock(blocks.SILU_MUL)] if gated else [sch.get_sblock(n + "_out") for n in names]
+    if tiles[0] is None:
+        for out in outputs:
+            _parallel_vectorized(sch, out, parallel=False)
+        return
+    if not gated:  # each output joins its own tiles first (placed after the merge, one got the whole width)
+        for out, t in zip(outputs, tiles):
+            sch.reverse_compute_at(out, t.outer)
+            sch.vectorize(sch.get_loops(out)[-1])
+    order = _order(sch)
+    first, second = sorted(zip(names, tiles), key=lambda pair: order.index(pair[0]))
+    outer = sch.merge(first[1].outer, second[1].outer)  # it takes the place of the later loop
+    _check_order(sch, names)
+    _spread(sch, names, outer)
+    if gated:
+        sch.reverse_compute_at(outputs[0], outer)
+        sch.vectorize(sch.get_loops(outputs[0])[-1])
+    for name, t in zip(names, tiles):
+        _reduce_in_registers(sch, name, t)
+
+
+def _order(sch: s_tir.Schedule) -> list[str]:
+    """The kernel's block names in the order they run."""
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
+def _check_order(sch: s_tir.Schedule, names) -> None:
+    """Check that two merged matmuls' helpers (x @ A^T, the input sums) run before their tiles and k's rotation
+    after them. A merged loop takes the place of the later loop merged, so what ran between the two moves with
+    it: k's rotation when the operator computes k before v (compile/export.py computes v first)."""
+    order = _order(sch)
+    start = min(order.index(n) for n in names)
+    for name in names:
+        for helper in (blocks.LORA_A, blocks.QXSUM):
+            at = [i for i, b in enumerate(order) if b.startswith(blocks.of(name, helper))]
+            if at and max(at) > start:
+                raise ValueError(f"{blocks.of(name, helper)} would run after the tiles that read it")
+        if name + blocks.ROTATED in order and order.index(name + blocks.ROTATED) < start:
+            raise ValueError(f"{name + blocks.ROTATED} would run before the tiles it reads: compute v before k")
+
+
+# the matmuls that share a kernel (compile/export.py): one input, the same width
+PAIRS = (("gate_proj", "up_proj"), ("k_proj", "v_proj"))
+
+
+def _norm(sch: s_tir.Schedule, names) -> None:
+    """An RMSNorm (sum of squares, then the scaled output), alone or in the prologue of a projection's kernel:
+    parallel, except for one token (`_one_token`)."""
+    if blocks.RMS_SUMSQ in names and not _one_token(sch, blocks.RMS_SUMSQ):
+        sch.parallel(sch.get_loops(sch.get_sblock(blocks.RMS_SUMSQ))[0])
+    if blocks.RMS_NORM in names:
+        _parallel_vectorized(sch, sch.get_sblock(blocks.RMS_NORM), not _one_token(sch, blocks.RMS_NORM))
+
+
+@dataclass
+class _Tiles:
+    """A tiled matmul's loops (`_strip_tiles`)."""
+
+    outer: s_tir.LoopRV  # over the tiles (made parallel by `_spread`)
+    tile: s_tir.LoopRV  # the loop a tile's output joins
+    k: s_tir.LoopRV  # the reduction (groups, for a quantized decode)
+    j: s_tir.LoopRV | None  # the adapter's rank reduction
+    tokens: int
+    vectors: int
+
+
+def _names(sch: s_tir.Schedule) -> set[str]:
+    return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
+def _strip_tiles(sch: s_tir.Schedule, name: str, budget: int) -> _Tiles | None:
+    """The register-tile loops of matmul `name` and of its adapter's update, merged (`_matmul`); None (and the
+    matmul parallel over its outputs) where the width is not whole strips."""
+    block = sch.get_sblock(name)
+    t, i, k = sch.get_loops(block)
+    names = _names(sch)
+    if not _divisible(sch.get(i).extent, STRIP_VECTORS * LANES):
+        sch.parallel(sch.fuse(t, i))
+        return None
     tokens = _tokens(sch, t)
     # (a quantized decode keeps a group's partial sums beside these: halving its tile for AVX2 was 10-35% slower)
     vectors = _vectors(tokens, budget)
-    dequant = blocks.DEQUANT in names
+    dequant = blocks.of(name, blocks.DEQUANT) in names
     outer, tile, k = _tile(sch, t, i, k, tokens, vectors, dequant=dequant)
-    if blocks.LORA_A in names:
-        _dot_rows(sch, blocks.LORA_A, parallel_loops=1 if tokens > 1 else 0)
-        up = sch.get_sblock(blocks.LORA_B)
+    j = None
+    if blocks.of(name, blocks.LORA_A) in names:
+        _dot_rows(sch, blocks.of(name, blocks.LORA_A), parallel_loops=1 if tokens > 1 else 0)
+        up = sch.get_sblock(blocks.of(name, blocks.LORA_B))
         up_outer, up_tile, j = _tile(sch, *sch.get_loops(up), tokens, vectors, dequant=dequant)
         outer = sch.merge(outer, up_outer)
         tile = sch.merge(tile, up_tile) if dequant else outer
         sch.set_scope(up, 0, TILE_SCOPE)
-    if dequant:
-        dq = sch.get_sblock(blocks.DEQUANT)
-        sch.compute_at(dq, outer)
-        sch.vectorize(sch.get_loops(dq)[-1])
+    return _Tiles(outer, tile, k, j, tokens, vectors)
+
+
+def _spread(sch: s_tir.Schedule, names, outer) -> None:
+    """The loop over tiles parallel, each quantized prefill's strip dequantized inside it."""
+    for name in names:
+        if blocks.of(name, blocks.DEQUANT) in _names(sch):
+            dq = sch.get_sblock(blocks.of(name, blocks.DEQUANT))
+            sch.compute_at(dq, outer)
+            sch.vectorize(sch.get_loops(dq)[-1])
     sch.parallel(outer)
-    sch.reverse_compute_at(out, tile)
-    sch.vectorize(sch.get_loops(out)[-1])
+
+
+def _reduce_in_registers(sch: s_tir.Schedule, name: str, tiles: _Tiles) -> None:
+    """The accumulators of matmul `name` (and of its group partial sums and adapter update) in tile scope, their
+    initialisation outside the reduction loops."""
+    block = sch.get_sblock(name)
     sch.set_scope(block, 0, TILE_SCOPE)
-    if blocks.QPART in names:
-        part = sch.get_sblock(blocks.QPART)
-        sch.compute_at(part, k)  # k is the group loop
+    if blocks.of(name, blocks.QPART) in _names(sch):
+        part = sch.get_sblock(blocks.of(name, blocks.QPART))
+        sch.compute_at(part, tiles.k)  # k is the group loop
         sch.set_scope(part, 0, TILE_SCOPE)
         *_, pi, pk = sch.get_loops(part)
-        pv, pl = sch.split(pi, [vectors, LANES])
+        pv, pl = sch.split(pi, [tiles.vectors, LANES])
         sch.reorder(pk, pv, pl)
         sch.unroll(pk)
         sch.unroll(pv)
         sch.vectorize(pl)
         sch.decompose_reduction(part, pk)
-    if blocks.LORA_A in names:
-        sch.decompose_reduction(up, j)
-    sch.decompose_reduction(block, k)
-    if name + blocks.ROTATED in names and tokens > 1:  # q's and k's rotation (serial for one token: 64-576 values)
-        sch.parallel(sch.get_loops(sch.get_sblock(name + blocks.ROTATED))[0])
+    if tiles.j is not None:
+        sch.decompose_reduction(sch.get_sblock(blocks.of(name, blocks.LORA_B)), tiles.j)
+    sch.decompose_reduction(block, tiles.k)
 
 
 def _dot_rows(sch: s_tir.Schedule, name: str, parallel_loops: int) -> None:
@@ -252,15 +367,19 @@ def schedule_function(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) ->
     if blocks.QK in names:
         _attention(sch, budget)
         return sch.mod["main"]
+    pair = next((p for p in PAIRS if set(p) <= set(names)), None)
+    if pair:
+        _norm(sch, names)
+        _pair(sch, pair, budget)
+        return sch.mod["main"]
+    _norm(sch, names)
     for name in names:
         if name in blocks.LINEAR or (name == blocks.LM_HEAD and name + "_out" in names):  # quantized head
             _matmul(sch, name, budget)
         elif name == blocks.LM_HEAD:
             _dot_rows(sch, name, parallel_loops=2)
-        elif name in (blocks.EMBED, *blocks.ELEMENTWISE):
+        elif name in (blocks.EMBED, *blocks.ELEMENTWISE) and name != blocks.RMS_NORM:
             _parallel_vectorized(sch, sch.get_sblock(name), not _one_token(sch, name))
-        elif name == blocks.RMS_SUMSQ and not _one_token(sch, name):
-            sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
     return sch.mod["main"]
 
 

@@ -160,6 +160,76 @@ def test_rotation_fused_into_the_projection_matches_numpy(tokens, past, hd, bloc
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=3e-4)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit-asym-f16"])
+@pytest.mark.parametrize("tokens,past", [(1, 0), (1, 300), (7, 5)])
+# 3 strips of one head; 1 strip of two heads; no whole strip
+@pytest.mark.parametrize("rows,hd,active_in", [(192, 64, 576), (64, 32, 64), (48, 16, 64)])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_norm_k_and_v_in_one_kernel_match_numpy(quantized, tokens, past, rows, hd, active_in, budget):
+    """k = rope(norm(x) Wk^T + x Ak^T Bk^T), v = norm(x) Wv^T + ... as one kernel with two outputs
+    (compile/export.py `_attention_inputs`: the norm in its prologue, one token's k and v tiles in one parallel
+    loop), fp32 or 4-bit weights, rank-3 adapters, against numpy; everything past the active inputs is NaN or
+    garbage."""
+    from conftest import POISON
+
+    from elastilm.compile.quantize import dequantize, quantize
+    from elastilm.formats.quant import Format
+
+    rng = np.random.default_rng(tokens + rows)
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    p = tirx.Var("past", "int64")
+    x = te.placeholder((T, I64(active_in)), "float32", name="x")  # the norm's input: the whole hidden state
+    norm_w = te.placeholder((I64(active_in),), "float32", name="norm_w")
+    table = te.placeholder((T, I64(hd)), "float32", name="table")
+    strip = prefix.strip_width(rows)
+    fmt = Format(4, asymmetric=True, half=True) if quantized else None
+    h = prefix.rms_norm(x, norm_w, 1e-5)
+    placeholders, arrays, expected = [], [], []
+    for name in ("v_proj", "k_proj"):  # v first, as the model computes them
+        w = np.full((rows, 576), np.nan, "float32")
+        w[:, :active_in] = rng.standard_normal((rows, active_in))
+        a_full = np.full((3, 576), np.nan, "float32")
+        a_full[:, :active_in] = rng.standard_normal((3, active_in))
+        b_full = rng.standard_normal((rows, 3)).astype("float32")
+        a = te.placeholder((I64(3), I64(576)), "float32", name=name + "_a")
+        bt = te.placeholder((I64(rows // strip), I64(3), I64(strip)), "float32", name=name + "_bt")
+        rope = (table, hd) if name == "k_proj" else None
+        if quantized:
+            w[:, active_in:] = rng.standard_normal((rows, 576 - active_in))
+            packed = quantize(w, fmt)
+            deq = dequantize(packed, fmt)[:, :active_in]
+            for arr, cut in zip(packed, (active_in // fmt.per_word, active_in // fmt.group, active_in // fmt.group)):
+                arr[:, cut:, :] = POISON[arr.dtype]
+            ps = [
+                te.placeholder(tuple(I64(d) for d in v.shape), str(v.dtype), name=name + n)
+                for v, n in zip(packed, "qsm")
+            ]
+            y = prefix.prefix_matmul_q(h, ps[0], ps[1], fmt, None, None, name, (a, bt), ps[2], rope=rope)
+        else:
+            packed = (np.ascontiguousarray(kernel_layout("self_attn.k_proj.weight", w)),)
+            deq = w[:, :active_in]
+            ps = [te.placeholder(tuple(I64(d) for d in packed[0].shape), "float32", name=name + "_w")]
+            y = prefix.prefix_matmul(h, ps[0], None, None, name, (a, bt), rope=rope)
+        bt_full = np.ascontiguousarray(kernel_layout("self_attn.k_proj.lora_B", b_full))
+        placeholders += [*ps, a, bt]
+        arrays += [*packed, a_full, bt_full]
+        expected.append((deq, a_full[:, :active_in], b_full, y))
+    v, k = expected[0][3], expected[1][3]
+    fn = compile_te([x, norm_w, *placeholders, table, v, k], budget)
+    angles = compile_te([x, prefix.rope_table(x, p, 10000.0, hd), p], False)
+    xs = rng.standard_normal((tokens, active_in)).astype("float32")
+    ws = rng.uniform(0.5, 1.5, active_in).astype("float32")
+    cs = poisoned((tokens, hd))
+    angles(tvm.runtime.tensor(xs), cs, past)
+    outs = [poisoned((tokens, rows)), poisoned((tokens, rows))]  # v, k
+    fn(*(tvm.runtime.tensor(a) for a in (xs, ws, *arrays)), cs, *outs)
+    hs = xs / np.sqrt((xs.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * ws
+    (vw, va, vb, _), (kw, ka, kb, _) = expected
+    np.testing.assert_allclose(outs[0].numpy(), hs @ vw.T + hs @ va.T @ vb.T, rtol=1e-4, atol=3e-4)
+    expected_k = numpy_rope(hs @ kw.T + hs @ ka.T @ kb.T, past, 10000.0, hd)
+    np.testing.assert_allclose(outs[1].numpy(), expected_k, rtol=1e-4, atol=3e-4)
+
+
 @pytest.mark.parametrize("tokens,static_token", [(1, True), (1, False), (7, False)])
 @pytest.mark.parametrize("d", [576, 40])
 def test_rms_norm_matches_numpy(tokens, static_token, d):

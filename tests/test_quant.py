@@ -241,6 +241,84 @@ def test_adapter_fused_into_the_prefix_matmul_matches_numpy(fmt, half, tokens, r
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=2e-4)
 
 
+def _poisoned_projection(rng, fmt: Format | None, rows: int, strip: int, active_rows: int, active_in: int):
+    """A (rows, 576) weight in the kernels' layout with everything outside the active prefix poisoned: (the
+    packed arrays, the active prefix dequantized (active_rows, active_in))."""
+    w = (rng.standard_normal((rows, 576)) + rng.uniform(-1, 1, (rows, 1))).astype(np.float32)
+    out_rows = np.arange(active_rows, rows)
+    if fmt is None:
+        packed = np.ascontiguousarray(kernel_layout("mlp.gate_proj.weight", w))  # (rows / strip, 576, strip)
+        packed[:, active_in:, :] = np.nan
+        packed[out_rows // strip, :, out_rows % strip] = np.nan
+        return (packed,), w[:active_rows, :active_in]
+    packed = quantize(w, fmt)
+    assert packed[0].shape[2] == strip
+    deq_all = dequantize(packed, fmt)
+    words, groups = active_in // fmt.per_word, active_in // fmt.group
+    for a, cut in zip(packed, (words, groups, groups)):
+        bad = POISON.get(a.dtype, np.nan)
+        a[:, cut:, :] = bad
+        a[out_rows // strip, :, out_rows % strip] = bad
+    return packed, deq_all[:active_rows, :active_in]
+
+
+@pytest.mark.parametrize(
+    "fmt", [None, Format(8), Format(4, asymmetric=True, half=True)], ids=["fp32", "8bit-sym", "4bit-asym-f16"]
+)
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("rank", [0, 3])
+@pytest.mark.parametrize(
+    "rows,unit,blocks,active_in", [(1536, 64, 1, 32), (1536, 64, 3, 160), (1536, 64, 24, 576), (40, 8, 3, 96)]
+)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_gated_mlp_in_one_kernel_matches_numpy(fmt, tokens, rank, rows, unit, blocks, active_in, budget):
+    """silu(x Wg^T + x Ag^T Bg^T) * (x Wu^T + x Au^T Bu^T) as one scheduled kernel (both matmuls' tiles in one
+    parallel loop, compile/export.py `_gated`) against numpy, at active widths of 1, 3 and 24 strips and at a width
+    that is no whole strip (rows 40, 24 active: the fallback schedule); weights, scales and adapter entries outside
+    the active prefix are NaN or garbage."""
+    rng = np.random.default_rng(blocks + tokens + rank + rows)
+    strip = prefix.strip_width(rows)
+    active = blocks * unit
+    T = I64(1) if tokens == 1 else tirx.Var("T", "int64")
+    nb, k_in, r = tirx.Var("nb", "int64"), tirx.Var("k", "int64"), tirx.Var("r", "int64")
+    x = te.placeholder((T, k_in), "float32", name="x")
+    args, arrays, expected_parts = [], [], []
+    matmuls = []
+    for which in ("gate", "up"):
+        packed, deq = _poisoned_projection(rng, fmt, rows, strip, active, active_in)
+        ps = (
+            placeholders(packed)
+            if fmt is not None
+            else [te.placeholder(tuple(I64(d) for d in packed[0].shape), "float32", name="w")]
+        )
+        a = te.placeholder((r, I64(576)), "float32", name=f"a_{which}")
+        bt = te.placeholder((I64(rows // strip), r, I64(strip)), "float32", name=f"bt_{which}")
+        name = f"{which}_proj"
+        if fmt is not None:
+            y = prefix.prefix_matmul_q(
+                x, ps[0], ps[1], fmt, nb * unit, None, name, (a, bt), ps[2] if len(ps) > 2 else None
+            )
+        else:
+            y = prefix.prefix_matmul(x, ps[0], nb * unit, None, name, (a, bt))
+        matmuls.append(y)
+        a_full, b_full = np.full((rank, 576), np.nan, "float32"), np.full((rows, rank), np.nan, "float32")
+        a_full[:, :active_in] = rng.standard_normal((rank, active_in))
+        b_full[:active] = rng.standard_normal((active, rank))
+        bt_full = np.ascontiguousarray(b_full.reshape(rows // strip, strip, rank).transpose(0, 2, 1))
+        args += [*ps, a, bt]
+        arrays += [*packed, a_full, bt_full]
+        expected_parts.append((deq, a_full[:, :active_in], b_full[:active]))
+    act = prefix.silu_mul(*matmuls)
+    fn = compile_te([x, *args, act, nb], budget)
+    xs = (rng.standard_normal((tokens, active_in)) / np.sqrt(active_in)).astype("float32")  # gates of a few units
+    out = poisoned((tokens, active))
+    fn(tvm.runtime.tensor(xs), *(tvm.runtime.tensor(v) for v in arrays), out, blocks)
+    (gw, ga, gb), (uw, ua, ub) = expected_parts
+    g = (xs @ gw.T + xs @ ga.T @ gb.T).astype(np.float64)
+    u = xs @ uw.T + xs @ ua.T @ ub.T
+    np.testing.assert_allclose(out.numpy(), g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("vocab", [192, 97])  # three strips of 64; one strip of the whole (odd) vocabulary
 @pytest.mark.parametrize("scheduled", [False, True])
