@@ -236,9 +236,9 @@ class ElasticRelaxModel(nn.Module):
         )
 
     def _gated(self, x, norm: _Norm, mlp: _MLP, lora, neurons):
-        """silu(gate(h)) * up(h), (T, neurons), h = norm(x): with fused epilogues one kernel (the norm in its
-        prologue; one token computes a strip of gate and of up in one parallel task and multiplies them there),
-        else five."""
+        """silu(gate(h)) * up(h), (T, neurons), h = norm(x): with fused epilogues one kernel for gate, up and SiLU
+        (one token: the norm in its prologue, a strip of gate and of up computed in one parallel task and
+        multiplied there; several tokens: after a norm kernel, `_prologue`), else five."""
         if not self.shape.fuse_epilogues:
             h = self._norm(x, norm)
             gate = self._linear(h, mlp.gate_proj, "mlp.gate_proj", lora, neurons)
@@ -255,8 +255,9 @@ class ElasticRelaxModel(nn.Module):
         return _te(compute, "gated_mlp", *self._prologue(x, norm), *gate_args, *up_args)
 
     def _attention_inputs(self, x, norm: _Norm, attn: _Attention, lora, heads, rope):
-        """q (rotated), k (rotated) and v of h = norm(x): with fused epilogues two kernels, the norm in the
-        prologue of each (q; k and v, whose tiles one token computes in one parallel loop), else seven."""
+        """q (rotated), k (rotated) and v of h = norm(x): with fused epilogues, one token takes two kernels with
+        the norm in the prologue of each (q; k and v, whose tiles run in one parallel loop), several tokens a norm
+        kernel and one each for q, k and v (`_prologue`); else seven."""
         hd = self.cfg.head_dim
         if not self.shape.fuse_epilogues:
             h = self._norm(x, norm)
@@ -268,7 +269,7 @@ class ElasticRelaxModel(nn.Module):
         to_v, v_args = self._projection(attn.v_proj, "self_attn.v_proj", lora, None)
         n = len(k_args)
 
-        def vk(x, w, *ts):  # v first: k's rotation must follow the loop that computes both (schedule_cpu._after)
+        def vk(x, w, *ts):  # v first: k's rotation must follow the loop that computes both (schedule_cpu._check_order)
             h = self._rms_norm(x, w)
             return [to_v(h, *ts[n:]), to_k(h, *ts[:n])]
 

@@ -26,5 +26,5 @@ ELEMENTWISE = (RMS_NORM, ROPE, SILU_MUL, LAST)
 
 def of(owner: str, block: str) -> str:
     """The name of a matmul's helper block (QPART, QXSUM, DEQUANT, LORA_A, LORA_B), e.g. "up_proj_qpart": one
-    kernel may hold two matmuls (gate and up, `prefix.gated_mlp`), and each schedule finds its own helpers."""
+    kernel may hold two matmuls (gate and up, k and v: compile/export.py), and each schedule finds its own helpers."""
     return f"{owner}_{block}"

@@ -160,8 +160,7 @@ def _pair(sch: s_tir.Schedule, names: tuple[str, str], budget: int) -> None:
     matmul as `_matmul` schedules it, then silu_mul, parallel loops one after the other in one kernel (merged,
     two dequantized strips per task made prefill 5-7% slower)."""
     gated = blocks.SILU_MUL in _names(sch)
-    first = sch.get_sblock(names[0])
-    if not _is_one(sch.get(sch.get_loops(first)[0]).extent):
+    if not _one_token(sch, names[0]):
         for name in names:
             _matmul(sch, name, budget)
         if gated:
@@ -367,12 +366,11 @@ def schedule_function(func: tirx.PrimFunc, budget: int = AVX512_ACCUMULATORS) ->
     if blocks.QK in names:
         _attention(sch, budget)
         return sch.mod["main"]
+    _norm(sch, names)
     pair = next((p for p in PAIRS if set(p) <= set(names)), None)
     if pair:
-        _norm(sch, names)
         _pair(sch, pair, budget)
         return sch.mod["main"]
-    _norm(sch, names)
     for name in names:
         if name in blocks.LINEAR or (name == blocks.LM_HEAD and name + "_out" in names):  # quantized head
             _matmul(sch, name, budget)
