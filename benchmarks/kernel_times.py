@@ -3,6 +3,7 @@ instrument hook (its own cost, about 1 us per call, included), at one level afte
 
     python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 1.0 --past 256 --tokens 32
     python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 1.0 --past 256 --prefill
+    python benchmarks/kernel_times.py dist/smollm2-135m/host-cpu --level 0.5 --past 256 --no-adapters
 
 With `--prefill`, the kernels of one prefill of `--past` tokens instead (rows in ms per prefill).
 
@@ -34,10 +35,11 @@ def main() -> None:
     parser.add_argument("--past", type=int, default=256, help="positions in the cache before the decoded tokens")
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens measured")
     parser.add_argument("--prefill", action="store_true", help="time one prefill of --past tokens instead")
+    parser.add_argument("--no-adapters", action="store_true", help="run the level without its recovery adapter")
     args = parser.parse_args()
     if args.prefill:
         args.tokens = 1
-    engine = ElasticEngine(args.build)
+    engine = ElasticEngine(args.build, adapters=not args.no_adapters)
     prompt = engine.encode("The quick brown fox jumps over the lazy dog. " * 200)[: args.past]
     engine.prefill(prompt, args.level)
     for i in range(4):  # warm-up
@@ -71,7 +73,8 @@ def main() -> None:
     what = (
         f"one prefill of {args.past} tokens" if args.prefill else f"after {args.past} positions, {args.tokens} tokens"
     )
-    print(f"{args.build}: level {args.level:g}, {what}")
+    adapter = "without its adapter" if args.no_adapters else "with its adapter"
+    print(f"{args.build}: level {args.level:g} {adapter}, {what}")
     per = "prefill" if args.prefill else "token"
     print(f"| kernel | ms per {per} | calls per {per} |\n|---|---:|---:|")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):

@@ -39,6 +39,7 @@ def export_shape(
     drops: dict[int, tuple[int, ...]] | None = None,
     scheme: Scheme = quant.SCHEMES["q0f32"],
     fuse_epilogues: bool = True,
+    native_half: bool = False,
 ) -> ExportShape:
     cfg = model.config
     block = math.gcd(model.meta.get("neuron_multiple", 1), cfg.intermediate_size)
@@ -60,6 +61,7 @@ def export_shape(
         layer_drops=tuple(sorted((drops or {}).items())),
         quant=scheme.name,
         fuse_epilogues=fuse_epilogues,
+        native_half=native_half,
     )
 
 
@@ -149,7 +151,8 @@ def build(
     drops = layer_drop.read_variants(folder, model.config.num_layers)  # {} before `elastilm layer-drop`
     # CPU schedules fuse the adapter and the rotation into the projection kernels; dlight (GPUs) wants one reduction each
     cpu = spec.device == "cpu"
-    shape = export_shape(model, -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK, rank, drops, scheme, cpu)
+    window = -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK
+    shape = export_shape(model, window, rank, drops, scheme, cpu, spec.native_half())
 
     t = time.perf_counter()
     mod, names = export(model.config, shape)

@@ -55,6 +55,8 @@ class ExportShape:
     # the adapter's update and q's and k's rotation inside the projection's kernel (CPU schedules); else kernels of
     # their own (dlight's GPU rules want one reduction per kernel)
     fuse_epilogues: bool = True
+    # fp16 bits (scales, minima, adapters) widened by the target's conversion instruction (elastic_ops.prefix.as_f32)
+    native_half: bool = False
 
 
 RANK = "lora_rank"  # the symbolic rank of a call's adapter set (formats/signature.py)
@@ -432,7 +434,8 @@ def adapter_shapes(cfg: ModelConfig, rank: int) -> list[tuple[int, ...]]:
 def export(cfg: ModelConfig, shape: ExportShape) -> tuple[tvm.IRModule, list[str]]:
     """The Relax module and the parameter names in the order the packed `params` argument expects."""
     model = ElasticRelaxModel(cfg, shape)
-    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    with prefix.native_half(shape.native_half):
+        mod, named_params = model.export_tvm(spec=model.get_default_spec())
     # upper bounds of the symbolic extents let the memory planner allocate every intermediate once, at its largest
     bounds = {
         "seq_len": shape.max_len,

@@ -8,6 +8,9 @@ Shapes use T for new tokens, S for cached + new positions, d for hidden size, hd
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+
 from tvm import te, tirx, topi
 
 from elastilm.elastic_ops import blocks
@@ -221,13 +224,32 @@ def _weight(fmt: Format, q: te.Tensor, scale: te.Tensor, minimum: te.Tensor | No
     return (level - float(fmt.qmax)) * step
 
 
+# whether `as_f32` widens fp16 bits with the target's own conversion instruction (`native_half`)
+_NATIVE_HALF: ContextVar[bool] = ContextVar("native_half", default=False)
+
+
+@contextlib.contextmanager
+def native_half(enabled: bool):
+    """Operators built inside read fp16 bits through the target's fp16 -> fp32 conversion (`enabled`: CPUs that
+    have one in hardware, x86 with F16C and every aarch64; one instruction per vector, where the integer widening
+    takes five) or with integer operations (else: OpenCL without cl_khr_fp16 has no half type at all)."""
+    token = _NATIVE_HALF.set(enabled)
+    try:
+        yield
+    finally:
+        _NATIVE_HALF.reset(token)
+
+
 def as_f32(value):
-    """A stored value (a scale, a minimum, an adapter entry) as fp32; uint16 holds fp16 bits, widened with integer
-    operations only, so no target needs fp16 support (OpenCL without cl_khr_fp16). The sign moves to bit 31;
-    exponent and mantissa move up 13 bits, which reads them as an fp32 with an exponent 112 too small (127 - 15),
-    normal or not; multiplying by 2^112 restores it. Exact for every finite fp16."""
+    """A stored value (a scale, a minimum, an adapter entry) as fp32; uint16 holds fp16 bits. Under `native_half`
+    they are reinterpreted as fp16 and converted; otherwise widened with integer operations only, so no target
+    needs fp16 support: the sign moves to bit 31, exponent and mantissa move up 13 bits, which reads them as an
+    fp32 with an exponent 112 too small (127 - 15), normal or not, and multiplying by 2^112 restores it. Both are
+    exact for every finite fp16."""
     if value.dtype != "uint16":
         return value
+    if _NATIVE_HALF.get():
+        return tirx.reinterpret("float16", value).astype("float32")
     h = value.astype("uint32")
     bits = ((h & tirx.const(0x8000, "uint32")) << tirx.const(16, "uint32")) | (
         (h & tirx.const(0x7FFF, "uint32")) << tirx.const(13, "uint32")

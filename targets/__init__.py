@@ -59,6 +59,17 @@ class TargetPreset:
         else:
             executable.export_library(str(path))
 
+    def native_half(self) -> bool:
+        """Whether the target's CPU converts fp16 to fp32 in hardware (every aarch64; x86 with F16C), so that the
+        kernels read fp16 bits with that instruction (elastic_ops.prefix.native_half). GPU presets: no (the PoCL
+        here has no cl_khr_fp16, so OpenCL kernels carry no half type)."""
+        if self.device != "cpu":
+            return False
+        from tvm.target.codegen import target_has_features
+
+        target = self.tvm_target()
+        return str(target.attrs.get("mtriple", "")).startswith("aarch64") or target_has_features("f16c", target)
+
     @property
     def device(self) -> str:
         """The TVM device kind the kernels run on: "cpu" for llvm targets, else the target kind (e.g. opencl)."""

@@ -91,12 +91,14 @@ def test_round_trip_is_within_half_a_step(fmt, rows, cols):
         np.testing.assert_allclose(np.abs(back).max(-1), np.abs(grouped).max(-1), rtol=1e-6)
 
 
-def test_fp16_scales_are_widened_exactly_by_the_kernels():
+@pytest.mark.parametrize("native", [False, True], ids=["integer", "native"])
+def test_fp16_scales_are_widened_exactly_by_the_kernels(native):
     """Every finite fp16 bit pattern (normal, subnormal, both zeros) read by `prefix.as_f32` equals numpy's
-    float16 -> float32; the kernels use no fp16 arithmetic."""
+    float16 -> float32, widened with integer operations (no fp16 type in the kernel) or by the CPU's conversion."""
     n = I64(1 << 16)
     bits = te.placeholder((n,), "uint16", name="bits")
-    out = te.compute((n,), lambda i: prefix.as_f32(bits[i]), name="widened")
+    with prefix.native_half(native):
+        out = te.compute((n,), lambda i: prefix.as_f32(bits[i]), name="widened")
     fn = compile_te([bits, out], scheduled=False)
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     got = poisoned((1 << 16,))
