@@ -201,9 +201,10 @@ def test_stop_sequence_ends_the_text_before_it(compiled):
     assert "".join(engine.stream_text(iter(tokens))) == full
 
 
-def test_cli_run_streams_without_torch(compiled):
-    """`elastilm run` on a build folder prints the completion, in a process where torch cannot be imported
-    (tvm_ffi imports torch whenever it is installed, so the test hides it: serving must not need it)."""
+def test_cli_run_streams_without_loading_torch(compiled):
+    """`elastilm run` on a build folder prints the completion and never loads torch, although it is installed
+    (tvm_ffi imports it whenever it can: runtime_py loads TVM with torch hidden, about 200 MiB less resident
+    memory); torch still imports afterwards."""
     import subprocess
     import sys
 
@@ -211,15 +212,18 @@ def test_cli_run_streams_without_torch(compiled):
     if not engine.encode("w3 w4 w5"):
         pytest.skip("transformers re-types the tiny Qwen2 tokenizer as byte-level BPE, which cannot spell 'w3'")
     code = (
-        "import sys; sys.modules['torch'] = None\n"
+        "import sys\n"
         "sys.argv = ['elastilm', 'run', '--build', sys.argv[1], '--level', '0.5', '--max-new-tokens', '5', "
         "'--no-chat', 'w3 w4 w5']\n"
-        "from elastilm.cli.main import main\nraise SystemExit(main())"
+        "from elastilm.cli.main import main\nassert main() == 0\n"
+        "assert 'torch' not in sys.modules, 'serving loaded torch'\n"
+        "import torch\nprint(torch.ones(2).sum().item(), file=sys.stderr)"
     )
     run = subprocess.run([sys.executable, "-c", code, str(engine.folder)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     expected = engine.tokenizer.decode(list(engine.generate_ids(engine.encode("w3 w4 w5"), 0.5, 5)))
     assert run.stdout.strip() == expected.strip() and expected.strip()
+    assert run.stderr.strip().endswith("2.0")
 
 
 def test_cli_run_puts_the_context_before_the_prompt(compiled, capsys):
