@@ -128,7 +128,8 @@ print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if 
 
 def serving_peak_rss(build: Path, prompt: list[int]) -> int:
     """Peak resident bytes of a fresh Python process that loads `build` and answers at every level (nothing but
-    the runtime imported: what a serving process holds)."""
+    the runtime imported, and TVM's runtime library alone, as `elastilm serve` loads it: what a serving process
+    holds)."""
     import json
     import subprocess
     import sys
@@ -138,6 +139,7 @@ def serving_peak_rss(build: Path, prompt: list[int]) -> int:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"},
     )
     return int(out.stdout.split()[-1])
 

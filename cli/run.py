@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elastilm.cli.common import device_args, engine, lengths
+from elastilm.cli.common import device_args, engine, lengths, serving_process
 from elastilm.formats.errors import ElastiLMError
 
 
@@ -68,6 +68,7 @@ def context(args) -> str:
 
 
 def run(args) -> None:
+    serving_process()
     if args.slo_ttft is not None or args.slo_tpot is not None:
         return run_slo(args)
     pieces = engine(args).generate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from elastilm.cli.common import device_args, engine
+from elastilm.cli.common import device_args, engine, serving_process
 
 
 def register(sub) -> None:
@@ -51,6 +51,7 @@ def register(sub) -> None:
 
 
 def serve(args) -> None:
+    serving_process()
     from elastilm.runtime_py.device import LOOPBACK
     from elastilm.runtime_py.orchestrator import Orchestrator
     from elastilm.runtime_py.serve import serve
@@ -80,6 +81,7 @@ def serve(args) -> None:
 
 
 def device_serve(args) -> None:
+    serving_process()
     from elastilm.runtime_py.device import serve
 
     serve(args.host, args.port, args.tracker, args.key or "", args.cache)

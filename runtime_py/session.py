@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine
 
 from elastilm.formats.errors import ElastiLMError
 
@@ -45,7 +45,7 @@ class LocalSession:
         """The VM of a build folder; its tensors (weights, adapters) become available to `arrays`."""
         from tvm.contrib.tvmjs import load_tensor_cache
 
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / manifest["library"])), self.device)
+        vm = VirtualMachine(tvm.runtime.load_module(str(folder / manifest["library"])), self.device)
         tensors, _ = load_tensor_cache(str(folder / "params"), self.device)
         self._tensors = {**getattr(self, "_tensors", {}), **tensors}  # a second build (the TLM) adds its own
         return vm
@@ -324,7 +324,7 @@ class RemoteSession:
             self.device_type = tvm.device(manifest["target"].get("device", "cpu")).dlpack_device_type()
             self.device = self.remote.device(self.device_type)
         lib = self.call(self.remote.load_module, library)
-        vm = relax.VirtualMachine(lib, self.device)
+        vm = VirtualMachine(lib, self.device)
         # looked up once: each lookup is a round trip, and these run for every token
         self._shape, self._get_item = self.function("ffi.Shape"), self.function("ffi.ArrayGetItem")
         self.call(self.function("vm.builtin.tensor_cache.load"), params_dir, self.device_type, 0)

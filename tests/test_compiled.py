@@ -1,6 +1,7 @@
 """The compiled library (one for all widths) against the torch oracle, on tiny random models."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -201,10 +202,11 @@ def test_stop_sequence_ends_the_text_before_it(compiled):
     assert "".join(engine.stream_text(iter(tokens))) == full
 
 
-def test_cli_run_streams_without_loading_torch(compiled):
+def test_cli_run_streams_without_loading_torch_or_the_compiler(compiled):
     """`elastilm run` on a build folder prints the completion and never loads torch, although it is installed
     (tvm_ffi imports it whenever it can: runtime_py loads TVM with torch hidden, about 200 MiB less resident
-    memory); torch still imports afterwards."""
+    memory), nor TVM's compiler library (another 111 MiB); torch still imports afterwards, and the environment
+    that child processes inherit is as it was."""
     import subprocess
     import sys
 
@@ -212,14 +214,17 @@ def test_cli_run_streams_without_loading_torch(compiled):
     if not engine.encode("w3 w4 w5"):
         pytest.skip("transformers re-types the tiny Qwen2 tokenizer as byte-level BPE, which cannot spell 'w3'")
     code = (
-        "import sys\n"
+        "import os, sys\n"
         "sys.argv = ['elastilm', 'run', '--build', sys.argv[1], '--level', '0.5', '--max-new-tokens', '5', "
         "'--no-chat', 'w3 w4 w5']\n"
         "from elastilm.cli.main import main\nassert main() == 0\n"
         "assert 'torch' not in sys.modules, 'serving loaded torch'\n"
+        "assert 'libtvm_compiler' not in open('/proc/self/maps').read(), 'serving loaded the compiler'\n"
+        "assert 'TVM_USE_RUNTIME_LIB' not in os.environ\n"
         "import torch\nprint(torch.ones(2).sum().item(), file=sys.stderr)"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(engine.folder)], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
+    run = subprocess.run([sys.executable, "-c", code, str(engine.folder)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     expected = engine.tokenizer.decode(list(engine.generate_ids(engine.encode("w3 w4 w5"), 0.5, 5)))
     assert run.stdout.strip() == expected.strip() and expected.strip()
